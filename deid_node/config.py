@@ -1,0 +1,319 @@
+"""Configuration: TOML -> frozen dataclasses, validated once at start-up.
+
+Every error names the offending key (`node.port`, `destinations[0].host`, ...). Relative paths
+(data_dir, folder destinations, lookup tables) resolve against the working directory of the
+process, and are made absolute here so that the rest of the code never depends on it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from deid_node.conditions import SaveDeidentifiedDicomCondition, parse_conditions
+from deid_node.errors import ConditionError, ConfigError
+from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
+
+PROFILE_OPTIONS = (
+    "Retain Safe Private",
+    "Retain UIDs",
+    "Retain Device Identity",
+    "Retain Institution Identity",
+    "Retain Patient Characteristics",
+    "Retain Longitudinal Temporal Information Full Dates",
+    "Retain Longitudinal Temporal Information Modified Dates",
+    "Clean Descriptors",
+    "Clean Structured Content",
+    "Clean Graphics",
+)
+OCR_ENGINES = ("rapidocr", "easyocr")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    ae_title: str = "DEID_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = Path("var")
+    allowed_calling_aets: tuple[str, ...] = ()
+    # Refuse (0xA700) instances larger than this, and any instance when free disk is below.
+    max_instance_mb: int = 2048
+    min_free_disk_mb: int = 1024
+    # Threads that run series through the pipeline, off the SCP's association threads.
+    workers: int = 2
+    # Keep originals in the spool this long after their series left or was rejected.
+    retention_hours: float = 0.0
+    # Seconds between looks at the database for complete series and due deliveries.
+    poll_seconds: float = 1.0
+    network_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    stable_seconds: float = 30.0
+    policy: SeriesPolicy = SeriesPolicy.ALL
+
+
+@dataclass(frozen=True)
+class DeidConfig:
+    redact_dicom_tags: bool = True
+    redact_pixels_mode: DeidentifyRedactTextMode = DeidentifyRedactTextMode.REDACT_ALL_TEXT
+    profile_options: tuple[str, ...] = ()
+    patient_id_prefix: str = "DEID"
+    # Optional CSV "original_id,research_id": pseudonyms from the table instead of the HMAC.
+    lookup_table: Path | None = None
+    # Text written into DeidentificationMethod (0012,0063).
+    method_description: str = "deid-node PS3.15 Basic Application Level Confidentiality Profile"
+
+
+@dataclass(frozen=True)
+class RegionTemplate:
+    """A fixed region to blank for a device, as CTP's pixel anonymizer does: x, y, width, height."""
+
+    manufacturer: str
+    model: str
+    rows: int | None
+    columns: int | None
+    regions: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class PixelsConfig:
+    ocr_engine: Literal["rapidocr", "easyocr"] = "rapidocr"
+    margin_px: int = 4
+    # Longest image side used for text detection; larger images are downscaled to it.
+    max_detect_side: int = 1600
+    templates: tuple[RegionTemplate, ...] = ()
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    name: str
+    type: Literal["dicom", "folder"]
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+    calling_ae_title: str = ""  # defaults to node.ae_title
+    max_attempts: int = 10
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 600.0
+    timeout_seconds: float = 30.0
+
+    def url(self) -> str:
+        if self.type == "folder":
+            return str(self.path)
+        return f"dicom://{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    deid: DeidConfig = field(default_factory=DeidConfig)
+    pixels: PixelsConfig = field(default_factory=PixelsConfig)
+    save_conditions: tuple[SaveDeidentifiedDicomCondition, ...] = ()
+    destinations: tuple[DestinationConfig, ...] = ()
+    source: Path | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    @property
+    def db_path(self) -> Path:
+        return self.node.data_dir / "deid-node.sqlite"
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML config file; raise ConfigError naming the bad key."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_config(raw, source=source)
+
+
+def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
+    _reject_unknown(raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations"}, "")
+    node = _section(NodeConfig, raw.get("node", {}), "node")
+    if not node.ae_title or len(node.ae_title) > 16 or not node.ae_title.isascii():
+        raise ConfigError("node.ae_title: must be 1-16 ASCII characters")
+    _check_port(node.port, "node.port")
+    for key in ("max_instance_mb", "min_free_disk_mb", "workers"):
+        if getattr(node, key) < (1 if key == "workers" else 0):
+            raise ConfigError(f"node.{key}: must be positive")
+    node = _replace(node, data_dir=Path(node.data_dir).absolute())
+
+    series = _section(SeriesConfig, raw.get("series", {}), "series")
+    if series.stable_seconds < 0:
+        raise ConfigError("series.stable_seconds: must be >= 0")
+
+    deid = _section(DeidConfig, raw.get("deid", {}), "deid")
+    for option in deid.profile_options:
+        if option not in PROFILE_OPTIONS:
+            raise ConfigError(
+                f"deid.profile_options: unknown option {option!r}; known: {', '.join(PROFILE_OPTIONS)}"
+            )
+    if deid.lookup_table is not None:
+        deid = _replace(deid, lookup_table=Path(deid.lookup_table).absolute())
+
+    pixels = _parse_pixels(raw.get("pixels", {}))
+
+    try:
+        conditions = tuple(parse_conditions(_list(raw, "save_conditions")))
+    except ConditionError as exc:
+        raise ConfigError(str(exc)) from None
+
+    destinations = tuple(
+        _parse_destination(entry, index, node) for index, entry in enumerate(_list(raw, "destinations"))
+    )
+    names = [d.name for d in destinations]
+    if len(set(names)) != len(names):
+        raise ConfigError("destinations: names must be unique")
+    return Config(node, series, deid, pixels, conditions, destinations, source)
+
+
+def _parse_pixels(raw: Any) -> PixelsConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("pixels: expected a table")
+    templates_raw = raw.get("templates", [])
+    rest = {k: v for k, v in raw.items() if k != "templates"}
+    pixels = _section(PixelsConfig, rest, "pixels")
+    if pixels.ocr_engine not in OCR_ENGINES:
+        raise ConfigError(f"pixels.ocr_engine: must be one of {', '.join(OCR_ENGINES)}")
+    templates = []
+    for index, entry in enumerate(templates_raw):
+        label = f"pixels.templates[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{label}: expected a table")
+        _reject_unknown(entry, {"manufacturer", "model", "rows", "columns", "regions"}, label)
+        regions = entry.get("regions", [])
+        if not regions or not all(
+            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and v >= 0 for v in r)
+            for r in regions
+        ):
+            raise ConfigError(f"{label}.regions: expected a list of [x, y, width, height] integers")
+        templates.append(
+            RegionTemplate(
+                manufacturer=str(entry.get("manufacturer", "")),
+                model=str(entry.get("model", "")),
+                rows=entry.get("rows"),
+                columns=entry.get("columns"),
+                regions=tuple(tuple(r) for r in regions),
+            )
+        )
+    return _replace(pixels, templates=tuple(templates))
+
+
+def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationConfig:
+    label = f"destinations[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{label}: expected a table")
+    for key in ("name", "type"):
+        if key not in entry:
+            raise ConfigError(f"{label}.{key}: required")
+    dest = _section(DestinationConfig, entry, label)
+    if dest.type == "dicom":
+        if not dest.ae_title or len(dest.ae_title) > 16:
+            raise ConfigError(f"{label}.ae_title: required for a dicom destination, 1-16 characters")
+        if not dest.host:
+            raise ConfigError(f"{label}.host: required for a dicom destination")
+        _check_port(dest.port, f"{label}.port")
+        if not dest.calling_ae_title:
+            dest = _replace(dest, calling_ae_title=node.ae_title)
+    elif dest.type == "folder":
+        if dest.path is None:
+            raise ConfigError(f"{label}.path: required for a folder destination")
+        dest = _replace(dest, path=Path(dest.path).absolute())
+    else:
+        raise ConfigError(f"{label}.type: must be 'dicom' or 'folder', not {dest.type!r}")
+    if dest.max_attempts < 1:
+        raise ConfigError(f"{label}.max_attempts: must be >= 1")
+    return dest
+
+
+def _section(cls: type, raw: Any, label: str) -> Any:
+    """Build a dataclass from a TOML table, coercing to the annotated types; name bad keys."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{label}: expected a table")
+    known = {f.name: f for f in fields(cls) if f.init}
+    _reject_unknown(raw, set(known), label)
+    values = {}
+    for key, value in raw.items():
+        values[key] = _coerce(value, known[key].type, f"{label}.{key}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    kind = str(annotation)
+    try:
+        if kind.startswith("tuple"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{key}: expected a list of strings")
+            return tuple(value)
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}: expected true or false")
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{key}: expected an integer")
+            return value
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{key}: expected a number")
+            return float(value)
+        if "Path" in kind:
+            if not isinstance(value, str) or not value:
+                raise ConfigError(f"{key}: expected a path")
+            return Path(value)
+        if kind == "SeriesPolicy":
+            return SeriesPolicy(value)
+        if kind == "DeidentifyRedactTextMode":
+            return DeidentifyRedactTextMode(str(value).upper())
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string")
+        return value
+    except ValueError:
+        choices = {
+            "SeriesPolicy": [p.value for p in SeriesPolicy],
+            "DeidentifyRedactTextMode": [m.value for m in DeidentifyRedactTextMode],
+        }.get(kind, [])
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}") from None
+
+
+def _reject_unknown(raw: Mapping[str, Any], known: set[str], label: str) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        prefix = f"{label}." if label else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+
+
+def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected an array of tables ([[{key}]])")
+    return value
+
+
+def _check_port(port: int, key: str) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: must be 1-65535")
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(obj, **changes)

@@ -1,0 +1,22 @@
+"""The pixel redaction modes (Encord's DeidentifyRedactTextMode) and the series policy."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DeidentifyRedactTextMode(str, enum.Enum):
+    REDACT_ALL_TEXT = "REDACT_ALL_TEXT"
+    REDACT_SENSITIVE_TEXT = "REDACT_SENSITIVE_TEXT"
+    REDACT_NO_TEXT = "REDACT_NO_TEXT"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SeriesPolicy(str, enum.Enum):
+    ALL = "all"  # forward only if every instance of the series passes
+    PER_INSTANCE = "per_instance"  # forward the instances that pass
+
+    def __str__(self) -> str:
+        return self.value
