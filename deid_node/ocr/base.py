@@ -1,0 +1,74 @@
+"""The OCR engine protocol, the box type every engine returns, and box geometry helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TextBox:
+    """An axis-aligned text box in image pixel coordinates; `text` is None after detection only."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+    text: str | None = None
+    score: float = 1.0
+
+    def shifted(self, dx: int, dy: int) -> TextBox:
+        return TextBox(self.x + dx, self.y + dy, self.w, self.h, self.text, self.score)
+
+    def scaled(self, factor: float) -> TextBox:
+        """The box in a frame `factor` times larger; rounds outwards so text stays covered."""
+        x0, y0 = int(np.floor(self.x * factor)), int(np.floor(self.y * factor))
+        x1 = int(np.ceil((self.x + self.w) * factor))
+        y1 = int(np.ceil((self.y + self.h) * factor))
+        return TextBox(x0, y0, x1 - x0, y1 - y0, self.text, self.score)
+
+    def intersects(self, other: TextBox) -> bool:
+        return (
+            self.x < other.x + other.w
+            and other.x < self.x + self.w
+            and self.y < other.y + other.h
+            and other.y < self.y + self.h
+        )
+
+
+class OcrEngine(Protocol):
+    name: str
+
+    def detect(self, image: np.ndarray) -> list[TextBox]:
+        """Text boxes in a uint8 HxW or HxWx3 (RGB) image; `text` may be None."""
+        ...
+
+    def recognize(self, image: np.ndarray) -> list[TextBox]:
+        """Text boxes with their text read."""
+        ...
+
+
+def box_from_points(points: Iterable[Sequence[float]], height: int, width: int) -> TextBox | None:
+    """The bounding box of a quadrilateral, clipped to the image; None if nothing is left."""
+    pts = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
+    x0 = max(0, int(np.floor(pts[:, 0].min())))
+    y0 = max(0, int(np.floor(pts[:, 1].min())))
+    x1 = min(width, int(np.ceil(pts[:, 0].max())))
+    y1 = min(height, int(np.ceil(pts[:, 1].max())))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return TextBox(x0, y0, x1 - x0, y1 - y0)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A contiguous uint8 HxWx3 copy-or-view of a grey or RGB image, as both engines want."""
+    if image.dtype != np.uint8:
+        raise TypeError(f"OCR input must be uint8, not {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"OCR input must be HxW or HxWx3, not shape {image.shape}")
+    return np.ascontiguousarray(image)
