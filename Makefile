@@ -1,0 +1,46 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := dcmtk orthanc dicom3tools tesseract-ocr
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test venv system-deps lint bench bench-pixels clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the tests use as real peers: DCMTK (storescu/echoscu), Orthanc (research
+# PACS), dicom3tools (dciodvfy), Tesseract (independent OCR). Installed only when missing.
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+run: venv
+	$(VENV)/bin/deid-node serve --config config/deid-node.toml
+
+test: venv system-deps
+	$(VENV)/bin/ruff check deid_node tests scripts
+	$(VENV)/bin/pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check deid_node tests scripts
+	$(VENV)/bin/ruff format --check deid_node tests scripts
+
+bench: venv system-deps
+	$(PY) scripts/bench.py
+
+bench-pixels: venv
+	$(PY) scripts/bench_pixels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,142 @@
+"""Command line: `deid-node serve | deidentify | status | retry | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from deid_node.config import Config, load_config
+from deid_node.errors import DeidNodeError
+from deid_node.log import configure_logging, get_logger
+from deid_node.modes import DeidentifyRedactTextMode
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return args.func(args)
+    except DeidNodeError as exc:
+        print(f"deid-node: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deid-node", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the node: C-STORE SCP, de-identify, forward")
+    serve.add_argument("--config", required=True, type=Path)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and print it")
+    check.add_argument("--config", required=True, type=Path)
+    check.set_defaults(func=cmd_check_config)
+
+    deid = sub.add_parser("deidentify", help="de-identify files and folders on disk")
+    deid.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (recursed)")
+    deid.add_argument("--out", required=True, type=Path, help="output folder (report.json goes here)")
+    deid.add_argument("--config", type=Path, help="use its [deid], [pixels] and [[save_conditions]]")
+    deid.add_argument("--redact-pixels-mode", choices=[m.value for m in DeidentifyRedactTextMode])
+    deid.add_argument("--no-redact-tags", action="store_true", help="leave header tags untouched")
+    deid.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
+    deid.add_argument("--data-dir", type=Path, help="where the installation secret lives")
+    deid.set_defaults(func=cmd_deidentify)
+
+    status = sub.add_parser("status", help="series and delivery states of a node")
+    status.add_argument("--config", required=True, type=Path)
+    status.set_defaults(func=cmd_status)
+
+    retry = sub.add_parser("retry", help="send a failed series again")
+    retry.add_argument("--config", required=True, type=Path)
+    retry.add_argument("--series", required=True, help="original SeriesInstanceUID")
+    retry.set_defaults(func=cmd_retry)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deid_node.node import Node
+
+    node = Node(load_config(args.config))
+
+    def on_term(_signum: int, _frame: object) -> None:
+        node.request_stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    node.serve_forever()
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: OK ({len(config.save_conditions)} save conditions, "
+          f"{len(config.destinations)} destinations, data_dir {config.node.data_dir})")
+    return 0
+
+
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    from deid_node.api import DEFAULT_DATA_DIR, build_settings, worker_pool
+    from deid_node.batch import run_batch
+
+    config = load_config(args.config) if args.config else Config()
+    deid = config.deid
+    if not args.config:
+        deid = replace(deid, redact_pixels_mode=DeidentifyRedactTextMode.REDACT_NO_TEXT)
+    if args.redact_pixels_mode:
+        deid = replace(deid, redact_pixels_mode=DeidentifyRedactTextMode(args.redact_pixels_mode))
+    if args.no_redact_tags:
+        deid = replace(deid, redact_dicom_tags=False)
+    data_dir = args.data_dir or (config.node.data_dir if args.config else DEFAULT_DATA_DIR)
+    settings = build_settings(
+        deid=deid,
+        pixels=config.pixels,
+        conditions=config.save_conditions,
+        policy=config.series.policy,
+        data_dir=data_dir,
+    )
+    with worker_pool(args.workers) as executor:
+        result = run_batch(args.paths, args.out, settings, executor=executor)
+    report_path = args.out / "report.json"
+    report_path.write_text(json.dumps(result.reports, indent=2))
+    print(f"deid-node: {result.summary_line()}; report {report_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deid_node.store import Store
+
+    config = load_config(args.config)
+    store = Store(config.node.data_dir)
+    print(json.dumps(store.status(), indent=2))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from deid_node.store import Store
+
+    config = load_config(args.config)
+    count = Store(config.node.data_dir).retry_series(args.series)
+    print(f"re-queued {count} failed deliveries of series {args.series}")
+    get_logger("deid_node.cli").info("retry_requested", series_uid=args.series, deliveries=count)
+    return 0 if count else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

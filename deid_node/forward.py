@@ -1,0 +1,102 @@
+"""Send de-identified series to their destinations: C-STORE SCU or a folder.
+
+One association per series and destination (never one per file). Each acknowledged instance is
+recorded by the caller at once, so a retry after a partial failure sends only what is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from deid_node.config import DestinationConfig
+from deid_node.errors import ForwardError
+from deid_node.store import write_durably
+
+# C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    instance_id: int
+    path: Path
+    sop_uid: str  # de-identified SOPInstanceUID
+    study_uid: str
+    series_uid: str
+
+
+def backoff_seconds(dest: DestinationConfig, attempts: int) -> float:
+    """Exponential backoff after `attempts` failed attempts, capped."""
+    return min(dest.backoff_max_seconds, dest.backoff_initial_seconds * (2 ** max(0, attempts - 1)))
+
+
+def send_batch(
+    dest: DestinationConfig,
+    items: Sequence[Outgoing],
+    on_stored: Callable[[Outgoing, str, int], None],
+) -> None:
+    """Send every item; call on_stored(item, url_deid, status) for each one stored.
+
+    Raises ForwardError on the first failure (association refused, aborted, failure status);
+    what was stored before it stays recorded.
+    """
+    if dest.type == "folder":
+        _copy_to_folder(dest, items, on_stored)
+    else:
+        _c_store(dest, items, on_stored)
+
+
+def _copy_to_folder(dest: DestinationConfig, items: Sequence[Outgoing], on_stored: Callable[[Outgoing, str, int], None]) -> None:
+    assert dest.path is not None
+    for item in items:
+        folder = dest.path / item.study_uid / item.series_uid
+        final = folder / f"{item.sop_uid}.dcm"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with item.path.open("rb") as src:
+                write_durably(folder / f".{item.sop_uid}.part", final, lambda dst: shutil.copyfileobj(src, dst))
+        except OSError as exc:
+            raise ForwardError(f"cannot write to folder destination {dest.name}: {exc.strerror}") from None
+        on_stored(item, str(final), 0)
+
+
+def _c_store(dest: DestinationConfig, items: Sequence[Outgoing], on_stored: Callable[[Outgoing, str, int], None]) -> None:
+    ae = AE(ae_title=dest.calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
+    ae.connection_timeout = dest.timeout_seconds
+    # One context per (SOP class, transfer syntax) as stored: a compressed file must be sent as
+    # it is, so the acceptor may not pick another syntax for it.
+    pairs: set[tuple[str, str]] = set()
+    for item in items:
+        meta = dcmread(item.path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        pairs.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
+    if len(pairs) > 127:
+        raise ForwardError(f"{dest.name}: more than 127 presentation contexts for one series")
+    for sop_class, syntax in sorted(pairs):
+        syntaxes = [syntax]
+        if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
+        raise ForwardError(f"{dest.name}: association {reason} by {dest.ae_title}@{dest.host}:{dest.port}")
+    try:
+        for item in items:
+            status = assoc.send_c_store(item.path)
+            code = int(status.Status) if status and "Status" in status else None
+            if code is None:
+                raise ForwardError(f"{dest.name}: no response to C-STORE (timeout or abort)")
+            if code not in _STORED:
+                raise ForwardError(f"{dest.name}: C-STORE failed with status 0x{code:04X}")
+            on_stored(item, f"dicom://{dest.ae_title}@{dest.host}:{dest.port}/{item.sop_uid}", code)
+    finally:
+        if assoc.is_established:
+            assoc.release()

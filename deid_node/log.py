@@ -1,0 +1,55 @@
+"""structlog set-up: JSON lines when stderr is not a terminal, a readable console when it is.
+
+Log only UIDs, counts, states, AE titles and paths under the data dir. Never a tag value of the
+patient: callers bind `series_uid`, `calling_ae`, never names, IDs or dates.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_configured = False
+
+
+def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
+    """Configure structlog once per process; `json=None` picks JSON when not on a terminal."""
+    global _configured
+    use_json = (not sys.stderr.isatty()) if json is None else json
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # Exceptions are rendered as type and our own message only: a library's message can
+            # quote a tag value, so tracebacks are not printed to the log.
+            _exception_summary,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # pynetdicom logs through stdlib logging; its DEBUG output dumps datasets (patient values).
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    _configured = True
+
+
+def _exception_summary(_logger: object, _name: str, event: dict) -> dict:
+    exc = event.pop("exc_info", None)
+    if exc:
+        error = sys.exc_info()[1] if exc is True else (exc[1] if isinstance(exc, tuple) else exc)
+        if isinstance(error, BaseException):
+            event["error_type"] = type(error).__name__
+    return event
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    if not _configured:
+        configure_logging()
+    return structlog.get_logger(name)

@@ -1,0 +1,239 @@
+"""The running node: SCP + series scheduler + processing workers + forwarders (Config -> Node).
+
+Threads, all off the SCP's association threads:
+- scheduler: every `poll_seconds`, marks stable series complete, hands complete batches to the
+  processing pool, cleans the spool;
+- processing pool (`node.workers` threads): one batch at a time each, through `pipeline`, with
+  the per-file work in a process pool of the same size (both cores, one OCR model per process);
+- one forwarder per destination, so a destination that is down never delays another.
+All state lives in SQLite; after a crash or restart the node resumes from it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from deid_node.config import Config, DestinationConfig
+from deid_node.deid.uids import load_or_create_secret
+from deid_node.errors import ForwardError
+from deid_node.forward import Outgoing, backoff_seconds, send_batch
+from deid_node.log import get_logger
+from deid_node.pipeline import PipelineSettings, SourceFile, run_series
+from deid_node.scp import StoreLimits, build_ae, handlers
+from deid_node.store import Store
+
+log = get_logger("deid_node.node")
+
+
+def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
+    return PipelineSettings(
+        deid=config.deid,
+        pixels=config.pixels,
+        conditions=config.save_conditions,
+        policy=config.series.policy,
+        secret=secret,
+    )
+
+
+def make_process_pool(workers: int) -> Executor:
+    # forkserver: worker processes never inherit the SCP's threads, sockets or SQLite handle.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+
+
+class Node:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = Store(config.node.data_dir)
+        self.settings = pipeline_settings(config, load_or_create_secret(config.node.data_dir))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._server: Any = None
+        self._workers = ThreadPoolExecutor(max_workers=config.node.workers, thread_name_prefix="series")
+        self._pool = make_process_pool(config.node.workers)
+        self._in_flight = threading.Semaphore(config.node.workers)
+        self._destinations = {d.name: d for d in config.destinations}
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        recovered = self.store.recover_after_restart()
+        node = self.config.node
+        ae = build_ae(node)
+        limits = StoreLimits(node.max_instance_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)
+        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers(self.store, limits))
+        self._spawn("scheduler", self._schedule_loop)
+        for dest in self.config.destinations:
+            self._spawn(f"forward-{dest.name}", self._forward_loop, dest)
+        log.info(
+            "node_started",
+            ae_title=node.ae_title,
+            host=node.host,
+            port=self.port,
+            data_dir=str(node.data_dir),
+            destinations=[d.name for d in self.config.destinations],
+            **recovered,
+        )
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.config.node.port
+
+    def stop(self) -> None:
+        """Stop accepting, let associations and batches in progress finish, persist, exit."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        self._workers.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        self.store.close()
+        log.info("node_stopped")
+
+    def request_stop(self) -> None:
+        """Ask serve_forever to stop (safe from a signal handler)."""
+        self._stop.set()
+
+    def serve_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def _spawn(self, name: str, target: Any, *args: Any) -> None:
+        thread = threading.Thread(target=self._guard, args=(name, target, *args), name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _guard(self, name: str, target: Any, *args: Any) -> None:
+        """Run a loop; an unexpected error is logged and the loop restarted after a pause."""
+        while not self._stop.is_set():
+            try:
+                target(*args)
+            except Exception as exc:
+                log.error("loop_error", loop=name, error_type=type(exc).__name__, error=str(exc)[:200])
+                self._stop.wait(self.config.node.poll_seconds)
+
+    # -- scheduling and processing --------------------------------------------------------
+
+    def _schedule_loop(self) -> None:
+        while not self._stop.is_set():
+            self.store.complete_stable_batches(self.config.series.stable_seconds)
+            while self._in_flight.acquire(blocking=False):
+                batch_id = self.store.claim_batch()
+                if batch_id is None:
+                    self._in_flight.release()
+                    break
+                self._workers.submit(self._process_guarded, batch_id)
+            self._clean_spool()
+            self._stop.wait(self.config.node.poll_seconds)
+
+    def _process_guarded(self, batch_id: int) -> None:
+        try:
+            self.process_batch(batch_id)
+        except Exception as exc:
+            # Left in 'processing': a restart re-queues it; log so an operator sees it now.
+            log.error("batch_error", batch_id=batch_id, error_type=type(exc).__name__)
+        finally:
+            self._in_flight.release()
+
+    def process_batch(self, batch_id: int) -> str:
+        started = time.monotonic()
+        batch = self.store.batch(batch_id)
+        rows = self.store.batch_instances(batch_id)
+        sources = [SourceFile(row["url"], Path(row["spool_path"]), row["id"]) for row in rows]
+        earlier = self.store.earlier_reports(batch["series_uid"], batch["round"])
+        by_id = {row["id"]: row for row in rows}
+
+        def extra(source: SourceFile) -> dict[str, Any]:
+            row = by_id[source.key]
+            return {
+                "calling_ae": row["calling_ae"],
+                "received_at": row["received_at"],
+                "round": batch["round"],
+                "late": batch["round"] > 1 or None,
+            }
+
+        outcome = run_series(
+            sources,
+            self.settings,
+            self.config.node.data_dir / "deid" / str(batch_id),
+            executor=self._pool,
+            earlier=earlier,
+            url_for_output=lambda _path: None,  # set once a destination acknowledges it
+            extra=extra,
+        )
+        results = [
+            {
+                "instance_id": r.source.key,
+                "state": r.state,
+                "report": r.report,
+                "deid_path": str(r.deid_path) if r.deid_path else None,
+                "sop_uid_deid": r.sop_uid_deid,
+                "error": r.error,
+            }
+            for r in outcome.results
+        ]
+        state = self.store.finish_processing(
+            batch_id,
+            results,
+            passed=outcome.passed,
+            destinations=list(self._destinations),
+            summary=outcome.summary,
+        )
+        log.info(
+            "series_processed",
+            series_uid=batch["series_uid"],
+            batch_id=batch_id,
+            round=batch["round"],
+            calling_ae=batch["calling_ae"],
+            state=state,
+            duration_s=round(time.monotonic() - started, 3),
+            **outcome.summary,
+        )
+        return state
+
+    def _clean_spool(self) -> None:
+        for batch_id in self.store.batches_to_clean(self.config.node.retention_hours):
+            removed = self.store.release_originals(batch_id)
+            self.store.forget_files(batch_id)
+            log.debug("spool_released", batch_id=batch_id, files=removed)
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    def _forward_loop(self, dest: DestinationConfig) -> None:
+        while not self._stop.is_set():
+            for delivery in self.store.due_deliveries():
+                if delivery["destination"] == dest.name and not self._stop.is_set():
+                    self.forward_delivery(dest, delivery)
+            self._stop.wait(self.config.node.poll_seconds)
+
+    def forward_delivery(self, dest: DestinationConfig, delivery: dict[str, Any]) -> None:
+        batch = self.store.batch(delivery["batch_id"])
+        rows = self.store.unsent_instances(delivery["batch_id"], dest.name)
+        items = []
+        for row in rows:
+            parts = Path(row["deid_path"]).parts
+            items.append(Outgoing(row["id"], Path(row["deid_path"]), row["sop_uid_deid"], parts[-3], parts[-2]))
+        started = time.monotonic()
+        bound = log.bind(series_uid=batch["series_uid"], batch_id=batch["id"], destination=dest.name)
+        try:
+            send_batch(dest, items, lambda item, url, status: self.store.mark_sent(item.instance_id, dest.name, url, status))
+        except (ForwardError, OSError) as exc:
+            attempts = delivery["attempts"] + 1
+            retry_at = time.time() + backoff_seconds(dest, attempts) if attempts < dest.max_attempts else None
+            self.store.delivery_attempt_failed(delivery["id"], str(exc), retry_at)
+            bound.warning("forward_failed", attempt=attempts, error=str(exc), will_retry=retry_at is not None)
+            return
+        self.store.delivery_done(delivery["id"])
+        bound.info("series_forwarded", files=len(items), duration_s=round(time.monotonic() - started, 3))

@@ -1,0 +1,323 @@
+"""One series through the stages: conditions -> deid.pixels -> deid.tags -> residual scan -> write.
+
+Shared by the node, the batch CLI and the Python API; nothing here knows where files came from
+or where they go next. The per-file work (`deidentify_file`) is a plain picklable function so
+that it runs in worker processes: each process builds its pseudonymizer and OCR model once.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from deid_node.conditions import (
+    ConditionEvaluation,
+    SaveDeidentifiedDicomCondition,
+    condition_tags,
+    evaluate_all,
+)
+from deid_node.config import DeidConfig, PixelsConfig
+from deid_node.errors import DeidentificationError, InputError, ResidualIdentifierError
+from deid_node.modes import SeriesPolicy
+from deid_node.report import build_report
+from deid_node.store import write_durably
+
+# Tags the pipeline reads before deciding anything (header only, pixels never loaded).
+_IDENTITY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything a worker process needs; picklable."""
+
+    deid: DeidConfig
+    pixels: PixelsConfig
+    conditions: tuple[SaveDeidentifiedDicomCondition, ...]
+    policy: SeriesPolicy
+    secret: bytes = field(repr=False)
+
+    @property
+    def retains_uids(self) -> bool:
+        return not self.deid.redact_dicom_tags or "Retain UIDs" in self.deid.profile_options
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    url: str  # how the report names it: dicom://AE/SOPUID, a path, file://...
+    path: Path
+    key: Any = None  # the caller's handle (instance id in the node)
+
+
+@dataclass
+class FileEvaluation:
+    source: SourceFile
+    study_uid: str | None = None
+    series_uid: str | None = None
+    sop_uid: str | None = None
+    evaluations: list[ConditionEvaluation] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.error is None and all(e.evaluated_value for e in self.evaluations)
+
+
+@dataclass
+class FileResult:
+    source: SourceFile
+    report: dict[str, Any]
+    state: str  # processed | quarantined | skipped
+    deid_path: Path | None = None
+    sop_uid_deid: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeidJob:
+    src: Path
+    dst_root: Path
+
+
+@dataclass(frozen=True)
+class DeidOutcome:
+    path: Path | None
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    pixels: dict[str, Any]
+    error: str | None = None
+    quarantine: bool = False
+
+
+@dataclass
+class SeriesOutcome:
+    results: list[FileResult]
+    passed: bool
+    summary: dict[str, Any]
+
+
+# -- stage 1: conditions, on headers only ------------------------------------------------------
+
+
+def read_header(path: Path) -> Dataset:
+    """Read a file's header without pixel data; a clear InputError when it is not DICOM."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"not a readable DICOM file: {type(exc).__name__}") from None
+    return ds
+
+
+def evaluate_file(source: SourceFile, conditions: Sequence[SaveDeidentifiedDicomCondition]) -> FileEvaluation:
+    try:
+        ds = read_header(source.path)
+        result = FileEvaluation(
+            source,
+            study_uid=_str_or_none(ds.get("StudyInstanceUID")),
+            series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
+            sop_uid=_str_or_none(ds.get("SOPInstanceUID")),
+        )
+        if not result.series_uid or not result.sop_uid:
+            result.error = "missing SeriesInstanceUID or SOPInstanceUID"
+        result.evaluations = evaluate_all(conditions, ds)
+        return result
+    except InputError as exc:
+        return FileEvaluation(source, error=str(exc))
+    except Exception as exc:  # a malformed value deep in a header must not stop a series
+        return FileEvaluation(source, error=f"cannot evaluate: {type(exc).__name__}")
+
+
+def judge_series(
+    evaluations: Sequence[FileEvaluation], policy: SeriesPolicy, earlier: Sequence[dict[str, Any]] = ()
+) -> tuple[bool, list[str], list[bool]]:
+    """Aggregate per series: (series passes, urls that made it fail, send-this-file flags).
+
+    `earlier` are reports of earlier rounds of the same series: late files are judged with the
+    whole series, so a series rejected once stays rejected under policy "all".
+    """
+    disabling = [r["url"] for r in earlier if not r.get("save_condition")]
+    disabling += [e.source.url for e in evaluations if not e.passed]
+    series_passed = not disabling
+    if policy is SeriesPolicy.ALL:
+        send = [series_passed] * len(evaluations)
+    else:
+        send = [e.passed for e in evaluations]
+    return series_passed, disabling, send
+
+
+# -- stage 2: de-identify one file (runs in a worker process) ----------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _pseudonymizer(secret: bytes, prefix: str, lookup: Path | None) -> Any:
+    from deid_node.deid.uids import Pseudonymizer
+
+    return Pseudonymizer(secret, patient_id_prefix=prefix, lookup_table=lookup)
+
+
+def pseudonymizer_for(settings: PipelineSettings) -> Any:
+    return _pseudonymizer(settings.secret, settings.deid.patient_id_prefix, settings.deid.lookup_table)
+
+
+def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
+    """Read one file, redact its pixels, de-identify its header, scan for residue, write it.
+
+    The output path is `dst_root/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` with the new UIDs.
+    Never raises for a bad file: the outcome carries an error without patient values.
+    """
+    from deid_node.deid.pixels import redact_pixels
+    from deid_node.deid.tags import deidentify_tags, identifying_values, residual_scan
+
+    try:
+        ds = dcmread(job.src)
+    except Exception as exc:
+        return DeidOutcome(None, "", "", "", {}, error=f"not a readable DICOM file: {type(exc).__name__}")
+    uids = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", "")))
+    try:
+        identifiers = identifying_values(ds)
+        pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
+        if settings.deid.redact_dicom_tags:
+            deidentify_tags(ds, settings.deid, pseudonymizer_for(settings), pixels_cleaned=pixels.changed)
+            hits = residual_scan(ds, identifiers)
+            if hits:
+                raise ResidualIdentifierError(f"identifying value left in {', '.join(sorted(hits)[:5])}")
+        new = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        folder = job.dst_root / new[0] / new[1]
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{new[2]}.dcm"
+        tmp = folder / f".{new[2]}.part"
+        write_durably(tmp, path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+        return DeidOutcome(path, *new, pixels=_pixel_summary(pixels))
+    except DeidentificationError as exc:
+        return DeidOutcome(None, *uids, pixels={}, error=str(exc), quarantine=True)
+    except Exception as exc:  # library errors can quote values: keep only the type
+        return DeidOutcome(None, *uids, pixels={}, error=f"de-identification failed: {type(exc).__name__}", quarantine=True)
+
+
+def _pixel_summary(outcome: Any) -> dict[str, Any]:
+    return {
+        "mode": str(outcome.mode),
+        "changed": bool(outcome.changed),
+        "frames": outcome.frames,
+        "boxes": outcome.boxes,
+        "engine": outcome.engine,
+        "reasons": list(outcome.reasons),
+    }
+
+
+# -- the series --------------------------------------------------------------------------------
+
+
+def run_series(
+    sources: Sequence[SourceFile],
+    settings: PipelineSettings,
+    dst_root: Path,
+    *,
+    executor: Executor | None = None,
+    earlier: Sequence[dict[str, Any]] = (),
+    url_for_output: Callable[[Path], str] = str,
+    extra: Callable[[SourceFile], dict[str, Any]] | None = None,
+    on_file_done: Callable[[FileResult], None] | None = None,
+) -> SeriesOutcome:
+    """Judge the series, de-identify what may leave, and build every file's report."""
+    started = time.monotonic()
+    evaluations = [evaluate_file(s, settings.conditions) for s in sources]
+    series_passed, disabling, send = judge_series(evaluations, settings.policy, earlier)
+    jobs = [DeidJob(e.source.path, dst_root) for e, go in zip(evaluations, send, strict=True) if go]
+    outcomes = _map(functools.partial(deidentify_file, settings=settings), jobs, executor)
+    keys = pseudonymizer_for(settings) if not settings.retains_uids else None
+
+    results: list[FileResult] = []
+    for evaluation, go in zip(evaluations, send, strict=True):
+        outcome = next(outcomes) if go else None
+        result = _file_result(evaluation, outcome, keys, series_passed, disabling, url_for_output, extra)
+        results.append(result)
+        if on_file_done:
+            on_file_done(result)
+
+    quarantined = sum(r.state == "quarantined" for r in results)
+    if quarantined and settings.policy is SeriesPolicy.ALL:
+        # A series leaves whole or not at all: one file we could not de-identify holds it back.
+        for r in results:
+            if r.deid_path is not None:
+                r.deid_path.unlink(missing_ok=True)
+                r.deid_path = None
+                r.report["url_deid"] = None
+                r.report["withheld"] = "another file of the series failed de-identification"
+    written = sum(r.deid_path is not None for r in results)
+    outcome_name = "failed" if quarantined and written == 0 else ("passed" if series_passed else "rejected")
+    summary = {
+        "files": len(results),
+        "passed_conditions": sum(e.passed for e in evaluations),
+        "written": written,
+        "quarantined": quarantined,
+        "outcome": outcome_name,
+        "duration_s": round(time.monotonic() - started, 3),
+    }
+    return SeriesOutcome(results, series_passed, summary)
+
+
+def _map(fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], executor: Executor | None) -> Iterable[DeidOutcome]:
+    if executor is None or len(jobs) <= 1:
+        return iter([fn(job) for job in jobs])
+    return iter(executor.map(fn, jobs, chunksize=max(1, len(jobs) // 16)))
+
+
+def _file_result(
+    evaluation: FileEvaluation,
+    outcome: DeidOutcome | None,
+    keys: Any,
+    series_passed: bool,
+    disabling: list[str],
+    url_for_output: Callable[[Path], str],
+    extra: Callable[[SourceFile], dict[str, Any]] | None,
+) -> FileResult:
+    def mapped(uid: str | None) -> str | None:
+        return keys.uid(uid) if (uid and keys is not None) else uid
+
+    study_deid = mapped(evaluation.study_uid)
+    series_deid = mapped(evaluation.series_uid)
+    sop_deid = mapped(evaluation.sop_uid)
+    error = evaluation.error
+    state = "skipped"
+    deid_path = None
+    pixels = None
+    if outcome is not None:
+        if outcome.error:
+            error, state = outcome.error, "quarantined"
+        else:
+            state, deid_path = "processed", outcome.path
+            study_deid, series_deid, sop_deid = outcome.study_uid, outcome.series_uid, outcome.sop_uid
+            pixels = outcome.pixels
+    elif error:
+        state = "quarantined"
+    report = build_report(
+        url=evaluation.source.url,
+        study_uid=evaluation.study_uid,
+        study_uid_deid=study_deid,
+        series_uid=evaluation.series_uid,
+        series_uid_deid=series_deid,
+        evaluations=evaluation.evaluations,
+        save_condition=evaluation.passed,
+        series_agg=series_passed,
+        disabling_urls=[] if series_passed else disabling,
+        url_deid=url_for_output(deid_path) if deid_path else None,
+        SOPInstanceUID=evaluation.sop_uid,
+        SOPInstanceUID_deid=sop_deid,
+        error=error,
+        pixels=pixels,
+        **(extra(evaluation.source) if extra else {}),
+    )
+    return FileResult(evaluation.source, report, state, deid_path, sop_deid, error)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return str(value) if value not in (None, "") else None

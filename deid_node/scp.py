@@ -1,0 +1,159 @@
+"""The C-STORE/C-ECHO SCP: pynetdicom wiring and event handlers only.
+
+Handlers take an event and return a DIMSE status; no exception escapes into the association.
+Success (0x0000) is returned only after the instance's bytes are fsynced in the spool and its
+row is committed in SQLite. The bytes are stored exactly as the modality sent them.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmread
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from deid_node.config import NodeConfig
+from deid_node.log import get_logger
+from deid_node.store import Receipt, Store
+
+log = get_logger("deid_node.scp")
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    max_instance_bytes: int
+    min_free_disk_bytes: int
+
+
+def build_ae(node: NodeConfig) -> AE:
+    ae = AE(ae_title=node.ae_title)
+    # Every storage SOP class with every transfer syntax pynetdicom knows: we store bytes as
+    # sent, so a compressed syntax costs nothing here.
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    if node.allowed_calling_aets:
+        ae.require_calling_aet = list(node.allowed_calling_aets)
+    ae.network_timeout = node.network_timeout_seconds
+    ae.acse_timeout = ae.dimse_timeout = node.network_timeout_seconds
+    ae.maximum_associations = 32
+    return ae
+
+
+def handle_echo(event: evt.Event) -> int:
+    return SUCCESS
+
+
+def make_store_handler(
+    store: Store, limits: StoreLimits, on_stored: Callable[[int], None] | None = None
+) -> Callable[[evt.Event], int]:
+    def handle_store(event: evt.Event) -> int:
+        calling_ae = _calling_ae(event)
+        bound = log.bind(calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID))
+        try:
+            return _store_instance(event, store, limits, calling_ae, bound, on_stored)
+        except (OSError, sqlite3.OperationalError) as exc:
+            bound.error("store_failed", reason="disk or database error", error_type=type(exc).__name__)
+            return OUT_OF_RESOURCES
+        except Exception as exc:  # never let an exception reach the association
+            bound.error("store_failed", reason="unexpected error", error_type=type(exc).__name__)
+            return PROCESSING_FAILURE
+
+    return handle_store
+
+
+def _store_instance(
+    event: evt.Event,
+    store: Store,
+    limits: StoreLimits,
+    calling_ae: str,
+    bound: Any,
+    on_stored: Callable[[int], None] | None,
+) -> int:
+    if shutil.disk_usage(store.data_dir).free < limits.min_free_disk_bytes:
+        bound.warning("store_refused", reason="free disk below node.min_free_disk_mb")
+        return OUT_OF_RESOURCES
+    try:
+        data = event.encoded_dataset(include_meta=True)
+    except Exception as exc:
+        bound.warning("store_refused", reason="cannot encode received dataset", error_type=type(exc).__name__)
+        return CANNOT_UNDERSTAND
+    if len(data) > limits.max_instance_bytes:
+        bound.warning("store_refused", reason="instance larger than node.max_instance_mb", size=len(data))
+        return OUT_OF_RESOURCES
+    try:
+        header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        uids = {tag: str(header.get(tag, "") or "") for tag in _HEADER_TAGS}
+        syntax = str(header.file_meta.TransferSyntaxUID)
+    except Exception as exc:
+        bound.warning("store_refused", reason="dataset cannot be parsed", error_type=type(exc).__name__)
+        return CANNOT_UNDERSTAND
+    missing = [tag for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if not uids[tag]]
+    if missing:
+        bound.warning("store_refused", reason="missing required UID", missing=missing)
+        return CANNOT_UNDERSTAND
+    request = event.request
+    if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID) or (
+        uids["SOPClassUID"] and uids["SOPClassUID"] != str(request.AffectedSOPClassUID)
+    ):
+        bound.warning("store_refused", reason="dataset UIDs differ from the C-STORE request")
+        return DATASET_MISMATCH
+    path = store.spool_write(data)
+    receipt = Receipt(
+        sop_uid=uids["SOPInstanceUID"],
+        sop_class_uid=str(request.AffectedSOPClassUID),
+        series_uid=uids["SeriesInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        transfer_syntax=syntax,
+        calling_ae=calling_ae,
+        peer=str(event.assoc.requestor.address),
+    )
+    try:
+        stored = store.record_instance(receipt, path, len(data))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    bound.debug(
+        "instance_stored", series_uid=receipt.series_uid, batch_id=stored.batch_id, duplicate=stored.duplicate
+    )
+    if on_stored:
+        on_stored(stored.batch_id)
+    return SUCCESS
+
+
+def _calling_ae(event: evt.Event) -> str:
+    title = event.assoc.requestor.ae_title
+    return (title.decode(errors="replace") if isinstance(title, bytes) else str(title)).strip()
+
+
+def handle_association_event(event: evt.Event) -> None:
+    log.info(
+        event.event.name.lower(),
+        calling_ae=_calling_ae(event),
+        peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+    )
+
+
+def handlers(store: Store, limits: StoreLimits) -> list[tuple[Any, Callable[..., Any]]]:
+    return [
+        (evt.EVT_C_STORE, make_store_handler(store, limits)),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_ACCEPTED, handle_association_event),
+        (evt.EVT_REJECTED, handle_association_event),
+        (evt.EVT_ABORTED, handle_association_event),
+    ]

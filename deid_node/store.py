@@ -1,0 +1,544 @@
+"""The node's persistent state: the SQLite database (schema + migrations) and the spool files.
+
+This is the only module that writes the database. Every write happens in one short transaction
+under one lock (SQLite serialises writers anyway); WAL with synchronous=FULL makes a committed
+row durable before the SCP answers Success.
+
+Rows:
+- series: one per SeriesInstanceUID seen.
+- batches: one per processing round of a series. Round 1 holds what arrived first; an instance
+  arriving after its series left `receiving` opens the next round (late files, never dropped).
+  state: receiving -> complete -> processing -> forwarding -> forwarded | rejected | failed
+- instances: one per received instance in a batch (a re-sent SOPInstanceUID in the same batch
+  replaces the earlier copy: idempotent). Holds the spool path and the per-file report (JSON).
+- deliveries: one per (batch, destination): pending -> done | failed, attempts, next try.
+- sent: one per (instance, destination) that the destination acknowledged, so a retry never
+  sends an instance twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+BATCH_STATES = ("receiving", "complete", "processing", "forwarding", "forwarded", "rejected", "failed")
+FINAL_STATES = ("forwarded", "rejected", "failed")
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["series"].create(
+        {"series_uid": str, "study_uid": str, "created_at": str}, pk="series_uid"
+    )
+    db["batches"].create(
+        {
+            "id": int,
+            "series_uid": str,
+            "round": int,
+            "state": str,
+            "calling_ae": str,
+            "created_at": str,
+            "last_received_at": float,  # time.time(), for stable_seconds
+            "completed_at": str,
+            "processed_at": str,
+            "finished_at": str,
+            "passed": int,
+            "summary": str,  # JSON: counts, outcome, durations; no patient values
+        },
+        pk="id",
+        foreign_keys=[("series_uid", "series")],
+    )
+    db["batches"].create_index(["state"])
+    db["batches"].create_index(["series_uid", "round"], unique=True)
+    db["instances"].create(
+        {
+            "id": int,
+            "batch_id": int,
+            "series_uid": str,
+            "study_uid": str,
+            "sop_uid": str,
+            "sop_class_uid": str,
+            "transfer_syntax": str,
+            "calling_ae": str,
+            "peer": str,
+            "url": str,
+            "spool_path": str,
+            "size": int,
+            "received_at": str,
+            "state": str,  # received | processed | quarantined
+            "deid_path": str,
+            "sop_uid_deid": str,
+            "error": str,
+            "report": str,  # JSON, Encord keys plus ours
+        },
+        pk="id",
+        foreign_keys=[("batch_id", "batches")],
+    )
+    db["instances"].create_index(["batch_id", "sop_uid"], unique=True)
+    db["instances"].create_index(["series_uid"])
+    db["instances"].create_index(["study_uid"])
+    db["instances"].create_index(["received_at"])
+    db["deliveries"].create(
+        {
+            "id": int,
+            "batch_id": int,
+            "destination": str,
+            "state": str,  # pending | done | failed
+            "attempts": int,
+            "next_attempt_at": float,
+            "last_error": str,
+            "updated_at": str,
+        },
+        pk="id",
+        foreign_keys=[("batch_id", "batches")],
+    )
+    db["deliveries"].create_index(["batch_id", "destination"], unique=True)
+    db["deliveries"].create_index(["state", "next_attempt_at"])
+    db["sent"].create(
+        {"instance_id": int, "destination": str, "url_deid": str, "status": int, "at": str},
+        pk=("instance_id", "destination"),
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the SCP learned about one received instance (header only; no patient values)."""
+
+    sop_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    calling_ae: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    id: int
+    batch_id: int
+    round: int
+    duplicate: bool
+
+
+class Store:
+    """Owns `data_dir`: the database, the spool (originals), deid outputs and the quarantine."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        for sub in ("", "spool", "deid", "quarantine", "tmp"):
+            (self.data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.db_path = self.data_dir / "deid-node.sqlite"
+        new = not self.db_path.exists()
+        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        if new:
+            os.chmod(self.db_path, 0o600)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(self._conn)
+        self._lock = threading.RLock()
+        self._migrate()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self.transaction():
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+                migration(self.db)
+                self._conn.execute(f"PRAGMA user_version={number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.db.query(sql, params))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- spool ----------------------------------------------------------------------------
+
+    def spool_write(self, data: bytes | Callable[[Any], None]) -> Path:
+        """Write bytes (or let a writer stream into the file) and fsync file and folder."""
+        name = uuid.uuid4().hex
+        folder = self.data_dir / "spool" / name[:2]
+        folder.mkdir(mode=0o700, exist_ok=True)
+        final = folder / f"{name}.dcm"
+        tmp = self.data_dir / "tmp" / f"{name}.part"
+        write_durably(tmp, final, data)
+        return final
+
+    # -- receive --------------------------------------------------------------------------
+
+    def record_instance(self, receipt: Receipt, spool_path: Path, size: int) -> StoredInstance:
+        """Commit the row of a received instance into its series' open batch.
+
+        A SOPInstanceUID already in the open batch is replaced (the modality re-sent it);
+        the earlier spool file is deleted after the commit.
+        """
+        now = time.time()
+        stamp = utcnow()
+        old_path: str | None = None
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO series (series_uid, study_uid, created_at) VALUES (?, ?, ?)",
+                (receipt.series_uid, receipt.study_uid, stamp),
+            )
+            row = conn.execute(
+                "SELECT id, round FROM batches WHERE series_uid = ? AND state = 'receiving'",
+                (receipt.series_uid,),
+            ).fetchone()
+            if row is None:
+                last = conn.execute(
+                    "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?",
+                    (receipt.series_uid,),
+                ).fetchone()[0]
+                cursor = conn.execute(
+                    "INSERT INTO batches (series_uid, round, state, calling_ae, created_at, last_received_at)"
+                    " VALUES (?, ?, 'receiving', ?, ?, ?)",
+                    (receipt.series_uid, last + 1, receipt.calling_ae, stamp, now),
+                )
+                batch_id, round_ = cursor.lastrowid, last + 1
+            else:
+                batch_id, round_ = row
+                conn.execute("UPDATE batches SET last_received_at = ? WHERE id = ?", (now, batch_id))
+            existing = conn.execute(
+                "SELECT id, spool_path FROM instances WHERE batch_id = ? AND sop_uid = ?",
+                (batch_id, receipt.sop_uid),
+            ).fetchone()
+            fields = (
+                receipt.series_uid,
+                receipt.study_uid,
+                receipt.sop_class_uid,
+                receipt.transfer_syntax,
+                receipt.calling_ae,
+                receipt.peer,
+                f"dicom://{receipt.calling_ae}/{receipt.sop_uid}",
+                str(spool_path),
+                size,
+                stamp,
+            )
+            if existing:
+                instance_id, old_path = existing
+                conn.execute(
+                    "UPDATE instances SET series_uid=?, study_uid=?, sop_class_uid=?, transfer_syntax=?,"
+                    " calling_ae=?, peer=?, url=?, spool_path=?, size=?, received_at=? WHERE id=?",
+                    (*fields, instance_id),
+                )
+            else:
+                cursor = conn.execute(
+                    "INSERT INTO instances (series_uid, study_uid, sop_class_uid, transfer_syntax,"
+                    " calling_ae, peer, url, spool_path, size, received_at, batch_id, sop_uid, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
+                    (*fields, batch_id, receipt.sop_uid),
+                )
+                instance_id = cursor.lastrowid
+        if old_path and old_path != str(spool_path):
+            Path(old_path).unlink(missing_ok=True)
+        return StoredInstance(instance_id, batch_id, round_, duplicate=existing is not None)
+
+    # -- series state ---------------------------------------------------------------------
+
+    def complete_stable_batches(self, stable_seconds: float) -> list[int]:
+        """Move batches with no instance for `stable_seconds` from receiving to complete."""
+        cutoff = time.time() - stable_seconds
+        with self.transaction() as conn:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT id FROM batches WHERE state = 'receiving' AND last_received_at <= ?", (cutoff,)
+                )
+            ]
+            for batch_id in ids:
+                conn.execute(
+                    "UPDATE batches SET state = 'complete', completed_at = ? WHERE id = ?", (utcnow(), batch_id)
+                )
+        return ids
+
+    def claim_batch(self) -> int | None:
+        """Take the oldest complete batch for processing (complete -> processing)."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT id FROM batches WHERE state = 'complete' ORDER BY last_received_at, id LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE batches SET state = 'processing' WHERE id = ?", (row[0],))
+            return row[0]
+
+    def recover_after_restart(self) -> dict[str, int]:
+        """Put interrupted work back in the queue: processing -> complete (outputs are derived
+        deterministically, so redoing them is safe); forwarding keeps its deliveries."""
+        with self.transaction() as conn:
+            processing = conn.execute(
+                "UPDATE batches SET state = 'complete' WHERE state = 'processing'"
+            ).rowcount
+        return {"requeued_processing": processing}
+
+    def batch(self, batch_id: int) -> dict[str, Any]:
+        return self.query("SELECT * FROM batches WHERE id = ?", (batch_id,))[0]
+
+    def batch_instances(self, batch_id: int) -> list[dict[str, Any]]:
+        return self.query("SELECT * FROM instances WHERE batch_id = ? ORDER BY id", (batch_id,))
+
+    def earlier_reports(self, series_uid: str, before_round: int) -> list[dict[str, Any]]:
+        """Reports of this series from earlier rounds (a series is judged as a whole)."""
+        rows = self.query(
+            "SELECT i.report FROM instances i JOIN batches b ON b.id = i.batch_id"
+            " WHERE b.series_uid = ? AND b.round < ? AND i.report IS NOT NULL",
+            (series_uid, before_round),
+        )
+        return [json.loads(r["report"]) for r in rows]
+
+    def finish_processing(
+        self,
+        batch_id: int,
+        results: list[dict[str, Any]],
+        *,
+        passed: bool,
+        destinations: list[str],
+        summary: dict[str, Any],
+    ) -> str:
+        """Store every instance's outcome and report, and queue deliveries, in one transaction.
+
+        results: {"instance_id", "state", "report", "deid_path", "sop_uid_deid", "error"}.
+        Returns the batch's new state: forwarding, or rejected/failed when nothing is to be sent.
+        """
+        to_send = [r for r in results if r.get("deid_path")]
+        if to_send and destinations:
+            state = "forwarding"
+        elif summary.get("outcome") == "failed":
+            state = "failed"
+        else:
+            state = "rejected" if not to_send else "forwarded"
+        now = utcnow()
+        with self.transaction() as conn:
+            for r in results:
+                conn.execute(
+                    "UPDATE instances SET state=?, report=?, deid_path=?, sop_uid_deid=?, error=? WHERE id=?",
+                    (
+                        r["state"],
+                        json.dumps(r["report"]),
+                        r.get("deid_path"),
+                        r.get("sop_uid_deid"),
+                        r.get("error"),
+                        r["instance_id"],
+                    ),
+                )
+            if state == "forwarding":
+                for name in destinations:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO deliveries (batch_id, destination, state, attempts,"
+                        " next_attempt_at, updated_at) VALUES (?, ?, 'pending', 0, 0, ?)",
+                        (batch_id, name, now),
+                    )
+            conn.execute(
+                "UPDATE batches SET state=?, passed=?, processed_at=?, summary=?,"
+                " finished_at=CASE WHEN ? IN ('rejected','failed','forwarded') THEN ? END WHERE id=?",
+                (state, int(passed), now, json.dumps(summary), state, now, batch_id),
+            )
+        return state
+
+    # -- forwarding -----------------------------------------------------------------------
+
+    def due_deliveries(self) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
+            " ORDER BY next_attempt_at, id",
+            (time.time(),),
+        )
+
+    def unsent_instances(self, batch_id: int, destination: str) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT i.* FROM instances i WHERE i.batch_id = ? AND i.deid_path IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)"
+            " ORDER BY i.id",
+            (batch_id, destination),
+        )
+
+    def mark_sent(self, instance_id: int, destination: str, url_deid: str, status: int) -> None:
+        """Record one instance acknowledged by a destination; the first success sets url_deid."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO sent (instance_id, destination, url_deid, status, at) VALUES (?, ?, ?, ?, ?)",
+                (instance_id, destination, url_deid, status, utcnow()),
+            )
+            row = conn.execute("SELECT report FROM instances WHERE id = ?", (instance_id,)).fetchone()
+            report = json.loads(row[0])
+            if report.get("url_deid") is None:
+                report["url_deid"] = url_deid
+            report.setdefault("destinations", {})[destination] = {"state": "sent", "status": status}
+            conn.execute("UPDATE instances SET report = ? WHERE id = ?", (json.dumps(report), instance_id))
+
+    def delivery_attempt_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
+        """Count a failed attempt; retry_at None means the retry limit is reached (failed)."""
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ?,"
+                " state = ?, next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                (error, utcnow(), "pending" if retry_at is not None else "failed", retry_at, delivery_id),
+            )
+            if retry_at is None:
+                self._settle_batch(conn, delivery_id)
+
+    def delivery_done(self, delivery_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, last_error = NULL,"
+                " updated_at = ? WHERE id = ?",
+                (utcnow(), delivery_id),
+            )
+            self._settle_batch(conn, delivery_id)
+
+    def _settle_batch(self, conn: sqlite3.Connection, delivery_id: int) -> None:
+        """When no delivery of the batch is pending any more, the batch is forwarded or failed."""
+        batch_id = conn.execute("SELECT batch_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()[0]
+        states = [r[0] for r in conn.execute("SELECT state FROM deliveries WHERE batch_id = ?", (batch_id,))]
+        if "pending" in states:
+            return
+        final = "forwarded" if all(s == "done" for s in states) else "failed"
+        conn.execute(
+            "UPDATE batches SET state = ?, finished_at = ? WHERE id = ? AND state = 'forwarding'",
+            (final, utcnow(), batch_id),
+        )
+
+    def retry_series(self, series_uid: str) -> int:
+        """Re-queue the failed deliveries of a series (operator's `deid-node retry`)."""
+        with self.transaction() as conn:
+            count = conn.execute(
+                "UPDATE deliveries SET state = 'pending', next_attempt_at = 0, updated_at = ?"
+                " WHERE state = 'failed' AND batch_id IN (SELECT id FROM batches WHERE series_uid = ?)",
+                (utcnow(), series_uid),
+            ).rowcount
+            conn.execute(
+                "UPDATE batches SET state = 'forwarding', finished_at = NULL WHERE series_uid = ?"
+                " AND id IN (SELECT batch_id FROM deliveries WHERE state = 'pending')",
+                (series_uid,),
+            )
+        return count
+
+    # -- reports and housekeeping ---------------------------------------------------------
+
+    def reports(
+        self,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        since: str | None = None,
+        failed: bool = False,
+    ) -> list[dict[str, Any]]:
+        where, params = ["i.report IS NOT NULL"], []
+        if study_uid:
+            where.append("i.study_uid = ?")
+            params.append(study_uid)
+        if series_uid:
+            where.append("i.series_uid = ?")
+            params.append(series_uid)
+        if since:
+            where.append("i.received_at >= ?")
+            params.append(since)
+        if failed:
+            where.append("(i.state = 'quarantined' OR b.state IN ('rejected', 'failed') OR b.passed = 0)")
+        rows = self.query(
+            "SELECT i.report, b.state AS batch_state FROM instances i JOIN batches b ON b.id = i.batch_id"
+            f" WHERE {' AND '.join(where)} ORDER BY i.received_at, i.id",
+            tuple(params),
+        )
+        out = []
+        for row in rows:
+            report = json.loads(row["report"])
+            report["series_state"] = row["batch_state"]
+            out.append(report)
+        return out
+
+    def release_originals(self, batch_id: int) -> int:
+        """Delete the spool copies (originals) of a batch that reached a final state."""
+        removed = 0
+        for row in self.query(
+            "SELECT id, spool_path, deid_path FROM instances WHERE batch_id = ?", (batch_id,)
+        ):
+            for key in ("spool_path", "deid_path"):
+                if row[key] and Path(row[key]).exists():
+                    Path(row[key]).unlink()
+                    removed += 1
+        return removed
+
+    def batches_to_clean(self, older_than_hours: float) -> list[int]:
+        cutoff = datetime.fromtimestamp(time.time() - older_than_hours * 3600, UTC).isoformat()
+        return [
+            r["id"]
+            for r in self.query(
+                "SELECT id FROM batches WHERE state IN ('forwarded', 'rejected') AND finished_at <= ?"
+                " AND EXISTS (SELECT 1 FROM instances i WHERE i.batch_id = batches.id AND"
+                " (i.spool_path IS NOT NULL))",
+                (cutoff,),
+            )
+        ]
+
+    def forget_files(self, batch_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE instances SET spool_path = NULL, deid_path = NULL WHERE batch_id = ?", (batch_id,)
+            )
+
+    def status(self) -> dict[str, Any]:
+        batches = {r["state"]: r["n"] for r in self.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state")}
+        deliveries = self.query(
+            "SELECT destination, state, COUNT(*) AS n, MAX(last_error) AS last_error FROM deliveries"
+            " GROUP BY destination, state"
+        )
+        instances = self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+        return {"batches": batches, "deliveries": deliveries, "instances": instances}
+
+
+def write_durably(tmp: Path, final: Path, data: bytes | Callable[[Any], None]) -> None:
+    """Write to `tmp`, fsync, rename onto `final`, fsync the folder: all or nothing on disk."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
