@@ -1,0 +1,190 @@
+"""Images with known burned-in text for pixel redaction tests and benchmarks.
+
+Text is drawn with cv2.putText on noisy, anatomy-like backgrounds; every planted string comes
+back with its exact bounding box, so tests can check what was blanked and what was not.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# Identifying strings (never clinical words), and clinical overlay that REDACT_SENSITIVE_TEXT keeps.
+PHI_TEXTS = (
+    "ZYXWORTHA^QUILLIAM",
+    "PIDQX778812",
+    "DOB 1943-11-07",
+    "ACC ACCQX99103",
+    "QUARVINGTON HOSP",
+    "12/03/2024 10:15:30",
+    "Drovak Elspeth",
+    "Montague Zyxwortha",
+)
+CLINICAL_TEXTS = ("5.0 MHz", "DEPTH 16cm", "GAIN 50%", "-30dB", "L", "R")
+FONTS = (
+    cv2.FONT_HERSHEY_SIMPLEX,
+    cv2.FONT_HERSHEY_DUPLEX,
+    cv2.FONT_HERSHEY_PLAIN,
+    cv2.FONT_HERSHEY_COMPLEX,
+    cv2.FONT_HERSHEY_TRIPLEX,
+)
+COLOURS = ((255, 255, 255), (255, 255, 0), (0, 255, 0), (0, 255, 255), (190, 190, 190))
+
+
+@dataclass(frozen=True)
+class Planted:
+    text: str
+    x: int
+    y: int
+    w: int
+    h: int
+    clinical: bool = False
+
+    def mask(self, shape: tuple[int, int], margin: int = 0) -> np.ndarray:
+        out = np.zeros(shape, bool)
+        out[
+            max(0, self.y - margin) : self.y + self.h + margin,
+            max(0, self.x - margin) : self.x + self.w + margin,
+        ] = True
+        return out
+
+
+def background(
+    rng: np.random.Generator, height: int, width: int, inverted: bool = False
+) -> np.ndarray:
+    """A grey, anatomy-like background: smooth blobs, an ultrasound-like sector, speckle."""
+    low = cv2.resize(rng.uniform(0, 90, (height // 40 + 2, width // 40 + 2)), (width, height))
+    image = low + rng.normal(0, 12, (height, width))
+    centre = (width // 2, height // 8)
+    cv2.ellipse(image, centre, (width // 3, height * 3 // 4), 90, -35, 35, 40, -1)
+    image = np.clip(image, 0, 140).astype(np.uint8)
+    return 255 - image if inverted else image
+
+
+def draw_text(
+    image: np.ndarray,
+    text: str,
+    origin: tuple[int, int],
+    *,
+    font: int = cv2.FONT_HERSHEY_SIMPLEX,
+    scale: float = 0.7,
+    colour: tuple[int, int, int] = (255, 255, 255),
+    thickness: int = 2,
+    clinical: bool = False,
+) -> Planted:
+    """Draw `text` with its baseline-left corner at `origin`; return its pixel bounding box."""
+    (w, h), baseline = cv2.getTextSize(text, font, scale, thickness)
+    x, y = origin
+    value = colour if image.ndim == 3 else int(np.mean(colour))
+    cv2.putText(image, text, (x, y), font, scale, value, thickness, cv2.LINE_AA)
+    pad = thickness
+    return Planted(text, x - pad, y - h - pad, w + 2 * pad, h + baseline + 2 * pad, clinical)
+
+
+def text_image(
+    seed: int,
+    height: int = 600,
+    width: int = 800,
+    *,
+    colour: bool = True,
+    inverted: bool = False,
+    texts: tuple[str, ...] | None = None,
+    clinical: bool = True,
+    min_scale: float = 0.5,
+) -> tuple[np.ndarray, list[Planted]]:
+    """One image with PHI strings in the corners and edges, in varied fonts, sizes, colours."""
+    rng = np.random.default_rng(seed)
+    grey = background(rng, height, width, inverted)
+    image = np.repeat(grey[:, :, None], 3, axis=2) if colour else grey
+    chosen = list(texts if texts is not None else rng.choice(PHI_TEXTS, 4, replace=False))
+    planted: list[Planted] = []
+    # Anchors: four corners, top middle, bottom middle; text lines never overlap.
+    anchors = [
+        (0.02, 0.07), (0.60, 0.07), (0.02, 0.95), (0.60, 0.95), (0.30, 0.16), (0.30, 0.86),
+    ]  # fmt: skip
+    for index, text in enumerate(chosen):
+        fx, fy = anchors[index % len(anchors)]
+        font = FONTS[int(rng.integers(len(FONTS)))]
+        scale = float(rng.uniform(min_scale, 0.9)) * (1.6 if font == cv2.FONT_HERSHEY_PLAIN else 1)
+        tone = (20, 20, 20) if inverted else COLOURS[int(rng.integers(len(COLOURS)))]
+        thickness = 1 if scale < 0.6 else 2
+        planted.append(
+            draw_text(
+                image,
+                text,
+                (int(fx * width), int(fy * height)),
+                font=font,
+                scale=scale,
+                colour=tone,
+                thickness=thickness,
+            )  # fmt: skip
+        )
+    if clinical:
+        tone = (20, 20, 20) if inverted else (200, 200, 200)
+        planted.append(
+            draw_text(
+                image,
+                "5.0 MHz",
+                (int(0.80 * width), int(0.50 * height)),
+                scale=0.5,
+                colour=tone,
+                thickness=1,
+                clinical=True,
+            )  # fmt: skip
+        )
+    return image, planted
+
+
+def blank_image(seed: int, height: int = 600, width: int = 800) -> np.ndarray:
+    """A background with no text at all."""
+    return background(np.random.default_rng(seed), height, width)
+
+
+def to_stored(image8: np.ndarray, bits: int = 8, monochrome1: bool = False) -> np.ndarray:
+    """Grey 8-bit display image -> stored values with `bits` significant bits (MONOCHROME1
+    stores the inverse)."""
+    grey = image8 if image8.ndim == 2 else image8.mean(axis=2).astype(np.uint8)
+    if monochrome1:
+        grey = 255 - grey
+    if bits == 8:
+        return grey.astype(np.uint8)
+    return (grey.astype(np.uint32) * ((1 << bits) - 1) // 255).astype(np.uint16)
+
+
+def tesseract_text(image: np.ndarray) -> str:
+    """What Tesseract reads in an 8-bit image (sparse text mode)."""
+    if shutil.which("tesseract") is None:
+        raise RuntimeError("tesseract is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "img.png"
+        bgr = image[:, :, ::-1] if image.ndim == 3 else image
+        cv2.imwrite(str(path), np.ascontiguousarray(bgr))
+        done = subprocess.run(
+            ["tesseract", str(path), "-", "--psm", "11"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+    return done.stdout
+
+
+def normalise(text: str) -> str:
+    return "".join(c for c in text.upper() if c.isalnum())
+
+
+def found_strings(read: str, planted: list[Planted]) -> list[str]:
+    """Planted strings (or their long parts) that appear in OCR output `read`."""
+    haystack = normalise(read)
+    hits = []
+    for p in planted:
+        parts = [p.text, *p.text.replace("^", " ").split()]
+        if any(len(normalise(part)) >= 4 and normalise(part) in haystack for part in parts):
+            hits.append(p.text)
+    return hits
