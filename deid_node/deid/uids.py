@@ -78,6 +78,11 @@ class Pseudonymizer:
     ) -> None:
         if len(secret) < 16:
             raise ConfigError("pseudonymisation secret: must be at least 16 bytes")
+        if len(patient_id_prefix) > 48 or "\\" in patient_id_prefix:
+            raise ConfigError(
+                "deid.patient_id_prefix: at most 48 characters without backslashes "
+                "(prefix + 16 hex digits must fit a DICOM LO)"
+            )
         self._secret = secret
         self._prefix = patient_id_prefix
         self._table = _load_lookup_table(lookup_table) if lookup_table is not None else None
