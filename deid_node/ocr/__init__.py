@@ -1,4 +1,4 @@
-"""OCR engines behind one protocol: `get_engine("rapidocr" | "easyocr")`, one model load per process.
+"""OCR engines behind one protocol: `get_engine("rapidocr" | "easyocr")`, one load per process.
 
 Engine modules import their heavy dependencies (onnxruntime, torch) only when first built.
 """
@@ -37,4 +37,6 @@ def _build(name: str) -> OcrEngine:
         from deid_node.ocr.easy import EasyOcrEngine
 
         return EasyOcrEngine()
-    raise ConfigError(f"pixels.ocr_engine: unknown OCR engine {name!r}; known: {', '.join(ENGINES)}")
+    raise ConfigError(
+        f"pixels.ocr_engine: unknown OCR engine {name!r}; known: {', '.join(ENGINES)}"
+    )
