@@ -407,7 +407,8 @@ def _finish_kept(ds: Dataset, elem: DataElement, ctx: _Context, parent: str, act
         for item in elem.value or []:
             _clean_dataset(item, ctx, parent=elem.keyword or str(elem.tag))
     elif elem.VR == "UI":
-        _map_uids(elem, ctx)
+        # U in the table always maps; otherwise class and coding scheme references stay.
+        _map_uids(elem, ctx, force=action == "U")
     elif elem.VR in DATE_VRS and ctx.modified_dates:
         _shift(ds, elem, ctx, parent)
 
@@ -453,8 +454,8 @@ def _shift_value(value: str, vr: str, days: int) -> str | None:
         return None
 
 
-def _map_uids(elem: DataElement, ctx: _Context) -> None:
-    if "Retain UIDs" in ctx.options or _is_class_reference(elem.keyword):
+def _map_uids(elem: DataElement, ctx: _Context, *, force: bool) -> None:
+    if "Retain UIDs" in ctx.options or (not force and _is_class_reference(elem.keyword)):
         return
     values = _values(elem)
     mapped = [v if _is_well_known(str(v)) else ctx.keys.uid(str(v)) for v in values]
