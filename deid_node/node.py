@@ -198,8 +198,7 @@ class Node:
             round=batch["round"],
             calling_ae=batch["calling_ae"],
             state=state,
-            duration_s=round(time.monotonic() - started, 3),
-            **outcome.summary,
+            **{**outcome.summary, "duration_s": round(time.monotonic() - started, 3)},
         )
         return state
 
