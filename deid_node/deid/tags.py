@@ -167,6 +167,8 @@ _DUMMY: dict[str, Any] = {
     "UV": 0,
     "AT": 0,
 }
+# The action for attributes Table E.1-1 does not list and our policy keeps (see module docstring).
+_POLICY_KEEP = "keep-unlisted"
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 # Identifying attributes beyond every PN value; used for the residual scan and OCR matching.
@@ -323,7 +325,7 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str) -> None:
         elif group & 1:
             if _keep_private(ds, elem, ctx):
                 kept_private_blocks.add((group, element >> 8))
-                _finish_kept(ds, elem, ctx, parent, "K")
+                _finish_kept(ds, elem, ctx, parent, _POLICY_KEEP)
             else:
                 _remove(ds, tag, ctx)
         elif 0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E:
@@ -351,13 +353,13 @@ def _action(elem: DataElement, ctx: _Context) -> str:
         return "C" if ctx.modified_dates or ctx.full_dates else "X"
     if vr in FREE_TEXT_VRS:
         if elem.keyword in SAFE_TEXT_KEYWORDS:
-            return "K"
+            return _POLICY_KEEP
         if "Clean Structured Content" in ctx.options and elem.keyword in STRUCTURED_TEXT_KEYWORDS:
             return "C"
         return "X"
     if vr == "UN":
         return "X"  # a public attribute we cannot even type
-    return "K"
+    return _POLICY_KEEP
 
 
 def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context, parent: str) -> None:
@@ -376,7 +378,7 @@ def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context, parent: s
             _dummy(elem, ctx)
     elif action == "C":
         _clean(ds, elem, ctx, parent)
-    else:  # K, U (and U* resolved to U)
+    else:  # K, U (and U* resolved to U), and our policy's keep
         _finish_kept(ds, elem, ctx, parent, action)
 
 
@@ -407,16 +409,22 @@ def _finish_kept(ds: Dataset, elem: DataElement, ctx: _Context, parent: str, act
         for item in elem.value or []:
             _clean_dataset(item, ctx, parent=elem.keyword or str(elem.tag))
     elif elem.VR == "UI":
-        # U in the table always maps; otherwise class and coding scheme references stay.
-        _map_uids(elem, ctx, force=action == "U")
+        # The table's U maps and its K (an option's) keeps; UIDs the table does not list map
+        # unless Retain UIDs, or they name a class or coding scheme rather than an instance.
+        if action == "U" or (
+            action == _POLICY_KEEP
+            and "Retain UIDs" not in ctx.options
+            and not _is_class_reference(elem.keyword)
+        ):
+            _map_uids(elem, ctx)
     elif elem.VR in DATE_VRS and ctx.modified_dates:
         _shift(ds, elem, ctx, parent)
 
 
 def _clean(ds: Dataset, elem: DataElement, ctx: _Context, parent: str) -> None:
     vr = elem.VR
-    if vr == "SQ" or vr == "UI" or vr not in FREE_TEXT_VRS | DATE_VRS:
-        _finish_kept(ds, elem, ctx, parent, "K")
+    if vr == "SQ" or vr not in FREE_TEXT_VRS | DATE_VRS | {"TM"}:
+        _finish_kept(ds, elem, ctx, parent, "U" if vr == "UI" else "K")
     elif vr in DATE_VRS:
         if ctx.modified_dates:
             _shift(ds, elem, ctx, parent)
@@ -454,9 +462,7 @@ def _shift_value(value: str, vr: str, days: int) -> str | None:
         return None
 
 
-def _map_uids(elem: DataElement, ctx: _Context, *, force: bool) -> None:
-    if "Retain UIDs" in ctx.options or (not force and _is_class_reference(elem.keyword)):
-        return
+def _map_uids(elem: DataElement, ctx: _Context) -> None:
     values = _values(elem)
     mapped = [v if _is_well_known(str(v)) else ctx.keys.uid(str(v)) for v in values]
     if mapped != [str(v) for v in values]:
