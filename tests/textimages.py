@@ -97,6 +97,7 @@ def text_image(
     texts: tuple[str, ...] | None = None,
     clinical: bool = True,
     min_scale: float = 0.5,
+    max_scale: float = 0.9,
 ) -> tuple[np.ndarray, list[Planted]]:
     """One image with PHI strings in the corners and edges, in varied fonts, sizes, colours."""
     rng = np.random.default_rng(seed)
@@ -111,9 +112,11 @@ def text_image(
     for index, text in enumerate(chosen):
         fx, fy = anchors[index % len(anchors)]
         font = FONTS[int(rng.integers(len(FONTS)))]
-        scale = float(rng.uniform(min_scale, 0.9)) * (1.6 if font == cv2.FONT_HERSHEY_PLAIN else 1)
+        scale = float(rng.uniform(min_scale, max_scale)) * (
+            1.6 if font == cv2.FONT_HERSHEY_PLAIN else 1
+        )
         tone = (20, 20, 20) if inverted else COLOURS[int(rng.integers(len(COLOURS)))]
-        thickness = 1 if scale < 0.6 else 2
+        thickness = 1 if scale < 0.6 else 2 if scale < 1.5 else 3
         planted.append(
             draw_text(
                 image,
@@ -161,6 +164,10 @@ def tesseract_text(image: np.ndarray) -> str:
     """What Tesseract reads in an 8-bit image (sparse text mode)."""
     if shutil.which("tesseract") is None:
         raise RuntimeError("tesseract is not installed")
+    if max(image.shape[:2]) > 1200:  # Tesseract on large noisy images takes minutes
+        factor = 1200 / max(image.shape[:2])
+        size = (round(image.shape[1] * factor), round(image.shape[0] * factor))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "img.png"
         bgr = image[:, :, ::-1] if image.ndim == 3 else image

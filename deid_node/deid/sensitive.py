@@ -19,7 +19,7 @@ _CONFUSABLES = str.maketrans({"0": "O", "Q": "O", "1": "I", "L": "I", "5": "S", 
 
 _MONTHS = "JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEP|SEPT|OCT|NOV|DEC"
 _DATE_PATTERNS = [
-    re.compile(r"(?<!\d)\d{1,4}\s?[-/.]\s?\d{1,2}\s?[-/.]\s?\d{1,4}(?!\d)"),
+    re.compile(r"(?<!\d)\d{1,4}\s?[-/.]\s?\d{1,2}\s?[-/.]\s?\d{2,4}"),
     re.compile(r"(?<!\d)(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])(?!\d)"),
     re.compile(r"(?<!\d)(0[1-9]|[12]\d|3[01])(0[1-9]|1[0-2])(19|20)\d{2}(?!\d)"),
     re.compile(rf"\b\d{{1,2}}\s*[-/.]?\s*({_MONTHS})[A-Z]*\b"),
@@ -61,6 +61,7 @@ _CLINICAL = frozenset(
     IVC SVC MV TV AV PV LVOT RVOT ECG EKG VTI MAG ENH SMOOTH SHARP DR SOUND
     """.split()  # noqa: SIM905 - a word list reads better as text
 )
+_RUNS = re.compile(r"[A-Z]+|\d+(?:[.,]\d+)?%?")
 _TOKEN = re.compile(r"[A-Z0-9%./:+\-]+")
 
 
@@ -123,6 +124,9 @@ class SensitiveTextClassifier:
                     continue
                 if part in _LABELS:
                     return "label"
+                runs = _RUNS.findall(part)
+                if len(runs) > 1 and all(r in _CLINICAL or _UNIT_NUMBER.fullmatch(r) for r in runs):
+                    continue  # words and numbers run together by OCR: "DEPTH16CM"
                 letters = sum(c.isalpha() for c in part)
                 digits = sum(c.isdigit() for c in part)
                 if letters and digits and len(part) >= 5:

@@ -1,0 +1,444 @@
+"""Burned-in text redaction on real DICOM: every photometric interpretation, transfer syntax,
+multi-frame, the three modes; Tesseract checks that planted strings are gone afterwards."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicomgen import PHI, make_instance
+from pydicom import Dataset
+from pydicom.dataset import Dataset as Item
+from pydicom.pixels import apply_color_lut, convert_color_space
+from pydicom.sequence import Sequence
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from textimages import (
+    Planted,
+    blank_image,
+    draw_text,
+    found_strings,
+    tesseract_text,
+    text_image,
+    to_stored,
+)
+
+from deid_node.config import PixelsConfig, RegionTemplate
+from deid_node.deid.pixels import redact_pixels
+from deid_node.deid.sensitive import SensitiveTextClassifier
+from deid_node.errors import PixelError
+from deid_node.modes import DeidentifyRedactTextMode as Mode
+
+CONFIG = PixelsConfig(ocr_engine="rapidocr")
+H, W = 480, 640
+# Detector boxes are a little looser than the glyph boxes the generator reports.
+SLACK = CONFIG.margin_px + 10
+
+
+def display(ds: Dataset) -> list[np.ndarray]:
+    """What a viewer shows, per frame, as uint8 — independent of the code under test."""
+    array = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    pi = ds.PhotometricInterpretation
+    samples = ds.SamplesPerPixel
+    if frames == 1:
+        array = array[np.newaxis]
+    out = []
+    for frame in array:
+        if pi == "PALETTE COLOR":
+            rgb = apply_color_lut(frame, ds)
+            frame = (rgb / max(1, rgb.max()) * 255).astype(np.uint8)
+        elif samples == 1:
+            f = frame.astype(np.float64)
+            f = (f - f.min()) / max(1.0, f.max() - f.min()) * 255
+            frame = f.astype(np.uint8)
+            if pi == "MONOCHROME1":
+                frame = 255 - frame
+        out.append(np.ascontiguousarray(frame))
+    return out
+
+
+def stored_frames(ds: Dataset) -> np.ndarray:
+    array = ds.pixel_array
+    return array if "NumberOfFrames" in ds and int(ds.NumberOfFrames) > 1 else array[np.newaxis]
+
+
+def allowed_mask(planted: list[Planted], shape: tuple[int, int]) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for p in planted:
+        mask |= p.mask(shape, SLACK)
+    return mask
+
+
+def assert_redacted(before: np.ndarray, ds: Dataset, planted: list[Planted]) -> None:
+    """No planted identifying string readable; nothing changed outside the text boxes."""
+    after = stored_frames(ds)
+    assert after.shape == before.shape
+    allowed = allowed_mask(planted, before.shape[1:3])
+    for index in range(before.shape[0]):
+        diff = before[index] != after[index]
+        if diff.ndim == 3:
+            diff = diff.any(axis=2)
+        assert not (diff & ~allowed).any(), f"frame {index}: pixels changed outside text boxes"
+    targets = [p for p in planted if not p.clinical]
+    for image in display(ds):
+        assert found_strings(tesseract_text(image), targets) == []
+
+
+def planted_instance(
+    photometric: str, seed: int = 1, bits: int = 8, frames: int = 1
+) -> tuple[Dataset, list[Planted]]:
+    """An instance whose pixels carry four PHI strings and one clinical label."""
+    image, planted = text_image(seed, H, W, colour=photometric != "MONOCHROME2", min_scale=0.6)
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        array = image
+    elif photometric == "PALETTE COLOR":
+        array = to_stored(image)  # index i -> grey i
+    else:
+        array = to_stored(image, bits, monochrome1=photometric == "MONOCHROME1")
+    colour = "RGB" if array.ndim == 3 else "MONOCHROME2"
+    ds = make_instance("US", photometric=colour, pixel_array=array)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+        ds.PixelData = np.stack([array] * frames).tobytes()
+    if photometric == "PALETTE COLOR":
+        ramp = np.arange(256, dtype=np.uint16) * 257
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        for colour in ("Red", "Green", "Blue"):
+            setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+            setattr(ds, f"{colour}PaletteColorLookupTableData", ramp.tobytes())
+    elif photometric in ("YBR_FULL", "YBR_FULL_422"):
+        ycc = convert_color_space(image, "RGB", "YBR_FULL")
+        ds.set_pixel_data(ycc, photometric, 8, generate_instance_uid=False)
+    elif photometric == "MONOCHROME1":
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    if bits != 8:
+        ds.BitsStored = bits
+        ds.HighBit = bits - 1
+    return ds, planted
+
+
+# --- REDACT_NO_TEXT -----------------------------------------------------------------------
+
+
+def test_no_text_mode_leaves_pixel_data_byte_identical_without_decoding() -> None:
+    ds, _ = planted_instance("RGB")
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8 not really a jpeg \xff\xd9"])
+    before = ds.PixelData
+    outcome = redact_pixels(ds, Mode.REDACT_NO_TEXT, CONFIG)
+    assert not outcome.changed and outcome.boxes == 0 and outcome.engine is None
+    assert ds.PixelData == before
+    assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+
+
+def test_no_text_mode_does_not_import_ocr_engines() -> None:
+    code = (
+        "import sys; from deid_node.deid import pixels; "
+        "bad = [m for m in ('torch', 'easyocr', 'rapidocr_onnxruntime', 'onnxruntime') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- every photometric interpretation, REDACT_ALL_TEXT ----------------------------------------
+
+
+@pytest.mark.ocr
+@pytest.mark.parametrize(
+    ("photometric", "bits"),
+    [
+        ("MONOCHROME2", 8),
+        ("MONOCHROME2", 12),
+        ("MONOCHROME2", 16),
+        ("MONOCHROME1", 12),
+        ("RGB", 8),
+        ("YBR_FULL", 8),
+        ("YBR_FULL_422", 8),
+        ("PALETTE COLOR", 8),
+    ],
+)
+def test_all_text_redacted_for_every_photometric_interpretation(
+    photometric: str, bits: int
+) -> None:
+    ds, planted = planted_instance(photometric, seed=bits + len(photometric), bits=bits)
+    before = stored_frames(ds).copy()
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert outcome.changed and outcome.boxes >= 4 and outcome.engine == "rapidocr"
+    assert outcome.frames == 1
+    expected_pi = "RGB" if photometric.startswith("YBR") else photometric
+    assert ds.PhotometricInterpretation == expected_pi
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.BitsStored == bits
+    assert_redacted(before, ds, planted)
+
+
+@pytest.mark.ocr
+def test_monochrome1_boxes_are_filled_with_display_black() -> None:
+    ds, planted = planted_instance("MONOCHROME1", bits=12)
+    redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    box = planted[0]
+    inside = ds.pixel_array[box.y + 2 : box.y + box.h - 2, box.x + 2 : box.x + box.w - 2]
+    assert (inside == ds.pixel_array.max()).all()  # MONOCHROME1: the highest value shows black
+
+
+@pytest.mark.ocr
+def test_window_center_width_drive_detection_of_16_bit_images() -> None:
+    ds, planted = planted_instance("MONOCHROME2", bits=16)
+    stored = (ds.pixel_array.astype(np.uint32) // 16 + 1000).astype(np.uint16)
+    stored[0, 0] = 65535  # one hot pixel would crush a min-max stretch; the window ignores it
+    ds.PixelData = stored.tobytes()
+    ds.WindowCenter, ds.WindowWidth = 3048, 4096
+    before = stored_frames(ds).copy()
+    assert redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG).changed
+    assert_redacted(before, ds, planted)
+
+
+# --- transfer syntaxes -------------------------------------------------------------------------
+
+
+def _compress_with_dcmtk(ds: Dataset, tool: list[str], tmp: Path) -> Dataset:
+    if shutil.which(tool[0]) is None:
+        pytest.skip(f"{tool[0]} (DCMTK) is not installed")
+    source, target = tmp / "in.dcm", tmp / "out.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    subprocess.run([*tool, str(source), str(target)], check=True, capture_output=True)
+    return pydicom.dcmread(target)
+
+
+def _compressed(syntax: UID, photometric: str, tmp: Path) -> tuple[Dataset, list[Planted]]:
+    ds, planted = planted_instance(photometric, seed=7)
+    if syntax == RLELossless:
+        ds.compress(RLELossless, generate_instance_uid=False)
+    elif syntax == JPEG2000Lossless:
+        ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    elif syntax == JPEG2000:
+        ds.compress(JPEG2000, j2k_psnr=[60], generate_instance_uid=False)
+    elif syntax == JPEGBaseline8Bit:
+        ds = _compress_with_dcmtk(ds, ["dcmcjpeg", "+eb", "+q", "95"], tmp)
+    elif syntax == JPEGLosslessSV1:
+        ds = _compress_with_dcmtk(ds, ["dcmcjpeg", "+e1"], tmp)
+    elif syntax == JPEGLSLossless:
+        ds = _compress_with_dcmtk(ds, ["dcmcjpls", "+el"], tmp)
+    elif syntax == JPEGLSNearLossless:
+        ds = _compress_with_dcmtk(ds, ["dcmcjpls", "+en", "+md", "2"], tmp)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    return ds, planted
+
+
+LOSSY = {JPEGBaseline8Bit, JPEG2000, JPEGLSNearLossless}
+
+
+@pytest.mark.ocr
+@pytest.mark.parametrize(
+    ("syntax", "photometric"),
+    [
+        (RLELossless, "RGB"),
+        (RLELossless, "MONOCHROME2"),
+        (JPEG2000Lossless, "RGB"),
+        (JPEG2000, "MONOCHROME2"),
+        (JPEGBaseline8Bit, "RGB"),
+        (JPEGLosslessSV1, "MONOCHROME2"),
+        (JPEGLSLossless, "MONOCHROME2"),
+        (JPEGLSNearLossless, "RGB"),
+    ],
+    ids=lambda v: getattr(v, "name", v),
+)
+def test_compressed_transfer_syntaxes_are_decoded_redacted_and_written_uncompressed(
+    syntax: UID, photometric: str, tmp_path: Path
+) -> None:
+    ds, planted = _compressed(syntax, photometric, tmp_path)
+    source_pi = ds.PhotometricInterpretation
+    ds.IconImageSequence = Sequence([Item()])
+    before = stored_frames(ds).copy()
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert outcome.changed
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert "IconImageSequence" not in ds
+    if source_pi.startswith("YBR"):
+        assert ds.PhotometricInterpretation == "RGB"
+    if syntax in LOSSY:
+        assert ds.LossyImageCompression == "01"
+        assert ds.LossyImageCompressionMethod
+    else:
+        assert ds.get("LossyImageCompression", "00") == "00"
+    if ds.SamplesPerPixel == 3:
+        assert ds.PlanarConfiguration == 0
+    assert_redacted(before, ds, planted)
+    # The result is a valid file that reads back identically.
+    ds.save_as(tmp_path / "redacted.dcm", enforce_file_format=True)
+    again = pydicom.dcmread(tmp_path / "redacted.dcm")
+    assert np.array_equal(again.pixel_array, ds.pixel_array)
+
+
+@pytest.mark.ocr
+@pytest.mark.parametrize(
+    "name",
+    [
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "JPEG-LL.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "US1_J2KR.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ],
+)
+def test_reference_files_from_pydicom_decode(name: str) -> None:
+    """Files other encoders wrote (pydicom's test data) decode and scan without error."""
+    ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+    before = ds.PixelData
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert outcome.frames == int(ds.get("NumberOfFrames", 1) or 1)
+    if not outcome.changed:
+        assert ds.PixelData == before
+
+
+def test_undecodable_pixel_data_raises_pixel_error_without_patient_values() -> None:
+    ds, _ = planted_instance("RGB")
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\xd8 broken \xff\xd9"])
+    with pytest.raises(PixelError) as info:
+        redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    for value in PHI.values():
+        assert value not in str(info.value)
+
+
+# --- multi-frame ----------------------------------------------------------------------------
+
+
+@pytest.mark.ocr
+def test_multi_frame_cine_reuses_static_overlay_and_rescans_changes() -> None:
+    image, planted = text_image(3, H, W, colour=True, min_scale=0.6)
+    frames = np.stack([image] * 5)
+    rng = np.random.default_rng(0)
+    for index in (2, 3, 4):  # the sector moves, the overlay stays
+        frames[index, 150:330, 200:440] = rng.integers(0, 120, (180, 240, 3), dtype=np.uint8)
+    late = draw_text(frames[4], "10:15:31 QUILLIAM", (230, 420), scale=0.8, thickness=2)
+    ds = make_instance("US", photometric="RGB", pixel_array=image)
+    ds.NumberOfFrames = 5
+    ds.PixelData = frames.tobytes()
+    before = frames.copy()
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert outcome.changed and outcome.frames == 5
+    assert "frames_reused=1" in outcome.reasons  # frame 1 equals frame 0; OCR'd 4 of 5
+    assert_redacted(before, ds, [*planted, late])
+    assert int(ds.NumberOfFrames) == 5
+
+
+# --- no text, templates, hints, sizes -----------------------------------------------------------
+
+
+@pytest.mark.ocr
+def test_image_without_text_is_left_untouched() -> None:
+    ds = make_instance("US", photometric="MONOCHROME2", pixel_array=blank_image(5, H, W))
+    ds.compress(RLELossless, generate_instance_uid=False)
+    before = ds.PixelData
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert not outcome.changed and outcome.boxes == 0
+    assert ds.PixelData == before and ds.file_meta.TransferSyntaxUID == RLELossless
+
+
+@pytest.mark.ocr
+def test_template_regions_are_filled_and_named_in_reasons() -> None:
+    ds = make_instance("US", photometric="MONOCHROME2", pixel_array=blank_image(6, H, W))
+    ds.ManufacturerModelName = "X1"
+    ds.BurnedInAnnotation = "YES"
+    template = RegionTemplate("ACME", "X1", H, W, ((0, 0, 100, 20),))
+    other = RegionTemplate("OTHER", "X1", None, None, ((0, 100, 50, 50),))
+    config = PixelsConfig(ocr_engine="rapidocr", templates=(template, other))
+    before = ds.pixel_array.copy()
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, config)
+    assert outcome.changed
+    assert "template:ACME/X1" in outcome.reasons and "burned_in_annotation=YES" in outcome.reasons
+    after = ds.pixel_array
+    assert (after[0:20, 0:100] == before.min()).all()
+    assert np.array_equal(after[20:], before[20:])
+
+
+@pytest.mark.ocr
+def test_large_images_are_downscaled_for_detection() -> None:
+    image, planted = text_image(9, 1800, 2400, colour=False, min_scale=1.8, max_scale=2.4)
+    ds = make_instance("CR", photometric="MONOCHROME2", pixel_array=to_stored(image, 12))
+    ds.BitsStored, ds.HighBit = 12, 11
+    before = stored_frames(ds).copy()
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, PixelsConfig(max_detect_side=1200))
+    assert outcome.changed
+    assert_redacted(before, ds, planted)
+
+
+# --- REDACT_SENSITIVE_TEXT ----------------------------------------------------------------------
+
+
+@pytest.mark.ocr
+def test_sensitive_mode_redacts_identifiers_and_keeps_clinical_labels() -> None:
+    rng = np.random.default_rng(11)
+    image = np.repeat(blank_image(11, H, W)[:, :, None], 3, axis=2)
+    phi = [
+        draw_text(image, "MONTAGUE ZYXWORTHA", (10, 30), scale=0.8),
+        draw_text(image, "PIDQX778812", (420, 30), scale=0.8),
+        draw_text(image, "12/03/2024 10:15", (10, 460), scale=0.8),
+        draw_text(image, "John Smith", (420, 460), scale=0.8),
+    ]
+    clinical = [
+        draw_text(image, "DEPTH 16cm", (480, 200), scale=0.7, clinical=True),
+        draw_text(image, "5.0 MHz", (480, 250), scale=0.7, clinical=True),
+        draw_text(image, "GAIN 50%", (480, 300), scale=0.7, clinical=True),
+    ]
+    del rng
+    ds = make_instance("US", photometric="RGB", pixel_array=image)
+    before = stored_frames(ds).copy()
+    identifiers = [PHI["PatientName"], PHI["PatientID"], PHI["PatientBirthDate"]]
+    outcome = redact_pixels(ds, Mode.REDACT_SENSITIVE_TEXT, CONFIG, identifiers)
+    assert outcome.changed and outcome.boxes == 4
+    assert "sensitive:identifier" in outcome.reasons and "sensitive:date" in outcome.reasons
+    for reason in outcome.reasons:
+        assert not any(v.upper() in reason.upper() for v in PHI.values())
+    assert_redacted(before, ds, [*phi, *clinical])
+    after = stored_frames(ds)[0]
+    for label in clinical:
+        region = (slice(label.y, label.y + label.h), slice(label.x, label.x + label.w))
+        assert np.array_equal(after[region], before[0][region])
+
+
+@pytest.mark.parametrize(
+    ("text", "identifying"),
+    [
+        ("ZYXWORTHA MONTAGUE", True),
+        ("Montague, Zyxworlha", True),  # one OCR error
+        ("PID QX778812", True),
+        ("07/11/1943", True),
+        ("12 Mar 2024", True),
+        ("10:15:30", True),
+        ("John Smith", True),
+        ("Name:", True),
+        ("221 Fenwhistle Road", True),
+        ("ABC12345", True),
+        ("5.0 MHz", False),
+        ("Depth 16cm", False),
+        ("L", False),
+        ("R", False),
+        ("Gain 50%", False),
+        ("-30dB", False),
+        ("TIS 0.4 MI 1.1", False),
+        ("C5-1", False),
+        ("2/3", False),
+        ("", False),
+    ],
+)
+def test_sensitive_text_classifier(text: str, identifying: bool) -> None:
+    classifier = SensitiveTextClassifier([PHI["PatientName"], PHI["PatientID"], "19431107"])
+    assert (classifier.reason(text) is not None) is identifying
