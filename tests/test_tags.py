@@ -8,7 +8,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
-from dicomgen import make_instance, make_series, phi_markers
+from dicomgen import PHI, make_instance, make_series, phi_markers
 from pydicom import Dataset, dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.sequence import Sequence
@@ -178,6 +178,8 @@ def test_no_marker_survives_the_basic_profile(basic: tuple[Dataset, Dataset]) ->
     planted = [m for m in markers if m in original_bytes]
     assert planted == markers, "every marker must be in the original bytes"
     assert [m.decode() for m in markers if m in output] == []
+    original = everything()[0]
+    assert residual_scan(basic[1], identifying_values(original)) == []
 
 
 def test_basic_actions_at_top_level(basic: tuple[Dataset, Dataset]) -> None:
@@ -409,6 +411,19 @@ def test_uids_and_pseudonyms_consistent_across_series_and_restarts(tmp_path: Pat
         assert ref.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == first[1].SOPInstanceUID
         assert ref.ReferencedInstanceSequence[0].ReferencedSOPClassUID == first[0].SOPClassUID
         assert ds.FrameOfReferenceUID == first[0].FrameOfReferenceUID
+
+
+def test_nested_patient_gets_its_own_pseudonym() -> None:
+    ds = make_instance("CT")
+    other = Dataset()
+    other.PatientName = "Otherperson^Anna"
+    other.PatientID = "OTHERPID77"
+    ds.AnatomicRegionSequence = Sequence([other])
+    keys = Pseudonymizer(SECRET)
+    deidentify_tags(ds, DeidConfig(), keys)
+    item = ds.AnatomicRegionSequence[0]
+    assert item.PatientID == keys.patient_id("OTHERPID77") == item.PatientName
+    assert ds.PatientName == keys.patient_name(PHI["PatientID"]) != item.PatientName
 
 
 def test_identifying_values_include_names_components_and_ids() -> None:

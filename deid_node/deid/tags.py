@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, FileMetaDataset
@@ -220,7 +220,6 @@ class _Context:
     shift_days: int
     removed: int = 0
     replaced: int = 0
-    _cache: dict[int, str | None] = field(default_factory=dict)
 
     @property
     def modified_dates(self) -> bool:
@@ -333,8 +332,10 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str) -> None:
         elif elem.keyword == "PatientID":
             _replace(elem, ctx.keys.patient_id(str(elem.value or "")), ctx)
         elif elem.keyword == "PatientName":
-            sibling_id = ds.get("PatientID")
-            key = ctx.patient_key if parent == "" or sibling_id is None else str(sibling_id)
+            # An item naming another patient gets that patient's pseudonym (PatientID sorts
+            # after PatientName, so the sibling still holds the original here).
+            sibling = ds.get("PatientID")
+            key = ctx.patient_key if parent == "" or sibling is None else str(sibling)
             _replace(elem, ctx.keys.patient_name(key), ctx)
         else:
             _apply(ds, elem, _action(elem, ctx), ctx, parent)
