@@ -1,0 +1,74 @@
+"""The OCR engines behind one protocol: both real engines find and read planted text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from textimages import blank_image, draw_text, normalise
+
+from deid_node.errors import ConfigError
+from deid_node.ocr import TextBox, get_engine
+
+
+def small_image() -> tuple[np.ndarray, list]:
+    image = np.repeat(blank_image(2, 240, 320)[:, :, None], 3, axis=2)
+    planted = [
+        draw_text(image, "PIDQX778812", (10, 30), scale=0.8),
+        draw_text(image, "5.0 MHz", (180, 220), scale=0.6, colour=(255, 255, 0), thickness=1),
+    ]
+    return image, planted
+
+
+def covers(box: TextBox, planted) -> bool:
+    cx, cy = planted.x + planted.w // 2, planted.y + planted.h // 2
+    return box.x <= cx <= box.x + box.w and box.y <= cy <= box.y + box.h
+
+
+def test_unknown_engine_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="pixels.ocr_engine"):
+        get_engine("tesseract")
+
+
+@pytest.mark.ocr
+def test_rapidocr_detects_and_reads_and_is_cached() -> None:
+    engine = get_engine("rapidocr")
+    assert engine is get_engine("rapidocr") and engine.name == "rapidocr"
+    image, planted = small_image()
+    boxes = engine.detect(image)
+    assert all(b.text is None for b in boxes)
+    assert all(any(covers(b, p) for b in boxes) for p in planted)
+    grey = engine.recognize(image[:, :, 0].copy())  # HxW input works too
+    texts = {normalise(b.text or "") for b in grey}
+    assert "PIDQX778812" in texts
+    assert engine.detect(np.zeros((50, 60), np.uint8)) == []
+
+
+@pytest.mark.ocr
+@pytest.mark.slow
+def test_easyocr_detects_and_reads_offline() -> None:
+    engine = get_engine("easyocr")
+    assert engine is get_engine("easyocr") and engine.name == "easyocr"
+    image, planted = small_image()
+    boxes = engine.detect(image)
+    assert all(any(covers(b, p) for b in boxes) for p in planted)
+    texts = {normalise(b.text or "") for b in engine.recognize(image)}
+    assert any("778812" in t for t in texts)  # EasyOCR reads the Q as O now and then
+
+
+@pytest.mark.ocr
+@pytest.mark.slow
+def test_easyocr_engine_redacts_through_pixels() -> None:
+    from dicomgen import make_instance
+    from textimages import found_strings, tesseract_text
+
+    from deid_node.config import PixelsConfig
+    from deid_node.deid.pixels import redact_pixels
+    from deid_node.modes import DeidentifyRedactTextMode
+
+    image, planted = small_image()
+    ds = make_instance("US", photometric="RGB", pixel_array=image)
+    outcome = redact_pixels(
+        ds, DeidentifyRedactTextMode.REDACT_ALL_TEXT, PixelsConfig(ocr_engine="easyocr")
+    )
+    assert outcome.changed and outcome.engine == "easyocr"
+    assert found_strings(tesseract_text(ds.pixel_array), planted[:1]) == []
