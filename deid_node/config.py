@@ -163,6 +163,10 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             raise ConfigError(
                 f"deid.profile_options: unknown option {option!r}; known: {', '.join(PROFILE_OPTIONS)}"
             )
+    if {PROFILE_OPTIONS[5], PROFILE_OPTIONS[6]} <= set(deid.profile_options):
+        raise ConfigError("deid.profile_options: choose Full Dates or Modified Dates, not both")
+    if len(deid.patient_id_prefix) > 48 or "\\" in deid.patient_id_prefix:
+        raise ConfigError("deid.patient_id_prefix: at most 48 characters, no backslash")
     if deid.lookup_table is not None:
         deid = _replace(deid, lookup_table=Path(deid.lookup_table).absolute())
 

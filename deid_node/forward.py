@@ -7,6 +7,7 @@ recorded by the caller at once, so a retry after a partial failure sends only wh
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,18 @@ def _copy_to_folder(dest: DestinationConfig, items: Sequence[Outgoing], on_store
         on_stored(item, str(final), 0)
 
 
+def _check_reachable(dest: DestinationConfig) -> None:
+    """Fail fast, with the reason, when nothing listens (pynetdicom would only say 'aborted')."""
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=dest.timeout_seconds):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ForwardError(f"{dest.name}: cannot connect to {dest.host}:{dest.port}: {reason}") from None
+
+
 def _c_store(dest: DestinationConfig, items: Sequence[Outgoing], on_stored: Callable[[Outgoing, str, int], None]) -> None:
+    _check_reachable(dest)
     ae = AE(ae_title=dest.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     ae.connection_timeout = dest.timeout_seconds

@@ -32,12 +32,27 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=False,
     )
     # pynetdicom logs through stdlib logging; its DEBUG output dumps datasets (patient values).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     _configured = True
+
+
+class _StderrLogger:
+    """Writes each line to the current sys.stderr (looked up per line, so that a redirected or
+    replaced stderr, as under pytest or a daemon wrapper, is honoured)."""
+
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
 def _exception_summary(_logger: object, _name: str, event: dict) -> dict:

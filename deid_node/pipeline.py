@@ -182,7 +182,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         return DeidOutcome(None, "", "", "", {}, error=f"not a readable DICOM file: {type(exc).__name__}")
     uids = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", "")))
     try:
-        identifiers = identifying_values(ds)
+        identifiers = identifying_values(ds, settings.deid)
         pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
         if settings.deid.redact_dicom_tags:
             deidentify_tags(ds, settings.deid, pseudonymizer_for(settings), pixels_cleaned=pixels.changed)

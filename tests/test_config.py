@@ -81,6 +81,14 @@ def test_issue_example_parses(tmp_path):
         ({"destinations": [{"type": "folder", "path": "p"}]}, "destinations[0].name"),
         ({"save_conditions": [{"type": "IN", "value": ["CT"], "dicom_tag": "NoSuchTag"}]}, "save_conditions[0]"),
         ({"extra": {}}, "extra"),
+        ({"deid": {"patient_id_prefix": "A\\B"}}, "deid.patient_id_prefix"),
+        (
+            {"deid": {"profile_options": [
+                "Retain Longitudinal Temporal Information Full Dates",
+                "Retain Longitudinal Temporal Information Modified Dates",
+            ]}},
+            "deid.profile_options",
+        ),
     ],
 )
 def test_errors_name_the_bad_key(raw, key):

@@ -1,0 +1,184 @@
+"""The node in-process: late files, destination outages with backoff, restart, retry."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomgen import make_instance, make_series, write_series
+from deid_node.cli import main as cli_main
+from deid_node.config import parse_config
+from deid_node.node import Node
+from peers import Orthanc, free_port, storescu, wait_until
+
+pytestmark = [pytest.mark.network]
+
+
+def node_config(tmp_path: Path, destination: dict, **series) -> dict:
+    return {
+        "node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(tmp_path / "data"),
+                 "min_free_disk_mb": 1, "poll_seconds": 0.2},
+        "series": {"stable_seconds": 1, **series},
+        "deid": {"redact_pixels_mode": "REDACT_NO_TEXT"},
+        "save_conditions": [{"type": "NOT_SUBSTR", "value": "PRIMARY", "dicom_tag": "ImageType"}],
+        "destinations": [destination],
+    }
+
+
+def start(raw: dict) -> Node:
+    node = Node(parse_config(raw))
+    node.start()
+    return node
+
+
+def batches(node: Node) -> list[dict]:
+    return node.store.query("SELECT * FROM batches ORDER BY id")
+
+
+def settled(node: Node, count: int):
+    rows = batches(node)
+    final = [r for r in rows if r["state"] in ("forwarded", "rejected", "failed")]
+    return len(rows) == count and len(final) == count and rows
+
+
+def test_late_instance_opens_a_new_round_and_is_reported(tmp_path):
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    node = start(raw)
+    try:
+        series = make_series(3, "CT")
+        paths = write_series(series, tmp_path / "in")
+        assert storescu(node.port, paths[:2]).returncode == 0
+        wait_until(lambda: settled(node, 1), 60, what="first round forwarded")
+        assert storescu(node.port, paths[2:]).returncode == 0
+        rows = wait_until(lambda: settled(node, 2), 60, what="late round forwarded")
+        assert [(r["round"], r["state"]) for r in rows] == [(1, "forwarded"), (2, "forwarded")]
+        reports = node.store.reports(series_uid=series[0].SeriesInstanceUID)
+        assert len(reports) == 3
+        late = [r for r in reports if r.get("late")]
+        assert len(late) == 1 and late[0]["round"] == 2
+        assert late[0]["SeriesInstanceUID_deid"] == reports[0]["SeriesInstanceUID_deid"]
+        assert len(list((tmp_path / "out").rglob("*.dcm"))) == 3
+    finally:
+        node.stop()
+
+
+def test_late_file_of_a_rejected_series_stays_rejected(tmp_path):
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    node = start(raw)
+    try:
+        series = make_series(3, "CT")
+        series[0].ImageType = ["ORIGINAL", "PRIMARY"]
+        paths = write_series(series, tmp_path / "in")
+        assert storescu(node.port, paths[:2]).returncode == 0
+        wait_until(lambda: settled(node, 1), 60, what="first round judged")
+        assert storescu(node.port, paths[2:]).returncode == 0
+        rows = wait_until(lambda: settled(node, 2), 60, what="late round judged")
+        assert [r["state"] for r in rows] == ["rejected", "rejected"]
+        late = [r for r in node.store.reports() if r.get("late")][0]
+        assert late["save_condition"] is True and late["save_condition_series_agg"] is False
+        assert late["save_disabling_urls_series_agg"] == [f"dicom://MODALITY/{series[0].SOPInstanceUID}"]
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
+    finally:
+        node.stop()
+
+
+def test_destination_down_then_up_across_a_restart(tmp_path):
+    pacs = Orthanc(tmp_path / "orthanc")
+    dest = {"name": "research", "type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1",
+            "port": pacs.dicom_port, "backoff_initial_seconds": 0.5, "backoff_max_seconds": 1,
+            "timeout_seconds": 5}
+    raw = node_config(tmp_path, dest)
+    series = make_series(4, "CT")
+    paths = write_series(series, tmp_path / "in")
+    node = start(raw)
+    try:
+        assert storescu(node.port, paths).returncode == 0
+        wait_until(
+            lambda: node.store.query("SELECT attempts FROM deliveries WHERE attempts >= 2"), 60,
+            what="two failed delivery attempts",
+        )
+        delivery = node.store.query("SELECT * FROM deliveries")[0]
+        assert delivery["state"] == "pending" and "cannot connect" in delivery["last_error"]
+        assert batches(node)[0]["state"] == "forwarding"
+    finally:
+        node.stop()
+    pacs.start()
+    try:
+        node = start(raw)  # a new process would do the same: all state is in SQLite
+        try:
+            wait_until(lambda: settled(node, 1), 60, what="delivered after restart")
+            reports = node.store.reports()
+            assert all(r["url_deid"].startswith(f"dicom://{pacs.aet}@") for r in reports)
+            assert all(r["destinations"]["research"]["state"] == "sent" for r in reports)
+        finally:
+            node.stop()
+        assert len(pacs.instances()) == 4
+    finally:
+        pacs.stop()
+
+
+def test_failed_series_is_kept_and_retry_sends_it(tmp_path, capsys):
+    pacs = Orthanc(tmp_path / "orthanc")
+    dest = {"name": "research", "type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1",
+            "port": pacs.dicom_port, "max_attempts": 1, "timeout_seconds": 5}
+    raw = node_config(tmp_path, dest)
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(_toml(raw))
+    series = make_series(2, "CT")
+    node = start(raw)
+    try:
+        assert storescu(node.port, write_series(series, tmp_path / "in")).returncode == 0
+        rows = wait_until(lambda: settled(node, 1), 60, what="series failed")
+        assert rows[0]["state"] == "failed"
+        assert all(Path(r["deid_path"]).exists() for r in node.store.batch_instances(rows[0]["id"]))
+        pacs.start()
+        assert cli_main(["retry", "--config", str(config_path), "--series", series[0].SeriesInstanceUID]) == 0
+        assert "re-queued 1" in capsys.readouterr().out
+        rows = wait_until(lambda: settled(node, 1) and batches(node)[0]["state"] == "forwarded" and batches(node),
+                          60, what="series forwarded after retry")
+        assert len(pacs.instances()) == 2
+        assert cli_main(["status", "--config", str(config_path)]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["batches"] == {"forwarded": 1}
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_originals_are_released_after_forwarding(tmp_path):
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    node = start(raw)
+    try:
+        paths = write_series([make_instance("CT")], tmp_path / "in")
+        assert storescu(node.port, paths).returncode == 0
+        wait_until(lambda: settled(node, 1), 60, what="forwarded")
+        wait_until(lambda: not list((tmp_path / "data" / "spool").rglob("*.dcm")), 10, what="spool emptied")
+        assert not list((tmp_path / "data" / "deid").rglob("*.dcm"))
+        assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1
+    finally:
+        node.stop()
+
+
+def _toml(raw: dict) -> str:
+    lines = []
+    for section in ("node", "series", "deid"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in raw[section].items()]
+    for key in ("save_conditions", "destinations"):
+        for entry in raw[key]:
+            lines.append(f"[[{key}]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_toml_helper_round_trips(tmp_path):
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": "x"})
+    path = tmp_path / "c.toml"
+    path.write_text(_toml(raw))
+    from deid_node.config import load_config
+
+    assert load_config(path).series.stable_seconds == 1.0
+    time.sleep(0)
