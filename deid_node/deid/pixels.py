@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from pydicom import Dataset
+from pydicom import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, get_decoder
 from pydicom.uid import (
     JPEG2000,
@@ -281,8 +281,10 @@ class _DisplayMapper:
                     center - 0.5 + (width - 1) / 2,
                 )
             else:
-                values = self._frames.astype(np.float64) * self._slope + self._intercept
-                self._low, self._high = float(values.min()), float(values.max())
+                # Rescale is linear: map the stored extremes, not a float copy of every frame.
+                ends = sorted(float(v) * self._slope + self._intercept
+                              for v in (self._frames.min(), self._frames.max()))  # fmt: skip
+                self._low, self._high = ends[0], ends[1]
         elif self._frames.dtype != np.uint8:
             self._low, self._high = float(self._frames.min()), float(self._frames.max())
 
@@ -344,6 +346,8 @@ def _fill_value(ds: Dataset, decoded: _Decoded) -> np.ndarray | int:
 
 
 def _write_back(ds: Dataset, decoded: _Decoded) -> None:
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
     meta = ds.file_meta
     syntax = UID(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
     compressed_size = _encapsulated_size(ds) if syntax.is_compressed else 0
