@@ -1,8 +1,8 @@
 """The Python API, with the names of Encord's SDK so that its examples port by changing the import.
 
-    reports = deidentify_dicom_files(dicom_urls=paths, redact_dicom_tags=True,
-        redact_pixels_mode=DeidentifyRedactTextMode.REDACT_ALL_TEXT,
-        save_conditions=criteria, upload_dir="out/")
+reports = deidentify_dicom_files(dicom_urls=paths, redact_dicom_tags=True,
+    redact_pixels_mode=DeidentifyRedactTextMode.REDACT_ALL_TEXT,
+    save_conditions=criteria, upload_dir="out/")
 """
 
 from __future__ import annotations
@@ -56,10 +56,14 @@ def deidentify_dicom_files(
         pixels=config.pixels if config else PixelsConfig(),
         conditions=tuple(save_conditions or ()),
         policy=SeriesPolicy(str(policy)),
-        data_dir=Path(data_dir) if data_dir else (config.node.data_dir if config else DEFAULT_DATA_DIR),
+        data_dir=Path(data_dir)
+        if data_dir
+        else (config.node.data_dir if config else DEFAULT_DATA_DIR),
     )
     with worker_pool(workers) as executor:
-        result = run_batch(dicom_urls, Path(upload_dir), settings, executor=executor, progress=False)
+        result = run_batch(
+            dicom_urls, Path(upload_dir), settings, executor=executor, progress=False
+        )
     return result.reports
 
 
@@ -73,7 +77,9 @@ def build_settings(
 ) -> PipelineSettings:
     from deid_node.deid.uids import load_or_create_secret
 
-    return PipelineSettings(deid, pixels, conditions, policy, load_or_create_secret(data_dir.absolute()))
+    return PipelineSettings(
+        deid, pixels, conditions, policy, load_or_create_secret(data_dir.absolute())
+    )
 
 
 class worker_pool:  # noqa: N801 - used as a context manager, reads like one

@@ -120,7 +120,13 @@ class Progress:
 
     def series_done(self, series_uid: str | None, summary: dict[str, Any]) -> None:
         if not self.tty:
-            log.info("series_processed", series_uid=series_uid, done=self.done, total=self.total, **summary)
+            log.info(
+                "series_processed",
+                series_uid=series_uid,
+                done=self.done,
+                total=self.total,
+                **summary,
+            )
 
     def close(self) -> None:
         if self.tty:

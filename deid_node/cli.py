@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deid-node", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the node: C-STORE SCP, de-identify, forward")
@@ -45,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     deid = sub.add_parser("deidentify", help="de-identify files and folders on disk")
     deid.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (recursed)")
-    deid.add_argument("--out", required=True, type=Path, help="output folder (report.json goes here)")
-    deid.add_argument("--config", type=Path, help="use its [deid], [pixels] and [[save_conditions]]")
+    deid.add_argument(
+        "--out", required=True, type=Path, help="output folder (report.json goes here)"
+    )
+    deid.add_argument(
+        "--config", type=Path, help="use its [deid], [pixels] and [[save_conditions]]"
+    )
     deid.add_argument("--redact-pixels-mode", choices=[m.value for m in DeidentifyRedactTextMode])
     deid.add_argument("--no-redact-tags", action="store_true", help="leave header tags untouched")
     deid.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
@@ -86,8 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    print(f"{args.config}: OK ({len(config.save_conditions)} save conditions, "
-          f"{len(config.destinations)} destinations, data_dir {config.node.data_dir})")
+    print(
+        f"{args.config}: OK ({len(config.save_conditions)} save conditions, "
+        f"{len(config.destinations)} destinations, data_dir {config.node.data_dir})"
+    )
     return 0
 
 

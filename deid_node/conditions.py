@@ -27,7 +27,7 @@ _TAG_PATTERNS = (
 )
 
 
-class SaveDeidentifiedDicomConditionType(str, enum.Enum):
+class SaveDeidentifiedDicomConditionType(enum.StrEnum):
     """Condition types; IN and NOT_SUBSTR are Encord's, the others ours."""
 
     IN = "IN"
@@ -150,14 +150,34 @@ def _subclass(name: str, ctype: SaveDeidentifiedDicomConditionType, doc: str) ->
 
 
 _T = SaveDeidentifiedDicomConditionType
-SaveDeidentifiedDicomConditionIn = _subclass("SaveDeidentifiedDicomConditionIn", _T.IN, "Tag value is one of `value`.")
-SaveDeidentifiedDicomConditionNotIn = _subclass("SaveDeidentifiedDicomConditionNotIn", _T.NOT_IN, "No tag value is in `value`.")
-SaveDeidentifiedDicomConditionNotSubstr = _subclass("SaveDeidentifiedDicomConditionNotSubstr", _T.NOT_SUBSTR, "`value` is not a substring of the tag value.")
-SaveDeidentifiedDicomConditionSubstr = _subclass("SaveDeidentifiedDicomConditionSubstr", _T.SUBSTR, "`value` is a substring of the tag value.")
-SaveDeidentifiedDicomConditionEquals = _subclass("SaveDeidentifiedDicomConditionEquals", _T.EQUALS, "Tag value equals `value`.")
-SaveDeidentifiedDicomConditionExists = _subclass("SaveDeidentifiedDicomConditionExists", _T.EXISTS, "The tag is present and not empty.")
-SaveDeidentifiedDicomConditionNotExists = _subclass("SaveDeidentifiedDicomConditionNotExists", _T.NOT_EXISTS, "The tag is absent or empty.")
-SaveDeidentifiedDicomConditionRegex = _subclass("SaveDeidentifiedDicomConditionRegex", _T.REGEX, "The tag value matches the regular expression `value`.")
+SaveDeidentifiedDicomConditionIn = _subclass(
+    "SaveDeidentifiedDicomConditionIn", _T.IN, "Tag value is one of `value`."
+)
+SaveDeidentifiedDicomConditionNotIn = _subclass(
+    "SaveDeidentifiedDicomConditionNotIn", _T.NOT_IN, "No tag value is in `value`."
+)
+SaveDeidentifiedDicomConditionNotSubstr = _subclass(
+    "SaveDeidentifiedDicomConditionNotSubstr",
+    _T.NOT_SUBSTR,
+    "`value` is not a substring of the tag value.",
+)
+SaveDeidentifiedDicomConditionSubstr = _subclass(
+    "SaveDeidentifiedDicomConditionSubstr", _T.SUBSTR, "`value` is a substring of the tag value."
+)
+SaveDeidentifiedDicomConditionEquals = _subclass(
+    "SaveDeidentifiedDicomConditionEquals", _T.EQUALS, "Tag value equals `value`."
+)
+SaveDeidentifiedDicomConditionExists = _subclass(
+    "SaveDeidentifiedDicomConditionExists", _T.EXISTS, "The tag is present and not empty."
+)
+SaveDeidentifiedDicomConditionNotExists = _subclass(
+    "SaveDeidentifiedDicomConditionNotExists", _T.NOT_EXISTS, "The tag is absent or empty."
+)
+SaveDeidentifiedDicomConditionRegex = _subclass(
+    "SaveDeidentifiedDicomConditionRegex",
+    _T.REGEX,
+    "The tag value matches the regular expression `value`.",
+)
 
 
 @dataclass(frozen=True)
@@ -186,7 +206,9 @@ def tag_values(ds: Dataset, tag: BaseTag) -> list[str] | None:
     return [str(v) for v in items]
 
 
-def parse_conditions(raw: Iterable[Mapping[str, Any]], where: str = "save_conditions") -> list[SaveDeidentifiedDicomCondition]:
+def parse_conditions(
+    raw: Iterable[Mapping[str, Any]], where: str = "save_conditions"
+) -> list[SaveDeidentifiedDicomCondition]:
     """Build conditions from config tables ({type, value, dicom_tag}); errors name the entry."""
     conditions: list[SaveDeidentifiedDicomCondition] = []
     for index, entry in enumerate(raw):
@@ -202,7 +224,9 @@ def parse_conditions(raw: Iterable[Mapping[str, Any]], where: str = "save_condit
         try:
             conditions.append(
                 SaveDeidentifiedDicomCondition(
-                    value=entry.get("value"), dicom_tag=str(entry["dicom_tag"]), condition_type=ctype
+                    value=entry.get("value"),
+                    dicom_tag=str(entry["dicom_tag"]),
+                    condition_type=ctype,
                 )
             )
         except ConditionError as exc:
@@ -210,7 +234,9 @@ def parse_conditions(raw: Iterable[Mapping[str, Any]], where: str = "save_condit
     return conditions
 
 
-def evaluate_all(conditions: Sequence[SaveDeidentifiedDicomCondition], ds: Dataset) -> list[ConditionEvaluation]:
+def evaluate_all(
+    conditions: Sequence[SaveDeidentifiedDicomCondition], ds: Dataset
+) -> list[ConditionEvaluation]:
     return [condition.evaluate(ds) for condition in conditions]
 
 

@@ -143,7 +143,9 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
-    _reject_unknown(raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations"}, "")
+    _reject_unknown(
+        raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations"}, ""
+    )
     node = _section(NodeConfig, raw.get("node", {}), "node")
     if not node.ae_title or len(node.ae_title) > 16 or not node.ae_title.isascii():
         raise ConfigError("node.ae_title: must be 1-16 ASCII characters")
@@ -178,7 +180,8 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         raise ConfigError(str(exc)) from None
 
     destinations = tuple(
-        _parse_destination(entry, index, node) for index, entry in enumerate(_list(raw, "destinations"))
+        _parse_destination(entry, index, node)
+        for index, entry in enumerate(_list(raw, "destinations"))
     )
     names = [d.name for d in destinations]
     if len(set(names)) != len(names):
@@ -228,7 +231,9 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
     dest = _section(DestinationConfig, entry, label)
     if dest.type == "dicom":
         if not dest.ae_title or len(dest.ae_title) > 16:
-            raise ConfigError(f"{label}.ae_title: required for a dicom destination, 1-16 characters")
+            raise ConfigError(
+                f"{label}.ae_title: required for a dicom destination, 1-16 characters"
+            )
         if not dest.host:
             raise ConfigError(f"{label}.host: required for a dicom destination")
         _check_port(dest.port, f"{label}.port")

@@ -54,7 +54,11 @@ def send_batch(
         _c_store(dest, items, on_stored)
 
 
-def _copy_to_folder(dest: DestinationConfig, items: Sequence[Outgoing], on_stored: Callable[[Outgoing, str, int], None]) -> None:
+def _copy_to_folder(
+    dest: DestinationConfig,
+    items: Sequence[Outgoing],
+    on_stored: Callable[[Outgoing, str, int], None],
+) -> None:
     assert dest.path is not None
     for item in items:
         folder = dest.path / item.study_uid / item.series_uid
@@ -62,9 +66,15 @@ def _copy_to_folder(dest: DestinationConfig, items: Sequence[Outgoing], on_store
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with item.path.open("rb") as src:
-                write_durably(folder / f".{item.sop_uid}.part", final, lambda dst: shutil.copyfileobj(src, dst))
+                write_durably(
+                    folder / f".{item.sop_uid}.part",
+                    final,
+                    lambda dst: shutil.copyfileobj(src, dst),
+                )
         except OSError as exc:
-            raise ForwardError(f"cannot write to folder destination {dest.name}: {exc.strerror}") from None
+            raise ForwardError(
+                f"cannot write to folder destination {dest.name}: {exc.strerror}"
+            ) from None
         on_stored(item, str(final), 0)
 
 
@@ -75,10 +85,16 @@ def _check_reachable(dest: DestinationConfig) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ForwardError(f"{dest.name}: cannot connect to {dest.host}:{dest.port}: {reason}") from None
+        raise ForwardError(
+            f"{dest.name}: cannot connect to {dest.host}:{dest.port}: {reason}"
+        ) from None
 
 
-def _c_store(dest: DestinationConfig, items: Sequence[Outgoing], on_stored: Callable[[Outgoing, str, int], None]) -> None:
+def _c_store(
+    dest: DestinationConfig,
+    items: Sequence[Outgoing],
+    on_stored: Callable[[Outgoing, str, int], None],
+) -> None:
     _check_reachable(dest)
     ae = AE(ae_title=dest.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
@@ -98,8 +114,12 @@ def _c_store(dest: DestinationConfig, items: Sequence[Outgoing], on_stored: Call
         ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
-        raise ForwardError(f"{dest.name}: association {reason} by {dest.ae_title}@{dest.host}:{dest.port}")
+        reason = (
+            "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"
+        )
+        raise ForwardError(
+            f"{dest.name}: association {reason} by {dest.ae_title}@{dest.host}:{dest.port}"
+        )
     try:
         for item in items:
             status = assoc.send_c_store(item.path)

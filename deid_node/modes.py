@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 
-class DeidentifyRedactTextMode(str, enum.Enum):
+class DeidentifyRedactTextMode(enum.StrEnum):
     REDACT_ALL_TEXT = "REDACT_ALL_TEXT"
     REDACT_SENSITIVE_TEXT = "REDACT_SENSITIVE_TEXT"
     REDACT_NO_TEXT = "REDACT_NO_TEXT"
@@ -14,7 +14,7 @@ class DeidentifyRedactTextMode(str, enum.Enum):
         return self.value
 
 
-class SeriesPolicy(str, enum.Enum):
+class SeriesPolicy(enum.StrEnum):
     ALL = "all"  # forward only if every instance of the series passes
     PER_INSTANCE = "per_instance"  # forward the instances that pass
 

@@ -24,7 +24,7 @@ from deid_node.errors import ForwardError
 from deid_node.forward import Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger
 from deid_node.pipeline import PipelineSettings, SourceFile, run_series
-from deid_node.scp import StoreLimits, build_ae, handlers
+from deid_node.scp import StoreLimits, build_ae, enable_chunked_receive, handlers
 from deid_node.store import Store
 
 log = get_logger("deid_node.node")
@@ -42,7 +42,9 @@ def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
 
 def make_process_pool(workers: int) -> Executor:
     # forkserver: worker processes never inherit the SCP's threads, sockets or SQLite handle.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
+    )
 
 
 class Node:
@@ -53,7 +55,10 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: Any = None
-        self._workers = ThreadPoolExecutor(max_workers=config.node.workers, thread_name_prefix="series")
+        self._ae: Any = None
+        self._workers = ThreadPoolExecutor(
+            max_workers=config.node.workers, thread_name_prefix="series"
+        )
         self._pool = make_process_pool(config.node.workers)
         self._in_flight = threading.Semaphore(config.node.workers)
         self._destinations = {d.name: d for d in config.destinations}
@@ -63,9 +68,14 @@ class Node:
     def start(self) -> None:
         recovered = self.store.recover_after_restart()
         node = self.config.node
-        ae = build_ae(node)
-        limits = StoreLimits(node.max_instance_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024)
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers(self.store, limits))
+        enable_chunked_receive(node.data_dir / "tmp")
+        ae = self._ae = build_ae(node)
+        limits = StoreLimits(
+            node.max_instance_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024
+        )
+        self._server = ae.start_server(
+            (node.host, node.port), block=False, evt_handlers=handlers(self.store, limits)
+        )
         self._spawn("scheduler", self._schedule_loop)
         for dest in self.config.destinations:
             self._spawn(f"forward-{dest.name}", self._forward_loop, dest)
@@ -86,8 +96,9 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let associations and batches in progress finish, persist, exit."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # closes the listening socket: no new association
             self._server = None
+            self._wait_for_associations(self.config.node.network_timeout_seconds)
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
@@ -95,6 +106,15 @@ class Node:
         self._pool.shutdown(wait=True)
         self.store.close()
         log.info("node_stopped")
+
+    def _wait_for_associations(self, timeout: float) -> None:
+        """Let associations in progress finish (each instance is acknowledged or refused)."""
+        deadline = time.monotonic() + timeout
+        while self._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for assoc in self._ae.active_associations:
+            log.warning("association_aborted_at_stop", calling_ae=str(assoc.requestor.ae_title))
+            assoc.abort()
 
     def request_stop(self) -> None:
         """Ask serve_forever to stop (safe from a signal handler)."""
@@ -111,7 +131,9 @@ class Node:
             self.stop()
 
     def _spawn(self, name: str, target: Any, *args: Any) -> None:
-        thread = threading.Thread(target=self._guard, args=(name, target, *args), name=name, daemon=True)
+        thread = threading.Thread(
+            target=self._guard, args=(name, target, *args), name=name, daemon=True
+        )
         thread.start()
         self._threads.append(thread)
 
@@ -121,7 +143,9 @@ class Node:
             try:
                 target(*args)
             except Exception as exc:
-                log.error("loop_error", loop=name, error_type=type(exc).__name__, error=str(exc)[:200])
+                log.error(
+                    "loop_error", loop=name, error_type=type(exc).__name__, error=str(exc)[:200]
+                )
                 self._stop.wait(self.config.node.poll_seconds)
 
     # -- scheduling and processing --------------------------------------------------------
@@ -173,6 +197,10 @@ class Node:
             url_for_output=lambda _path: None,  # set once a destination acknowledges it
             extra=extra,
         )
+        for r in outcome.results:
+            if r.state == "quarantined":
+                # Kept for the operator, out of the spool that retention empties.
+                r.report["quarantine"] = self.store.quarantine_file(r.source.path)
         results = [
             {
                 "instance_id": r.source.key,
@@ -223,16 +251,36 @@ class Node:
         items = []
         for row in rows:
             parts = Path(row["deid_path"]).parts
-            items.append(Outgoing(row["id"], Path(row["deid_path"]), row["sop_uid_deid"], parts[-3], parts[-2]))
+            items.append(
+                Outgoing(
+                    row["id"], Path(row["deid_path"]), row["sop_uid_deid"], parts[-3], parts[-2]
+                )
+            )
         started = time.monotonic()
-        bound = log.bind(series_uid=batch["series_uid"], batch_id=batch["id"], destination=dest.name)
+        bound = log.bind(
+            series_uid=batch["series_uid"], batch_id=batch["id"], destination=dest.name
+        )
         try:
-            send_batch(dest, items, lambda item, url, status: self.store.mark_sent(item.instance_id, dest.name, url, status))
+            send_batch(
+                dest,
+                items,
+                lambda item, url, status: self.store.mark_sent(
+                    item.instance_id, dest.name, url, status
+                ),
+            )
         except (ForwardError, OSError) as exc:
             attempts = delivery["attempts"] + 1
-            retry_at = time.time() + backoff_seconds(dest, attempts) if attempts < dest.max_attempts else None
+            retry_at = (
+                time.time() + backoff_seconds(dest, attempts)
+                if attempts < dest.max_attempts
+                else None
+            )
             self.store.delivery_attempt_failed(delivery["id"], str(exc), retry_at)
-            bound.warning("forward_failed", attempt=attempts, error=str(exc), will_retry=retry_at is not None)
+            bound.warning(
+                "forward_failed", attempt=attempts, error=str(exc), will_retry=retry_at is not None
+            )
             return
         self.store.delivery_done(delivery["id"])
-        bound.info("series_forwarded", files=len(items), duration_s=round(time.monotonic() - started, 3))
+        bound.info(
+            "series_forwarded", files=len(items), duration_s=round(time.monotonic() - started, 3)
+        )

@@ -21,7 +21,6 @@ from pydicom.errors import InvalidDicomError
 from deid_node.conditions import (
     ConditionEvaluation,
     SaveDeidentifiedDicomCondition,
-    condition_tags,
     evaluate_all,
 )
 from deid_node.config import DeidConfig, PixelsConfig
@@ -31,7 +30,13 @@ from deid_node.report import build_report
 from deid_node.store import write_durably
 
 # Tags the pipeline reads before deciding anything (header only, pixels never loaded).
-_IDENTITY_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality")
+_IDENTITY_TAGS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "Modality",
+)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,9 @@ def read_header(path: Path) -> Dataset:
     return ds
 
 
-def evaluate_file(source: SourceFile, conditions: Sequence[SaveDeidentifiedDicomCondition]) -> FileEvaluation:
+def evaluate_file(
+    source: SourceFile, conditions: Sequence[SaveDeidentifiedDicomCondition]
+) -> FileEvaluation:
     try:
         ds = read_header(source.path)
         result = FileEvaluation(
@@ -136,7 +143,9 @@ def evaluate_file(source: SourceFile, conditions: Sequence[SaveDeidentifiedDicom
 
 
 def judge_series(
-    evaluations: Sequence[FileEvaluation], policy: SeriesPolicy, earlier: Sequence[dict[str, Any]] = ()
+    evaluations: Sequence[FileEvaluation],
+    policy: SeriesPolicy,
+    earlier: Sequence[dict[str, Any]] = (),
 ) -> tuple[bool, list[str], list[bool]]:
     """Aggregate per series: (series passes, urls that made it fail, send-this-file flags).
 
@@ -164,7 +173,9 @@ def _pseudonymizer(secret: bytes, prefix: str, lookup: Path | None) -> Any:
 
 
 def pseudonymizer_for(settings: PipelineSettings) -> Any:
-    return _pseudonymizer(settings.secret, settings.deid.patient_id_prefix, settings.deid.lookup_table)
+    return _pseudonymizer(
+        settings.secret, settings.deid.patient_id_prefix, settings.deid.lookup_table
+    )
 
 
 def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
@@ -179,16 +190,26 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     try:
         ds = dcmread(job.src)
     except Exception as exc:
-        return DeidOutcome(None, "", "", "", {}, error=f"not a readable DICOM file: {type(exc).__name__}")
-    uids = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", "")))
+        return DeidOutcome(
+            None, "", "", "", {}, error=f"not a readable DICOM file: {type(exc).__name__}"
+        )
+    uids = (
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("SeriesInstanceUID", "")),
+        str(ds.get("SOPInstanceUID", "")),
+    )
     try:
         identifiers = identifying_values(ds, settings.deid)
         pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
         if settings.deid.redact_dicom_tags:
-            deidentify_tags(ds, settings.deid, pseudonymizer_for(settings), pixels_cleaned=pixels.changed)
+            deidentify_tags(
+                ds, settings.deid, pseudonymizer_for(settings), pixels_cleaned=pixels.changed
+            )
             hits = residual_scan(ds, identifiers)
             if hits:
-                raise ResidualIdentifierError(f"identifying value left in {', '.join(sorted(hits)[:5])}")
+                raise ResidualIdentifierError(
+                    f"identifying value left in {', '.join(sorted(hits)[:5])}"
+                )
         new = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
         folder = job.dst_root / new[0] / new[1]
         folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +220,13 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     except DeidentificationError as exc:
         return DeidOutcome(None, *uids, pixels={}, error=str(exc), quarantine=True)
     except Exception as exc:  # library errors can quote values: keep only the type
-        return DeidOutcome(None, *uids, pixels={}, error=f"de-identification failed: {type(exc).__name__}", quarantine=True)
+        return DeidOutcome(
+            None,
+            *uids,
+            pixels={},
+            error=f"de-identification failed: {type(exc).__name__}",
+            quarantine=True,
+        )
 
 
 def _pixel_summary(outcome: Any) -> dict[str, Any]:
@@ -238,7 +265,9 @@ def run_series(
     results: list[FileResult] = []
     for evaluation, go in zip(evaluations, send, strict=True):
         outcome = next(outcomes) if go else None
-        result = _file_result(evaluation, outcome, keys, series_passed, disabling, url_for_output, extra)
+        result = _file_result(
+            evaluation, outcome, keys, series_passed, disabling, url_for_output, extra
+        )
         results.append(result)
         if on_file_done:
             on_file_done(result)
@@ -253,7 +282,9 @@ def run_series(
                 r.report["url_deid"] = None
                 r.report["withheld"] = "another file of the series failed de-identification"
     written = sum(r.deid_path is not None for r in results)
-    outcome_name = "failed" if quarantined and written == 0 else ("passed" if series_passed else "rejected")
+    outcome_name = (
+        "failed" if quarantined and written == 0 else ("passed" if series_passed else "rejected")
+    )
     summary = {
         "files": len(results),
         "passed_conditions": sum(e.passed for e in evaluations),
@@ -265,7 +296,9 @@ def run_series(
     return SeriesOutcome(results, series_passed, summary)
 
 
-def _map(fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], executor: Executor | None) -> Iterable[DeidOutcome]:
+def _map(
+    fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], executor: Executor | None
+) -> Iterable[DeidOutcome]:
     if executor is None or len(jobs) <= 1:
         return iter([fn(job) for job in jobs])
     return iter(executor.map(fn, jobs, chunksize=max(1, len(jobs) // 16)))
@@ -295,7 +328,11 @@ def _file_result(
             error, state = outcome.error, "quarantined"
         else:
             state, deid_path = "processed", outcome.path
-            study_deid, series_deid, sop_deid = outcome.study_uid, outcome.series_uid, outcome.sop_uid
+            study_deid, series_deid, sop_deid = (
+                outcome.study_uid,
+                outcome.series_uid,
+                outcome.sop_uid,
+            )
             pixels = outcome.pixels
     elif error:
         state = "quarantined"

@@ -7,15 +7,17 @@ row is committed in SQLite. The bytes are stored exactly as the modality sent th
 
 from __future__ import annotations
 
-import io
+import re
 import shutil
 import sqlite3
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from deid_node.config import NodeConfig
@@ -31,6 +33,8 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+# PS3.5 9.1: digits and dots, at most 64 characters (also keeps UIDs safe in paths and URLs).
+_UID = re.compile(r"^[0-9.]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,37 @@ def make_store_handler(
         try:
             return _store_instance(event, store, limits, calling_ae, bound, on_stored)
         except (OSError, sqlite3.OperationalError) as exc:
-            bound.error("store_failed", reason="disk or database error", error_type=type(exc).__name__)
+            bound.error(
+                "store_failed", reason="disk or database error", error_type=type(exc).__name__
+            )
             return OUT_OF_RESOURCES
         except Exception as exc:  # never let an exception reach the association
             bound.error("store_failed", reason="unexpected error", error_type=type(exc).__name__)
             return PROCESSING_FAILURE
 
     return handle_store
+
+
+def enable_chunked_receive(tmp_dir: Path) -> None:
+    """Have pynetdicom stream every received dataset to a file in `tmp_dir` instead of memory.
+
+    Memory stays flat for any instance size, and the handler only renames the finished file
+    into the spool (same file system: no copy). Process-wide setting: the node owns its process.
+    """
+    tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tempfile.tempdir = str(tmp_dir)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def _received_file(event: evt.Event, store: Store) -> tuple[Path, bool]:
+    """The received instance as a file in Part 10 format: (path, owned by pynetdicom)."""
+    try:
+        path = event.dataset_path  # None unless in chunked mode
+    except AttributeError:
+        path = None
+    if path is not None:
+        return Path(path), True
+    return store.tmp_write(event.encoded_dataset(include_meta=True)), False
 
 
 def _store_instance(
@@ -89,31 +117,67 @@ def _store_instance(
         bound.warning("store_refused", reason="free disk below node.min_free_disk_mb")
         return OUT_OF_RESOURCES
     try:
-        data = event.encoded_dataset(include_meta=True)
+        received, _ = _received_file(event, store)
     except Exception as exc:
-        bound.warning("store_refused", reason="cannot encode received dataset", error_type=type(exc).__name__)
+        bound.warning(
+            "store_refused", reason="cannot read received dataset", error_type=type(exc).__name__
+        )
         return CANNOT_UNDERSTAND
-    if len(data) > limits.max_instance_bytes:
-        bound.warning("store_refused", reason="instance larger than node.max_instance_mb", size=len(data))
-        return OUT_OF_RESOURCES
     try:
-        header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        return _accept_file(event, store, limits, calling_ae, bound, on_stored, received)
+    finally:
+        received.unlink(missing_ok=True)  # moved into the spool or quarantine, or refused
+
+
+def _accept_file(
+    event: evt.Event,
+    store: Store,
+    limits: StoreLimits,
+    calling_ae: str,
+    bound: Any,
+    on_stored: Callable[[int], None] | None,
+    received: Path,
+) -> int:
+    request = event.request
+    peer = str(event.assoc.requestor.address)
+
+    def refuse(status: int, reason: str, keep: bool = True, **fields: Any) -> int:
+        quarantined = store.quarantine_file(received) if keep else None
+        store.record_refused(
+            sop_uid=str(request.AffectedSOPInstanceUID),
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            calling_ae=calling_ae,
+            peer=peer,
+            status=status,
+            reason=reason,
+            quarantine_path=quarantined,
+        )
+        bound.warning("store_refused", reason=reason, status=f"0x{status:04X}", **fields)
+        return status
+
+    size = received.stat().st_size
+    if size > limits.max_instance_bytes:
+        return refuse(
+            OUT_OF_RESOURCES, "instance larger than node.max_instance_mb", keep=False, size=size
+        )
+    try:
+        header = dcmread(received, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         uids = {tag: str(header.get(tag, "") or "") for tag in _HEADER_TAGS}
         syntax = str(header.file_meta.TransferSyntaxUID)
     except Exception as exc:
-        bound.warning("store_refused", reason="dataset cannot be parsed", error_type=type(exc).__name__)
-        return CANNOT_UNDERSTAND
-    missing = [tag for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if not uids[tag]]
+        return refuse(CANNOT_UNDERSTAND, "dataset cannot be parsed", error_type=type(exc).__name__)
+    missing = [
+        tag for tag in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID") if not uids[tag]
+    ]
     if missing:
-        bound.warning("store_refused", reason="missing required UID", missing=missing)
-        return CANNOT_UNDERSTAND
-    request = event.request
+        return refuse(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
+    if not all(_UID.match(uids[tag]) for tag in _HEADER_TAGS if uids[tag]):
+        return refuse(CANNOT_UNDERSTAND, "malformed UID in dataset")
     if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID) or (
         uids["SOPClassUID"] and uids["SOPClassUID"] != str(request.AffectedSOPClassUID)
     ):
-        bound.warning("store_refused", reason="dataset UIDs differ from the C-STORE request")
-        return DATASET_MISMATCH
-    path = store.spool_write(data)
+        return refuse(DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request")
+    path = store.spool_adopt(received)
     receipt = Receipt(
         sop_uid=uids["SOPInstanceUID"],
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -121,15 +185,18 @@ def _store_instance(
         study_uid=uids["StudyInstanceUID"],
         transfer_syntax=syntax,
         calling_ae=calling_ae,
-        peer=str(event.assoc.requestor.address),
+        peer=peer,
     )
     try:
-        stored = store.record_instance(receipt, path, len(data))
+        stored = store.record_instance(receipt, path, size)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     bound.debug(
-        "instance_stored", series_uid=receipt.series_uid, batch_id=stored.batch_id, duplicate=stored.duplicate
+        "instance_stored",
+        series_uid=receipt.series_uid,
+        batch_id=stored.batch_id,
+        duplicate=stored.duplicate,
     )
     if on_stored:
         on_stored(stored.batch_id)

@@ -18,8 +18,10 @@ Rows:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -33,7 +35,17 @@ from typing import Any
 
 import sqlite_utils
 
-BATCH_STATES = ("receiving", "complete", "processing", "forwarding", "forwarded", "rejected", "failed")
+from deid_node.report import build_report
+
+BATCH_STATES = (
+    "receiving",
+    "complete",
+    "processing",
+    "forwarding",
+    "forwarded",
+    "rejected",
+    "failed",
+)
 FINAL_STATES = ("forwarded", "rejected", "failed")
 
 
@@ -42,9 +54,7 @@ def utcnow() -> str:
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
-    db["series"].create(
-        {"series_uid": str, "study_uid": str, "created_at": str}, pk="series_uid"
-    )
+    db["series"].create({"series_uid": str, "study_uid": str, "created_at": str}, pk="series_uid")
     db["batches"].create(
         {
             "id": int,
@@ -115,7 +125,25 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    db["refused"].create(
+        {
+            "id": int,
+            "received_at": str,
+            "calling_ae": str,
+            "peer": str,
+            "sop_uid": str,  # as the C-STORE request gave it
+            "sop_class_uid": str,
+            "status": int,  # the DIMSE status answered
+            "reason": str,
+            "quarantine_path": str,
+        },
+        pk="id",
+    )
+    db["refused"].create_index(["received_at"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 @dataclass(frozen=True)
@@ -148,7 +176,9 @@ class Store:
             (self.data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         self.db_path = self.data_dir / "deid-node.sqlite"
         new = not self.db_path.exists()
-        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn = sqlite3.connect(
+            self.db_path, check_same_thread=False, isolation_level=None, timeout=30
+        )
         if new:
             os.chmod(self.db_path, 0o600)
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -188,15 +218,39 @@ class Store:
 
     # -- spool ----------------------------------------------------------------------------
 
-    def spool_write(self, data: bytes | Callable[[Any], None]) -> Path:
-        """Write bytes (or let a writer stream into the file) and fsync file and folder."""
+    def tmp_write(self, data: bytes) -> Path:
+        """Put received bytes in a file under tmp/ (adopted into the spool or quarantine next)."""
+        path = self.data_dir / "tmp" / f"{uuid.uuid4().hex}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return path
+
+    def spool_adopt(self, received: Path) -> Path:
+        """Move a received file into the spool durably: fsync it, rename, fsync the folder."""
         name = uuid.uuid4().hex
         folder = self.data_dir / "spool" / name[:2]
         folder.mkdir(mode=0o700, exist_ok=True)
-        final = folder / f"{name}.dcm"
-        tmp = self.data_dir / "tmp" / f"{name}.part"
-        write_durably(tmp, final, data)
-        return final
+        return adopt_durably(received, folder / f"{name}.dcm")
+
+    def quarantine_file(self, received: Path) -> str | None:
+        """Keep a refused or failed file for the operator, under quarantine/ (owner-only)."""
+        target = self.data_dir / "quarantine" / f"{uuid.uuid4().hex}.dcm"
+        try:
+            if received.parent == self.data_dir / "spool" / received.parent.name:
+                return str(adopt_durably(received, target))
+            with received.open("rb") as src:
+                write_durably(
+                    target.with_suffix(".part"), target, lambda dst: shutil.copyfileobj(src, dst)
+                )
+            return str(target)
+        except OSError:
+            return None
+
+    def record_refused(self, **row: Any) -> None:
+        """A report row for an instance the SCP refused (with the DIMSE status and why)."""
+        with self.transaction():
+            self.db["refused"].insert({"received_at": utcnow(), **row})
 
     # -- receive --------------------------------------------------------------------------
 
@@ -231,7 +285,9 @@ class Store:
                 batch_id, round_ = cursor.lastrowid, last + 1
             else:
                 batch_id, round_ = row
-                conn.execute("UPDATE batches SET last_received_at = ? WHERE id = ?", (now, batch_id))
+                conn.execute(
+                    "UPDATE batches SET last_received_at = ? WHERE id = ?", (now, batch_id)
+                )
             existing = conn.execute(
                 "SELECT id, spool_path FROM instances WHERE batch_id = ? AND sop_uid = ?",
                 (batch_id, receipt.sop_uid),
@@ -276,12 +332,14 @@ class Store:
             ids = [
                 r[0]
                 for r in conn.execute(
-                    "SELECT id FROM batches WHERE state = 'receiving' AND last_received_at <= ?", (cutoff,)
+                    "SELECT id FROM batches WHERE state = 'receiving' AND last_received_at <= ?",
+                    (cutoff,),
                 )
             ]
             for batch_id in ids:
                 conn.execute(
-                    "UPDATE batches SET state = 'complete', completed_at = ? WHERE id = ?", (utcnow(), batch_id)
+                    "UPDATE batches SET state = 'complete', completed_at = ? WHERE id = ?",
+                    (utcnow(), batch_id),
                 )
         return ids
 
@@ -393,12 +451,16 @@ class Store:
                 "INSERT OR REPLACE INTO sent (instance_id, destination, url_deid, status, at) VALUES (?, ?, ?, ?, ?)",
                 (instance_id, destination, url_deid, status, utcnow()),
             )
-            row = conn.execute("SELECT report FROM instances WHERE id = ?", (instance_id,)).fetchone()
+            row = conn.execute(
+                "SELECT report FROM instances WHERE id = ?", (instance_id,)
+            ).fetchone()
             report = json.loads(row[0])
             if report.get("url_deid") is None:
                 report["url_deid"] = url_deid
             report.setdefault("destinations", {})[destination] = {"state": "sent", "status": status}
-            conn.execute("UPDATE instances SET report = ? WHERE id = ?", (json.dumps(report), instance_id))
+            conn.execute(
+                "UPDATE instances SET report = ? WHERE id = ?", (json.dumps(report), instance_id)
+            )
 
     def delivery_attempt_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
         """Count a failed attempt; retry_at None means the retry limit is reached (failed)."""
@@ -406,7 +468,13 @@ class Store:
             conn.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ?,"
                 " state = ?, next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
-                (error, utcnow(), "pending" if retry_at is not None else "failed", retry_at, delivery_id),
+                (
+                    error,
+                    utcnow(),
+                    "pending" if retry_at is not None else "failed",
+                    retry_at,
+                    delivery_id,
+                ),
             )
             if retry_at is None:
                 self._settle_batch(conn, delivery_id)
@@ -422,8 +490,13 @@ class Store:
 
     def _settle_batch(self, conn: sqlite3.Connection, delivery_id: int) -> None:
         """When no delivery of the batch is pending any more, the batch is forwarded or failed."""
-        batch_id = conn.execute("SELECT batch_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()[0]
-        states = [r[0] for r in conn.execute("SELECT state FROM deliveries WHERE batch_id = ?", (batch_id,))]
+        batch_id = conn.execute(
+            "SELECT batch_id FROM deliveries WHERE id = ?", (delivery_id,)
+        ).fetchone()[0]
+        states = [
+            r[0]
+            for r in conn.execute("SELECT state FROM deliveries WHERE batch_id = ?", (batch_id,))
+        ]
         if "pending" in states:
             return
         final = "forwarded" if all(s == "done" for s in states) else "failed"
@@ -468,7 +541,9 @@ class Store:
             where.append("i.received_at >= ?")
             params.append(since)
         if failed:
-            where.append("(i.state = 'quarantined' OR b.state IN ('rejected', 'failed') OR b.passed = 0)")
+            where.append(
+                "(i.state = 'quarantined' OR b.state IN ('rejected', 'failed') OR b.passed = 0)"
+            )
         rows = self.query(
             "SELECT i.report, b.state AS batch_state FROM instances i JOIN batches b ON b.id = i.batch_id"
             f" WHERE {' AND '.join(where)} ORDER BY i.received_at, i.id",
@@ -479,7 +554,37 @@ class Store:
             report = json.loads(row["report"])
             report["series_state"] = row["batch_state"]
             out.append(report)
+        if not (study_uid or series_uid):
+            out += self._refused_reports(since)
         return out
+
+    def _refused_reports(self, since: str | None) -> list[dict[str, Any]]:
+        """Instances the SCP refused, as reports: nothing of them left, `error` says why."""
+        rows = self.query(
+            "SELECT * FROM refused WHERE received_at >= ? ORDER BY received_at, id", (since or "",)
+        )
+        return [
+            build_report(
+                url=f"dicom://{r['calling_ae']}/{r['sop_uid']}",
+                study_uid=None,
+                study_uid_deid=None,
+                series_uid=None,
+                series_uid_deid=None,
+                evaluations=[],
+                save_condition=False,
+                series_agg=False,
+                disabling_urls=[],
+                url_deid=None,
+                SOPInstanceUID=r["sop_uid"],
+                calling_ae=r["calling_ae"],
+                received_at=r["received_at"],
+                error=r["reason"],
+                dimse_status=f"0x{r['status']:04X}",
+                quarantine=r["quarantine_path"],
+                series_state="refused",
+            )
+            for r in rows
+        ]
 
     def release_originals(self, batch_id: int) -> int:
         """Delete the spool copies (originals) of a batch that reached a final state."""
@@ -508,17 +613,47 @@ class Store:
     def forget_files(self, batch_id: int) -> None:
         with self.transaction() as conn:
             conn.execute(
-                "UPDATE instances SET spool_path = NULL, deid_path = NULL WHERE batch_id = ?", (batch_id,)
+                "UPDATE instances SET spool_path = NULL, deid_path = NULL WHERE batch_id = ?",
+                (batch_id,),
             )
 
     def status(self) -> dict[str, Any]:
-        batches = {r["state"]: r["n"] for r in self.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state")}
+        batches = {
+            r["state"]: r["n"]
+            for r in self.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state")
+        }
         deliveries = self.query(
             "SELECT destination, state, COUNT(*) AS n, MAX(last_error) AS last_error FROM deliveries"
             " GROUP BY destination, state"
         )
         instances = self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
         return {"batches": batches, "deliveries": deliveries, "instances": instances}
+
+
+def adopt_durably(src: Path, final: Path) -> Path:
+    """fsync an existing file, rename it onto `final` (copy across file systems), fsync folder."""
+    with src.open("rb") as handle:
+        os.fsync(handle.fileno())
+    try:
+        os.replace(src, final)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with src.open("rb") as handle:
+            write_durably(
+                final.with_suffix(".part"), final, lambda dst: shutil.copyfileobj(handle, dst)
+            )
+        src.unlink()
+    _fsync_dir(final.parent)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def write_durably(tmp: Path, final: Path, data: bytes | Callable[[Any], None]) -> None:
@@ -537,8 +672,4 @@ def write_durably(tmp: Path, final: Path, data: bytes | Callable[[Any], None]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(final.parent)

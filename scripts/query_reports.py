@@ -34,7 +34,9 @@ COLUMNS = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--study", help="original StudyInstanceUID")
     parser.add_argument("--series", help="original SeriesInstanceUID")
@@ -46,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         since = _normalise_since(args.since) if args.since else None
         config = load_config(args.config)
         if not config.db_path.exists():
-            raise DeidNodeError(f"no database at {config.db_path}: has the node run with this config?")
+            raise DeidNodeError(
+                f"no database at {config.db_path}: has the node run with this config?"
+            )
         store = Store(config.node.data_dir)
-        reports = store.reports(study_uid=args.study, series_uid=args.series, since=since, failed=args.failed)
+        reports = store.reports(
+            study_uid=args.study, series_uid=args.series, since=since, failed=args.failed
+        )
     except DeidNodeError as exc:
         print(f"query_reports: error: {exc}", file=sys.stderr)
         return 1

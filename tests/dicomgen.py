@@ -8,10 +8,10 @@ import numpy as np
 from pydicom import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     MRImageStorage,
-    PYDICOM_IMPLEMENTATION_UID,
     SecondaryCaptureImageStorage,
     UltrasoundImageStorage,
     generate_uid,
@@ -135,7 +135,9 @@ def make_series(
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     return [
-        make_instance(modality, study_uid=study_uid, series_uid=series_uid, instance_number=i + 1, **kwargs)
+        make_instance(
+            modality, study_uid=study_uid, series_uid=series_uid, instance_number=i + 1, **kwargs
+        )
         for i in range(count)
     ]
 
@@ -156,20 +158,26 @@ def phi_markers() -> list[bytes]:
     for value in [*PHI.values(), PRIVATE_PHI, NESTED_PHI, "RPQX3131", "QXMODALITY"]:
         markers.add(value.encode())
         for part in value.replace("^", " ").split():
-            if len(part) >= 6 and any(c.isalpha() for c in part) and "QX" in part.upper() or part in (
-                "Zyxwortha",
-                "Quilliam",
-                "Montague",
-                "Drovak",
-                "Elspeth",
-                "Tenniwell",
-                "Osric",
-                "Marbleton",
-                "Brumblewick",
-                "Fenwhistle",
-                "Quarvington",
-                "Harlowe",
-                "Pemberly",
+            if (
+                len(part) >= 6
+                and any(c.isalpha() for c in part)
+                and "QX" in part.upper()
+                or part
+                in (
+                    "Zyxwortha",
+                    "Quilliam",
+                    "Montague",
+                    "Drovak",
+                    "Elspeth",
+                    "Tenniwell",
+                    "Osric",
+                    "Marbleton",
+                    "Brumblewick",
+                    "Fenwhistle",
+                    "Quarvington",
+                    "Harlowe",
+                    "Pemberly",
+                )
             ):
                 markers.add(part.encode())
     return sorted(markers)

@@ -31,7 +31,9 @@ def free_port() -> int:
 
 
 def require(tool: str) -> str:
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None)
+    path = shutil.which(tool) or (
+        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
+    )
     if path is None:
         if os.environ.get("CI"):
             pytest.fail(f"{tool} is not installed (make test installs it)")
@@ -44,7 +46,10 @@ def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | Non
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
             return
         time.sleep(0.1)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
@@ -71,16 +76,49 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     return proc.returncode
 
 
-def storescu(port: int, files: list[Path], *, called: str = "DEID_NODE", calling: str = "MODALITY",
-             timeout: float = 60.0) -> subprocess.CompletedProcess:
-    cmd = [require("storescu"), "-aet", calling, "-aec", called, "-to", "20", "-ta", "20", "-td", "20",
-           "127.0.0.1", str(port), *map(str, files)]
+def storescu(
+    port: int,
+    files: list[Path],
+    *,
+    called: str = "DEID_NODE",
+    calling: str = "MODALITY",
+    timeout: float = 60.0,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        require("storescu"),
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "-to",
+        "20",
+        "-ta",
+        "20",
+        "-td",
+        "20",
+        "127.0.0.1",
+        str(port),
+        *map(str, files),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=NODELAY_ENV)
 
 
-def echoscu(port: int, *, called: str = "DEID_NODE", calling: str = "ECHOSCU", timeout: float = 30.0):
-    cmd = [require("echoscu"), "-aet", calling, "-aec", called, "-to", "10", "-ta", "10",
-           "127.0.0.1", str(port)]
+def echoscu(
+    port: int, *, called: str = "DEID_NODE", calling: str = "ECHOSCU", timeout: float = 30.0
+):
+    cmd = [
+        require("echoscu"),
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "-to",
+        "10",
+        "-ta",
+        "10",
+        "127.0.0.1",
+        str(port),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=NODELAY_ENV)
 
 
@@ -116,8 +154,13 @@ class Orthanc:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))
         self.log = (self.workdir / "orthanc.log").open("w")
-        self.proc = subprocess.Popen([binary, str(path)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=NODELAY_ENV, cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            [binary, str(path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=NODELAY_ENV,
+            cwd=self.workdir,
+        )
         wait_for_port(self.http_port, 30, self.proc)
         wait_for_port(self.dicom_port, 30, self.proc)
         return self
@@ -152,7 +195,10 @@ class NodeProcess:
         self.log = self.log_path.open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deid_node.cli", "serve", "--config", str(self.config_path)],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=NODELAY_ENV,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=NODELAY_ENV,
         )
         wait_for_port(self.port, timeout, self.proc)
         return self

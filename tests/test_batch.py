@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from dicomgen import make_series, phi_markers, write_series
 from pydicom import dcmread
 
-from dicomgen import make_series, phi_markers, write_series
 from deid_node import (
     DeidentifyRedactTextMode,
     SaveDeidentifiedDicomConditionIn,
@@ -94,7 +94,10 @@ def test_api_defaults_and_errors(tmp_path):
         deidentify_dicom_files(dicom_urls=["s3://bucket/x.dcm"], upload_dir=tmp_path / "o")
     # file:// URLs work; no save conditions means everything passes; tags untouched on request.
     reports = deidentify_dicom_files(
-        dicom_urls=[paths[0].as_uri()], redact_dicom_tags=False, upload_dir=tmp_path / "o", data_dir=tmp_path / "d"
+        dicom_urls=[paths[0].as_uri()],
+        redact_dicom_tags=False,
+        upload_dir=tmp_path / "o",
+        data_dir=tmp_path / "d",
     )
     assert reports[0]["save_condition"] is True and reports[0]["save_conditions_evaluations"] == []
     assert reports[0]["StudyInstanceUID_deid"] == reports[0]["StudyInstanceUID"]
@@ -103,16 +106,30 @@ def test_api_defaults_and_errors(tmp_path):
 
 def test_uids_consistent_between_runs_and_with_the_same_secret(tmp_path):
     paths = write_series(make_series(2, "CT"), tmp_path / "in")
-    first = deidentify_dicom_files(dicom_urls=paths, upload_dir=tmp_path / "o1", data_dir=tmp_path / "d")
-    second = deidentify_dicom_files(dicom_urls=paths[:1], upload_dir=tmp_path / "o2", data_dir=tmp_path / "d")
-    other = deidentify_dicom_files(dicom_urls=paths[:1], upload_dir=tmp_path / "o3", data_dir=tmp_path / "d2")
-    assert first[0]["SeriesInstanceUID_deid"] == first[1]["SeriesInstanceUID_deid"] == second[0]["SeriesInstanceUID_deid"]
+    first = deidentify_dicom_files(
+        dicom_urls=paths, upload_dir=tmp_path / "o1", data_dir=tmp_path / "d"
+    )
+    second = deidentify_dicom_files(
+        dicom_urls=paths[:1], upload_dir=tmp_path / "o2", data_dir=tmp_path / "d"
+    )
+    other = deidentify_dicom_files(
+        dicom_urls=paths[:1], upload_dir=tmp_path / "o3", data_dir=tmp_path / "d2"
+    )
+    assert (
+        first[0]["SeriesInstanceUID_deid"]
+        == first[1]["SeriesInstanceUID_deid"]
+        == second[0]["SeriesInstanceUID_deid"]
+    )
     assert other[0]["SeriesInstanceUID_deid"] != first[0]["SeriesInstanceUID_deid"]
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "deid_node.cli", *args], capture_output=True, text=True, timeout=300, cwd=cwd
+        [sys.executable, "-m", "deid_node.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
     )
 
 
@@ -124,10 +141,22 @@ def test_cli_writes_files_and_report(corpus, tmp_path):
         '[[save_conditions]]\ntype = "IN"\nvalue = ["CT", "MR"]\ndicom_tag = "Modality"\n'
     )
     out = tmp_path / "out"
-    result = run_cli("deidentify", str(root), "--out", str(out), "--config", str(config),
-                     "--redact-pixels-mode", "REDACT_NO_TEXT", "--workers", "2")
+    result = run_cli(
+        "deidentify",
+        str(root),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--redact-pixels-mode",
+        "REDACT_NO_TEXT",
+        "--workers",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
-    assert "series passed 2, failed 2" in result.stderr  # CT and MR pass; US and the truncated file fail
+    assert (
+        "series passed 2, failed 2" in result.stderr
+    )  # CT and MR pass; US and the truncated file fail
     assert "non-DICOM skipped 1" in result.stderr
     reports = json.loads((out / "report.json").read_text())
     assert len(reports) == 8
@@ -141,11 +170,23 @@ def test_cli_writes_files_and_report(corpus, tmp_path):
 
 
 def test_cli_bad_arguments(tmp_path):
-    assert run_cli("deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0").returncode == 2
-    assert run_cli("deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--redact-pixels-mode", "X").returncode == 2
+    assert (
+        run_cli(
+            "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"
+        ).returncode
+        == 2
+    )
+    assert (
+        run_cli(
+            "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--redact-pixels-mode", "X"
+        ).returncode
+        == 2
+    )
     missing = run_cli("deidentify", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert missing.returncode == 1 and "no such file or folder" in missing.stderr
     bad_config = tmp_path / "bad.toml"
     bad_config.write_text("[deid]\nredact_pixels_mode = 'SOME'\n")
-    result = run_cli("deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad_config))
+    result = run_cli(
+        "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad_config)
+    )
     assert result.returncode == 1 and "deid.redact_pixels_mode" in result.stderr

@@ -25,7 +25,9 @@ def ds() -> Dataset:
 
 
 def evaluate(ctype: str, value, tag: str, ds: Dataset):
-    return SaveDeidentifiedDicomCondition(value=value, dicom_tag=tag, condition_type=ctype).evaluate(ds)
+    return SaveDeidentifiedDicomCondition(
+        value=value, dicom_tag=tag, condition_type=ctype
+    ).evaluate(ds)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +58,9 @@ def test_condition_types(ds, ctype, value, tag, expected):
     assert evaluate(ctype, value, tag, ds).evaluated_value is expected
 
 
-@pytest.mark.parametrize("ctype", ["IN", "NOT_IN", "NOT_SUBSTR", "SUBSTR", "EQUALS", "EXISTS", "REGEX"])
+@pytest.mark.parametrize(
+    "ctype", ["IN", "NOT_IN", "NOT_SUBSTR", "SUBSTR", "EQUALS", "EXISTS", "REGEX"]
+)
 def test_missing_tag_is_false_and_reported_null(ds, ctype):
     value = None if ctype == "EXISTS" else (["x"] if "IN" in ctype else "x")
     result = evaluate(ctype, value, "BodyPartExamined", ds)
@@ -66,7 +70,9 @@ def test_missing_tag_is_false_and_reported_null(ds, ctype):
 
 
 def test_report_shows_multi_value_as_dicom_writes_it(ds):
-    result = SaveDeidentifiedDicomConditionNotSubstr(value="PRIMARY", dicom_tag="ImageType").evaluate(ds)
+    result = SaveDeidentifiedDicomConditionNotSubstr(
+        value="PRIMARY", dicom_tag="ImageType"
+    ).evaluate(ds)
     assert result.to_dict() == {
         "condition": {"value": "PRIMARY", "condition_type": "NOT_SUBSTR", "dicom_tag": "ImageType"},
         "tag_value": "ORIGINAL\\PRIMARY\\AXIAL",
@@ -74,16 +80,26 @@ def test_report_shows_multi_value_as_dicom_writes_it(ds):
     }
 
 
-@pytest.mark.parametrize("spelling", ["ImageType", "(0008,0008)", "00080008", "0008,0008", "(0008, 0008)"])
+@pytest.mark.parametrize(
+    "spelling", ["ImageType", "(0008,0008)", "00080008", "0008,0008", "(0008, 0008)"]
+)
 def test_tag_spellings(ds, spelling):
     assert parse_tag(spelling) == 0x00080008
-    assert SaveDeidentifiedDicomConditionIn(value=["axial"], dicom_tag=spelling).evaluate(ds).evaluated_value
+    assert (
+        SaveDeidentifiedDicomConditionIn(value=["axial"], dicom_tag=spelling)
+        .evaluate(ds)
+        .evaluated_value
+    )
 
 
 def test_encord_style_classes():
     cond = SaveDeidentifiedDicomConditionIn(value=["ct", "mr"], dicom_tag="Modality")
     assert cond.condition_type is SaveDeidentifiedDicomConditionType.IN
-    assert cond.to_dict() == {"value": ["ct", "mr"], "dicom_tag": "Modality", "condition_type": "IN"}
+    assert cond.to_dict() == {
+        "value": ["ct", "mr"],
+        "dicom_tag": "Modality",
+        "condition_type": "IN",
+    }
 
 
 @pytest.mark.parametrize(

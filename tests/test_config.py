@@ -56,7 +56,12 @@ def test_issue_example_parses(tmp_path):
     assert config.series.stable_seconds == 30.0
     assert config.deid.redact_pixels_mode is DeidentifyRedactTextMode.REDACT_ALL_TEXT
     dest = config.destinations[0]
-    assert (dest.ae_title, dest.host, dest.port, dest.calling_ae_title) == ("RESEARCH_PACS", "127.0.0.1", 4242, "DEID_NODE")
+    assert (dest.ae_title, dest.host, dest.port, dest.calling_ae_title) == (
+        "RESEARCH_PACS",
+        "127.0.0.1",
+        4242,
+        "DEID_NODE",
+    )
     assert [c.condition_type.value for c in config.save_conditions] == ["NOT_SUBSTR", "IN"]
     assert config.node.data_dir.is_absolute()
 
@@ -75,18 +80,28 @@ def test_issue_example_parses(tmp_path):
         ({"deid": {"redact_dicom_tags": "yes"}}, "deid.redact_dicom_tags"),
         ({"deid": {"profile_options": ["Retain Everything"]}}, "deid.profile_options"),
         ({"pixels": {"ocr_engine": "tesseract"}}, "pixels.ocr_engine"),
-        ({"destinations": [{"name": "x", "type": "dicom", "host": "h", "port": 1}]}, "destinations[0].ae_title"),
+        (
+            {"destinations": [{"name": "x", "type": "dicom", "host": "h", "port": 1}]},
+            "destinations[0].ae_title",
+        ),
         ({"destinations": [{"name": "x", "type": "folder"}]}, "destinations[0].path"),
         ({"destinations": [{"name": "x", "type": "s3", "path": "p"}]}, "destinations[0].type"),
         ({"destinations": [{"type": "folder", "path": "p"}]}, "destinations[0].name"),
-        ({"save_conditions": [{"type": "IN", "value": ["CT"], "dicom_tag": "NoSuchTag"}]}, "save_conditions[0]"),
+        (
+            {"save_conditions": [{"type": "IN", "value": ["CT"], "dicom_tag": "NoSuchTag"}]},
+            "save_conditions[0]",
+        ),
         ({"extra": {}}, "extra"),
         ({"deid": {"patient_id_prefix": "A\\B"}}, "deid.patient_id_prefix"),
         (
-            {"deid": {"profile_options": [
-                "Retain Longitudinal Temporal Information Full Dates",
-                "Retain Longitudinal Temporal Information Modified Dates",
-            ]}},
+            {
+                "deid": {
+                    "profile_options": [
+                        "Retain Longitudinal Temporal Information Full Dates",
+                        "Retain Longitudinal Temporal Information Modified Dates",
+                    ]
+                }
+            },
             "deid.profile_options",
         ),
     ],

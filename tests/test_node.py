@@ -7,20 +7,25 @@ import time
 from pathlib import Path
 
 import pytest
-
 from dicomgen import make_instance, make_series, write_series
+from peers import Orthanc, free_port, storescu, wait_until
+
 from deid_node.cli import main as cli_main
 from deid_node.config import parse_config
 from deid_node.node import Node
-from peers import Orthanc, free_port, storescu, wait_until
 
 pytestmark = [pytest.mark.network]
 
 
 def node_config(tmp_path: Path, destination: dict, **series) -> dict:
     return {
-        "node": {"host": "127.0.0.1", "port": free_port(), "data_dir": str(tmp_path / "data"),
-                 "min_free_disk_mb": 1, "poll_seconds": 0.2},
+        "node": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "data_dir": str(tmp_path / "data"),
+            "min_free_disk_mb": 1,
+            "poll_seconds": 0.2,
+        },
         "series": {"stable_seconds": 1, **series},
         "deid": {"redact_pixels_mode": "REDACT_NO_TEXT"},
         "save_conditions": [{"type": "NOT_SUBSTR", "value": "PRIMARY", "dicom_tag": "ImageType"}],
@@ -79,7 +84,9 @@ def test_late_file_of_a_rejected_series_stays_rejected(tmp_path):
         assert [r["state"] for r in rows] == ["rejected", "rejected"]
         late = [r for r in node.store.reports() if r.get("late")][0]
         assert late["save_condition"] is True and late["save_condition_series_agg"] is False
-        assert late["save_disabling_urls_series_agg"] == [f"dicom://MODALITY/{series[0].SOPInstanceUID}"]
+        assert late["save_disabling_urls_series_agg"] == [
+            f"dicom://MODALITY/{series[0].SOPInstanceUID}"
+        ]
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
     finally:
         node.stop()
@@ -87,9 +94,16 @@ def test_late_file_of_a_rejected_series_stays_rejected(tmp_path):
 
 def test_destination_down_then_up_across_a_restart(tmp_path):
     pacs = Orthanc(tmp_path / "orthanc")
-    dest = {"name": "research", "type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1",
-            "port": pacs.dicom_port, "backoff_initial_seconds": 0.5, "backoff_max_seconds": 1,
-            "timeout_seconds": 5}
+    dest = {
+        "name": "research",
+        "type": "dicom",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.dicom_port,
+        "backoff_initial_seconds": 0.5,
+        "backoff_max_seconds": 1,
+        "timeout_seconds": 5,
+    }
     raw = node_config(tmp_path, dest)
     series = make_series(4, "CT")
     paths = write_series(series, tmp_path / "in")
@@ -97,7 +111,8 @@ def test_destination_down_then_up_across_a_restart(tmp_path):
     try:
         assert storescu(node.port, paths).returncode == 0
         wait_until(
-            lambda: node.store.query("SELECT attempts FROM deliveries WHERE attempts >= 2"), 60,
+            lambda: node.store.query("SELECT attempts FROM deliveries WHERE attempts >= 2"),
+            60,
             what="two failed delivery attempts",
         )
         delivery = node.store.query("SELECT * FROM deliveries")[0]
@@ -122,8 +137,15 @@ def test_destination_down_then_up_across_a_restart(tmp_path):
 
 def test_failed_series_is_kept_and_retry_sends_it(tmp_path, capsys):
     pacs = Orthanc(tmp_path / "orthanc")
-    dest = {"name": "research", "type": "dicom", "ae_title": pacs.aet, "host": "127.0.0.1",
-            "port": pacs.dicom_port, "max_attempts": 1, "timeout_seconds": 5}
+    dest = {
+        "name": "research",
+        "type": "dicom",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.dicom_port,
+        "max_attempts": 1,
+        "timeout_seconds": 5,
+    }
     raw = node_config(tmp_path, dest)
     config_path = tmp_path / "node.toml"
     config_path.write_text(_toml(raw))
@@ -135,10 +157,18 @@ def test_failed_series_is_kept_and_retry_sends_it(tmp_path, capsys):
         assert rows[0]["state"] == "failed"
         assert all(Path(r["deid_path"]).exists() for r in node.store.batch_instances(rows[0]["id"]))
         pacs.start()
-        assert cli_main(["retry", "--config", str(config_path), "--series", series[0].SeriesInstanceUID]) == 0
+        assert (
+            cli_main(
+                ["retry", "--config", str(config_path), "--series", series[0].SeriesInstanceUID]
+            )
+            == 0
+        )
         assert "re-queued 1" in capsys.readouterr().out
-        rows = wait_until(lambda: settled(node, 1) and batches(node)[0]["state"] == "forwarded" and batches(node),
-                          60, what="series forwarded after retry")
+        rows = wait_until(
+            lambda: settled(node, 1) and batches(node)[0]["state"] == "forwarded" and batches(node),
+            60,
+            what="series forwarded after retry",
+        )
         assert len(pacs.instances()) == 2
         assert cli_main(["status", "--config", str(config_path)]) == 0
         status = json.loads(capsys.readouterr().out)
@@ -155,7 +185,9 @@ def test_originals_are_released_after_forwarding(tmp_path):
         paths = write_series([make_instance("CT")], tmp_path / "in")
         assert storescu(node.port, paths).returncode == 0
         wait_until(lambda: settled(node, 1), 60, what="forwarded")
-        wait_until(lambda: not list((tmp_path / "data" / "spool").rglob("*.dcm")), 10, what="spool emptied")
+        wait_until(
+            lambda: not list((tmp_path / "data" / "spool").rglob("*.dcm")), 10, what="spool emptied"
+        )
         assert not list((tmp_path / "data" / "deid").rglob("*.dcm"))
         assert len(list((tmp_path / "out").rglob("*.dcm"))) == 1
     finally:

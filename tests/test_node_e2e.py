@@ -11,10 +11,9 @@ import subprocess
 import sys
 
 import pytest
-from pydicom import dcmread
-
 from dicomgen import make_series, phi_markers, write_series
 from peers import REPO, NodeProcess, echoscu, free_port, orthanc, storescu, wait_until
+from pydicom import dcmread
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -52,8 +51,19 @@ backoff_initial_seconds = 1
 
 def query_reports(config_path, *args: str) -> list[dict]:
     out = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "query_reports.py"), "--config", str(config_path), "--format", "json", *args],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "query_reports.py"),
+            "--config",
+            str(config_path),
+            "--format",
+            "json",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -61,13 +71,20 @@ def query_reports(config_path, *args: str) -> list[dict]:
 def test_two_series_one_forwarded_one_held_back(tmp_path):
     passing = make_series(3, "CT", image_type="DERIVED\\SECONDARY\\AXIAL")
     failing = make_series(2, "CT", image_type="ORIGINAL\\PRIMARY\\AXIAL")
-    files = write_series(passing, tmp_path / "in" / "a") + write_series(failing, tmp_path / "in" / "b")
+    files = write_series(passing, tmp_path / "in" / "a") + write_series(
+        failing, tmp_path / "in" / "b"
+    )
 
     with orthanc(tmp_path / "orthanc") as pacs:
         port = free_port()
         config_path = tmp_path / "node.toml"
         config_path.write_text(
-            CONFIG.format(port=port, data_dir=tmp_path / "data", orthanc_aet=pacs.aet, orthanc_port=pacs.dicom_port)
+            CONFIG.format(
+                port=port,
+                data_dir=tmp_path / "data",
+                orthanc_aet=pacs.aet,
+                orthanc_port=pacs.dicom_port,
+            )
         )
         node = NodeProcess(config_path, port, tmp_path / "node.log").start()
         try:
@@ -81,7 +98,11 @@ def test_two_series_one_forwarded_one_held_back(tmp_path):
             def settled():
                 reports = query_reports(config_path)
                 states = {r["SeriesInstanceUID"]: r["series_state"] for r in reports}
-                return len(reports) == 5 and set(states.values()) <= {"forwarded", "rejected"} and reports
+                return (
+                    len(reports) == 5
+                    and set(states.values()) <= {"forwarded", "rejected"}
+                    and reports
+                )
 
             reports = wait_until(settled, timeout=120, what="both series processed and forwarded")
             received = pacs.instances()
@@ -117,7 +138,11 @@ def test_two_series_one_forwarded_one_held_back(tmp_path):
         assert sorted(r["save_disabling_urls_series_agg"]) == sorted(x["url"] for x in bad)
         first = r["save_conditions_evaluations"][0]
         assert first == {
-            "condition": {"value": "PRIMARY", "condition_type": "NOT_SUBSTR", "dicom_tag": "ImageType"},
+            "condition": {
+                "value": "PRIMARY",
+                "condition_type": "NOT_SUBSTR",
+                "dicom_tag": "ImageType",
+            },
             "tag_value": "ORIGINAL\\PRIMARY\\AXIAL",
             "evaluated_value": False,
         }

@@ -6,33 +6,44 @@ Peers: DCMTK echoscu/storescu and pynetdicom as a client, against the real SCP o
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 
 import pytest
+from dicomgen import make_instance, write_series
+from peers import echoscu, free_port, storescu
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicomgen import make_instance, write_series
 from deid_node.config import NodeConfig
-from deid_node.scp import StoreLimits, build_ae, handlers
+from deid_node.scp import StoreLimits, build_ae, enable_chunked_receive, handlers
 from deid_node.store import Store
-from peers import echoscu, free_port, storescu
 
 BIG = 1 << 40
 
 
-@pytest.fixture
-def scp(tmp_path):
-    """Start the SCP in-process; returns a function (allowed AEs, limits) -> (port, store)."""
-    servers = []
+@pytest.fixture(params=["chunked", "in-memory"])
+def scp(request, tmp_path):
+    """Start the SCP in-process; returns a function (allowed AEs, limits) -> (port, store).
 
-    def start(allowed=(), limits=StoreLimits(BIG, 0)):
+    Runs each test with pynetdicom streaming datasets to a file (what the node does) and with
+    the dataset held in memory (pynetdicom's default)."""
+    servers = []
+    if request.param == "chunked":
+        enable_chunked_receive(tmp_path / "data" / "tmp")
+
+    def start(allowed=(), limits=None):
+        limits = limits or StoreLimits(BIG, 0)
         port = free_port()
-        node = NodeConfig(port=port, data_dir=tmp_path / "data", allowed_calling_aets=tuple(allowed))
+        node = NodeConfig(
+            port=port, data_dir=tmp_path / "data", allowed_calling_aets=tuple(allowed)
+        )
         store = Store(node.data_dir)
-        server = build_ae(node).start_server(("127.0.0.1", port), block=False, evt_handlers=handlers(store, limits))
+        server = build_ae(node).start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=handlers(store, limits)
+        )
         servers.append((server, store))
         return port, store
 
@@ -40,6 +51,8 @@ def scp(tmp_path):
     for server, store in servers:
         server.shutdown()
         store.close()
+    _config.STORE_RECV_CHUNKED_DATASET = False
+    tempfile.tempdir = None
 
 
 def send_files(port: int, paths: list[Path], calling: str = "PYSCU") -> list[int]:
@@ -61,6 +74,15 @@ def _send(port: int, paths: list[Path], calling: str) -> list[int]:
         return [int(assoc.send_c_store(p).Status) for p in paths]
     finally:
         assoc.release()
+
+
+def refused(store: Store) -> list[tuple[int, bool]]:
+    """(status, kept in quarantine) of every refused instance."""
+    rows = store.query("SELECT status, quarantine_path FROM refused ORDER BY id")
+    return [
+        (r["status"], bool(r["quarantine_path"]) and Path(r["quarantine_path"]).exists())
+        for r in rows
+    ]
 
 
 def test_echo_and_store_with_dcmtk(scp, tmp_path):
@@ -109,6 +131,8 @@ def test_oversized_instance_answers_out_of_resources(scp, tmp_path):
     paths = write_series([make_instance("CT")], tmp_path / "in")
     assert send_files(port, paths) == [0xA700]
     assert not list((store.data_dir / "spool").rglob("*.dcm"))
+    assert refused(store) == [(0xA700, False)]
+    assert not list((store.data_dir / "tmp").iterdir())
 
 
 def test_missing_series_uid_cannot_understand(scp, tmp_path):
@@ -119,6 +143,10 @@ def test_missing_series_uid_cannot_understand(scp, tmp_path):
     ds.save_as(path, enforce_file_format=True)
     assert send_files(port, [path]) == [0xC000]
     assert store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert refused(store) == [(0xC000, True)]
+    report = store.reports(failed=True)[0]
+    assert report["error"] == "missing SeriesInstanceUID" and report["dimse_status"] == "0xC000"
+    assert report["url"] == f"dicom://PYSCU/{ds.SOPInstanceUID}" and report["url_deid"] is None
 
 
 def test_garbage_dataset_cannot_understand(scp, tmp_path):
@@ -132,6 +160,7 @@ def test_garbage_dataset_cannot_understand(scp, tmp_path):
     path.write_bytes(raw[:meta_end] + b"\x08\x00\x16\x00UI\xff\x7f" + b"\x01" * 40)
     assert send_files(port, [path]) == [0xC000]
     assert store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert refused(store) == [(0xC000, True)]
 
 
 def test_uid_mismatch_with_request_is_dataset_mismatch(scp, tmp_path):
@@ -146,6 +175,7 @@ def test_uid_mismatch_with_request_is_dataset_mismatch(scp, tmp_path):
     path.write_bytes(raw[:second] + b"1.2.3.4.5.6.8" + raw[second + 13 :])
     assert send_files(port, [path]) == [0xA900]
     assert store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert refused(store) == [(0xA900, True)]
 
 
 def test_database_failure_is_never_success(scp, tmp_path):
@@ -155,7 +185,9 @@ def test_database_failure_is_never_success(scp, tmp_path):
     status = send_files(port, paths)
     assert status[0] != 0x0000 and status[0] in (0xA700, 0x0110)
     store._conn.execute("PRAGMA query_only = OFF")
-    assert not list((store.data_dir / "spool").rglob("*.dcm")), "spool file of a refused instance remains"
+    assert not list((store.data_dir / "spool").rglob("*.dcm")), (
+        "spool file of a refused instance remains"
+    )
 
 
 def test_resent_instance_is_idempotent(scp, tmp_path):
