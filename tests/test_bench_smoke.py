@@ -1,0 +1,39 @@
+"""Smoke run of scripts/bench.py at tiny sizes, so that the benchmark cannot rot.
+
+No thresholds: it must finish and write a table with every phase. Peers that need the
+benchmark's own venv (dicognito, dcmanon) and easyocr's model load are left out for speed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from peers import NODELAY_ENV, REPO, require
+
+pytestmark = [pytest.mark.slow, pytest.mark.network]
+
+PHASES = ("Ingest", "Concurrency", "Pipeline", "OCR", "End-to-end", "Big series")
+
+
+def test_bench_quick_run_writes_a_table_with_every_phase(tmp_path):
+    require("storescu")
+    require("storescp")
+    out = tmp_path / "benchmarks.md"
+    run = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--instances", "3",
+         "--no-peer-venv", "--no-install", "--no-orthanc", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=NODELAY_ENV,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = out.read_text()
+    assert "| Phase | Measure | Result |" in text
+    table_phases = {
+        line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")
+    }
+    for phase in PHASES:
+        assert phase in table_phases, f"phase {phase} missing from the table"
+    for measure in ("bare pynetdicom SCP", "deid-node --workers 2", "rapidocr", "last ack"):
+        assert measure in text, f"{measure} missing from the table"
+    assert "Machine:" in text and "Python" in text
