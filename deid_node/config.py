@@ -7,6 +7,7 @@ process, and are made absolute here so that the rest of the code never depends o
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -33,6 +34,16 @@ OCR_ENGINES = ("rapidocr", "easyocr")
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the SCP: our certificate and key; with `ca`, peers must present a certificate
+    signed by it (mutual TLS, as the DICOM Secure Transport Connection Profile expects)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     ae_title: str = "DEID_NODE"
     host: str = "0.0.0.0"
@@ -49,6 +60,9 @@ class NodeConfig:
     # Seconds between looks at the database for complete series and due deliveries.
     poll_seconds: float = 1.0
     network_timeout_seconds: float = 60.0
+    # Calling AE -> source networks (CIDR) it may connect from; AEs not listed: any address.
+    allowed_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    tls: TlsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,9 @@ class DestinationConfig:
     port: int = 0
     path: Path | None = None
     calling_ae_title: str = ""  # defaults to node.ae_title
+    tls_ca: Path | None = None  # set to use TLS: the CA that signed the destination's certificate
+    tls_cert: Path | None = None  # our client certificate and key, when the destination asks
+    tls_key: Path | None = None
     max_attempts: int = 10
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
@@ -146,7 +163,13 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _reject_unknown(
         raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations"}, ""
     )
-    node = _section(NodeConfig, raw.get("node", {}), "node")
+    if not isinstance(raw.get("node", {}), Mapping):
+        raise ConfigError("node: expected a table")
+    node_raw = dict(raw.get("node", {}))
+    peers = _parse_allowed_peers(node_raw.pop("allowed_peers", {}))
+    tls = _parse_tls(node_raw.pop("tls", None))
+    node = _section(NodeConfig, node_raw, "node")
+    node = _replace(node, allowed_peers=peers, tls=tls)
     if not node.ae_title or len(node.ae_title) > 16 or not node.ae_title.isascii():
         raise ConfigError("node.ae_title: must be 1-16 ASCII characters")
     _check_port(node.port, "node.port")
@@ -187,6 +210,39 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
     return Config(node, series, deid, pixels, conditions, destinations, source)
+
+
+def _parse_allowed_peers(raw: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError("node.allowed_peers: expected a table AE = [CIDR, ...]")
+    peers: dict[str, tuple[str, ...]] = {}
+    for ae, networks in raw.items():
+        key = f"node.allowed_peers.{ae}"
+        if not isinstance(networks, list) or not networks:
+            raise ConfigError(f'{key}: expected a non-empty list of networks such as "10.0.0.0/24"')
+        for network in networks:
+            try:
+                ipaddress.ip_network(str(network), strict=False)
+            except ValueError:
+                raise ConfigError(f"{key}: {network!r} is not an IP network") from None
+        peers[str(ae).strip()] = tuple(str(n) for n in networks)
+    return peers
+
+
+def _parse_tls(raw: Any) -> TlsConfig | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("node.tls: expected a table with cert, key and optionally ca")
+    for key in ("cert", "key"):
+        if key not in raw:
+            raise ConfigError(f"node.tls.{key}: required when [node.tls] is present")
+    tls = _section(TlsConfig, raw, "node.tls")
+    tls = _replace(tls, **{k: Path(v).absolute() for k, v in vars(tls).items() if v is not None})
+    for key, path in vars(tls).items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"node.tls.{key}: no such file {path}")
+    return tls
 
 
 def _parse_pixels(raw: Any) -> PixelsConfig:
@@ -245,6 +301,16 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
         dest = _replace(dest, path=Path(dest.path).absolute())
     else:
         raise ConfigError(f"{label}.type: must be 'dicom' or 'folder', not {dest.type!r}")
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(dest, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"{label}.{key}: no such file {path}")
+            dest = _replace(dest, **{key: Path(path).absolute()})
+    if (dest.tls_cert is None) != (dest.tls_key is None):
+        raise ConfigError(f"{label}.tls_cert: tls_cert and tls_key go together")
+    if dest.tls_cert is not None and dest.tls_ca is None:
+        raise ConfigError(f"{label}.tls_ca: required with tls_cert (TLS needs the CA)")
     if dest.max_attempts < 1:
         raise ConfigError(f"{label}.max_attempts: must be >= 1")
     return dest

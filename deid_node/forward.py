@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,15 @@ def _copy_to_folder(
         on_stored(item, str(final), 0)
 
 
+def client_ssl_context(dest: DestinationConfig) -> ssl.SSLContext:
+    """Verify the destination against tls_ca (hostname or IP in its certificate)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(dest.tls_ca))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if dest.tls_cert and dest.tls_key:
+        context.load_cert_chain(dest.tls_cert, dest.tls_key)
+    return context
+
+
 def _check_reachable(dest: DestinationConfig) -> None:
     """Fail fast, with the reason, when nothing listens (pynetdicom would only say 'aborted')."""
     try:
@@ -112,7 +122,8 @@ def _c_store(
         if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls_args = (client_ssl_context(dest), dest.host) if dest.tls_ca else None
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         reason = (
             "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no association"

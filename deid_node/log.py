@@ -70,3 +70,15 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
     if not _configured:
         configure_logging()
     return structlog.get_logger(name)
+
+
+def safe_error(exc: BaseException) -> dict[str, str]:
+    """Log fields for an exception: its type always; its message only when it cannot hold a
+    patient value (our own errors are written without them; OS errors name paths under the
+    data dir). A library's message may quote a tag value, so it is left out."""
+    from deid_node.errors import DeidNodeError
+
+    fields = {"error_type": type(exc).__name__}
+    if isinstance(exc, DeidNodeError | OSError):
+        fields["error"] = str(exc)[:300]
+    return fields

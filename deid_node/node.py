@@ -22,9 +22,15 @@ from deid_node.config import Config, DestinationConfig
 from deid_node.deid.uids import load_or_create_secret
 from deid_node.errors import ForwardError
 from deid_node.forward import Outgoing, backoff_seconds, send_batch
-from deid_node.log import get_logger
+from deid_node.log import get_logger, safe_error
 from deid_node.pipeline import PipelineSettings, SourceFile, run_series
-from deid_node.scp import StoreLimits, build_ae, enable_chunked_receive, handlers
+from deid_node.scp import (
+    StoreLimits,
+    build_ae,
+    enable_chunked_receive,
+    handlers,
+    server_ssl_context,
+)
 from deid_node.store import Store
 
 log = get_logger("deid_node.node")
@@ -74,7 +80,10 @@ class Node:
             node.max_instance_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024
         )
         self._server = ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=handlers(self.store, limits)
+            (node.host, node.port),
+            block=False,
+            evt_handlers=handlers(self.store, limits),
+            ssl_context=server_ssl_context(node.tls) if node.tls else None,
         )
         self._spawn("scheduler", self._schedule_loop)
         for dest in self.config.destinations:
@@ -86,6 +95,7 @@ class Node:
             port=self.port,
             data_dir=str(node.data_dir),
             destinations=[d.name for d in self.config.destinations],
+            tls=node.tls is not None,
             **recovered,
         )
 
@@ -143,9 +153,7 @@ class Node:
             try:
                 target(*args)
             except Exception as exc:
-                log.error(
-                    "loop_error", loop=name, error_type=type(exc).__name__, error=str(exc)[:200]
-                )
+                log.error("loop_error", loop=name, **safe_error(exc))
                 self._stop.wait(self.config.node.poll_seconds)
 
     # -- scheduling and processing --------------------------------------------------------
@@ -167,7 +175,7 @@ class Node:
             self.process_batch(batch_id)
         except Exception as exc:
             # Left in 'processing': a restart re-queues it; log so an operator sees it now.
-            log.error("batch_error", batch_id=batch_id, error_type=type(exc).__name__)
+            log.error("batch_error", batch_id=batch_id, **safe_error(exc))
         finally:
             self._in_flight.release()
 

@@ -7,10 +7,14 @@ row is committed in SQLite. The bytes are stored exactly as the modality sent th
 
 from __future__ import annotations
 
+import ipaddress
+import multiprocessing.util
 import re
 import shutil
 import sqlite3
+import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +22,10 @@ from typing import Any
 
 from pydicom import dcmread
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from deid_node.config import NodeConfig
+from deid_node.config import NodeConfig, TlsConfig
 from deid_node.log import get_logger
 from deid_node.store import Receipt, Store
 
@@ -44,15 +49,13 @@ class StoreLimits:
 
 
 def build_ae(node: NodeConfig) -> AE:
-    ae = AE(ae_title=node.ae_title)
+    ae = NodeAE(node.ae_title, PeerPolicy(node))
     # Every storage SOP class with every transfer syntax pynetdicom knows: we store bytes as
     # sent, so a compressed syntax costs nothing here.
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     ae.require_called_aet = True
-    if node.allowed_calling_aets:
-        ae.require_calling_aet = list(node.allowed_calling_aets)
     ae.network_timeout = node.network_timeout_seconds
     ae.acse_timeout = ae.dimse_timeout = node.network_timeout_seconds
     ae.maximum_associations = 32
@@ -90,6 +93,9 @@ def enable_chunked_receive(tmp_dir: Path) -> None:
     into the spool (same file system: no copy). Process-wide setting: the node owns its process.
     """
     tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # multiprocessing puts its sockets in the temp dir, where a long data_dir path exceeds the
+    # AF_UNIX limit: let it pick (and cache) its own folder before we redirect tempfile.
+    multiprocessing.util.get_temp_dir()
     tempfile.tempdir = str(tmp_dir)
     _config.STORE_RECV_CHUNKED_DATASET = True
 
@@ -224,3 +230,69 @@ def handlers(store: Store, limits: StoreLimits) -> list[tuple[Any, Callable[...,
         (evt.EVT_REJECTED, handle_association_event),
         (evt.EVT_ABORTED, handle_association_event),
     ]
+
+
+class PeerPolicy:
+    """Who may associate: calling AE titles, and per AE the networks it may connect from."""
+
+    def __init__(self, node: NodeConfig) -> None:
+        self.allowed_aets = {ae.strip() for ae in node.allowed_calling_aets}
+        self.networks = {
+            ae: [ipaddress.ip_network(n, strict=False) for n in networks]
+            for ae, networks in node.allowed_peers.items()
+        }
+
+    def allows(self, calling_ae: str, address: str) -> bool:
+        calling_ae = calling_ae.strip()
+        if self.allowed_aets and calling_ae not in self.allowed_aets:
+            return False
+        networks = self.networks.get(calling_ae)
+        if networks is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+
+class NodeAE(AE):
+    """pynetdicom's AE, with the calling-AE check extended to the peer's source address.
+
+    pynetdicom rejects an association (A-ASSOCIATE-RJ, "calling AE title not recognised")
+    when the calling AE is not in `require_calling_aet`. It reads that list in the association's
+    own thread during negotiation, so we answer per association: the calling AE itself when
+    the policy allows it from this address, or a title no peer can have.
+    """
+
+    _REFUSED = ["\\"]  # a backslash is not allowed in an AE title: matches nobody
+
+    def __init__(self, ae_title: str, policy: PeerPolicy) -> None:
+        super().__init__(ae_title=ae_title)
+        self.policy = policy
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        if not isinstance(assoc, Association) or assoc.requestor.primitive is None:
+            return []
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = str(assoc.requestor.address)
+        if self.policy.allows(calling, address):
+            return [calling]
+        log.warning("association_refused", calling_ae=calling, peer=address, reason="not allowed")
+        return self._REFUSED
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        self._require_calling_aet = list(ae_titles)
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.ca is not None:
+        context.load_verify_locations(tls.ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
