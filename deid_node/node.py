@@ -15,6 +15,7 @@ import multiprocessing
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ from deid_node.scp import (
 from deid_node.store import Store
 
 log = get_logger("deid_node.node")
+
+# A batch whose processing raised (not a bad file: those are quarantined) is retried this often.
+MAX_PROCESSING_ATTEMPTS = 3
 
 
 def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
@@ -174,8 +178,14 @@ class Node:
         try:
             self.process_batch(batch_id)
         except Exception as exc:
-            # Left in 'processing': a restart re-queues it; log so an operator sees it now.
-            log.error("batch_error", batch_id=batch_id, **safe_error(exc))
+            if isinstance(exc, BrokenProcessPool):
+                # A worker died (killed, out of memory, crash in a decoder): start a new pool.
+                self._pool = make_process_pool(self.config.node.workers)
+            fields = safe_error(exc)
+            state = self.store.processing_failed(
+                batch_id, fields.get("error", fields["error_type"]), MAX_PROCESSING_ATTEMPTS
+            )
+            log.error("batch_error", batch_id=batch_id, next_state=state, **fields)
         finally:
             self._in_flight.release()
 

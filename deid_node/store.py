@@ -143,7 +143,15 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["refused"].create_index(["received_at"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+def _migration_3(db: sqlite_utils.Database) -> None:
+    db["batches"].add_column("processing_attempts", int, not_null_default=0)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+]
 
 
 @dataclass(frozen=True)
@@ -351,8 +359,32 @@ class Store:
             ).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE batches SET state = 'processing' WHERE id = ?", (row[0],))
+            conn.execute(
+                "UPDATE batches SET state = 'processing', processing_attempts = processing_attempts + 1"
+                " WHERE id = ?",
+                (row[0],),
+            )
             return row[0]
+
+    def processing_failed(self, batch_id: int, error: str, max_attempts: int) -> str:
+        """An unexpected error while processing: try again later, or give up (failed, kept)."""
+        with self.transaction() as conn:
+            attempts = conn.execute(
+                "SELECT processing_attempts FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()[0]
+            state = "complete" if attempts < max_attempts else "failed"
+            conn.execute(
+                "UPDATE batches SET state = ?, summary = ?,"
+                " finished_at = CASE WHEN ? = 'failed' THEN ? END WHERE id = ? AND state = 'processing'",
+                (
+                    state,
+                    json.dumps({"outcome": "failed", "error": error}),
+                    state,
+                    utcnow(),
+                    batch_id,
+                ),
+            )
+        return state
 
     def recover_after_restart(self) -> dict[str, int]:
         """Put interrupted work back in the queue: processing -> complete (outputs are derived

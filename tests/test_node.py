@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -214,3 +216,22 @@ def test_toml_helper_round_trips(tmp_path):
 
     assert load_config(path).series.stable_seconds == 1.0
     time.sleep(0)
+
+
+def test_a_killed_worker_process_is_replaced_and_the_series_retried(tmp_path):
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    node = start(raw)
+    try:
+        first = write_series(make_series(2, "CT"), tmp_path / "a")
+        assert storescu(node.port, first).returncode == 0
+        wait_until(lambda: settled(node, 1), 60, what="first series forwarded")
+        for pid in list(node._pool._processes):  # the de-identification worker processes
+            os.kill(pid, signal.SIGKILL)
+        second = write_series(make_series(2, "CT"), tmp_path / "b")
+        assert storescu(node.port, second).returncode == 0
+        rows = wait_until(lambda: settled(node, 2), 60, what="second series forwarded")
+        assert [r["state"] for r in rows] == ["forwarded", "forwarded"]
+        assert rows[1]["processing_attempts"] == 2
+        assert len(list((tmp_path / "out").rglob("*.dcm"))) == 4
+    finally:
+        node.stop()
