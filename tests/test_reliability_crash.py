@@ -1,0 +1,150 @@
+"""Crash safety: SIGKILL the node (a real process) mid-receive, mid-processing, mid-forward.
+
+After each restart the series must reach 'forwarded', nothing acknowledged to the modality may
+be lost, and the destination must hold each instance once. One instance may be sent twice when
+the kill falls between the destination's acknowledgement and the commit of its `sent` row; its
+new UIDs are deterministic, so the archive overwrites the same instance. No more than that.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from dicomgen import make_series, write_series
+from faultpeers import (
+    FaultySCP,
+    KillableNode,
+    db_rows,
+    dicom_destination,
+    node_raw,
+    write_config,
+)
+from peers import NODELAY_ENV, require, storescu, wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.slow]
+
+
+def start_node(tmp_path: Path, raw: dict) -> KillableNode:
+    config = write_config(tmp_path / "node.toml", raw)
+    return KillableNode(config, raw["node"]["port"], tmp_path / "node.log").start()
+
+
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "deid-node.sqlite"
+
+
+def all_forwarded(tmp_path: Path):
+    rows = db_rows(db(tmp_path), "SELECT state FROM batches")
+    return rows and all(r["state"] == "forwarded" for r in rows) and rows
+
+
+def test_kill_mid_receive_loses_nothing_acknowledged(tmp_path):
+    series = make_series(100, "CT")
+    files = write_series(series, tmp_path / "in")
+    with FaultySCP() as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=4)
+        node = start_node(tmp_path, raw)
+        try:
+            cmd = [require("storescu"), "-v", "-aet", "MODALITY", "-aec", "DEID_NODE"]
+            sender = subprocess.Popen(
+                [*cmd, "-to", "20", "127.0.0.1", str(node.port), *map(str, files)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=NODELAY_ENV,
+            )
+            try:
+                wait_until(
+                    lambda: len(db_rows(db(tmp_path), "SELECT id FROM instances")) >= 20,
+                    30,
+                    interval=0.01,
+                    what="20 instances received",
+                )
+                node.kill9()
+                output, _ = sender.communicate(timeout=30)
+            finally:
+                if sender.poll() is None:
+                    sender.kill()
+                    sender.wait(timeout=10)
+            acked = len(re.findall(r"Received Store Response \(Success\)", output))
+            assert 20 <= acked < len(files), f"kill did not land mid-receive ({acked} acked)"
+            # Everything storescu saw acknowledged is committed, with its bytes in the spool.
+            rows = db_rows(db(tmp_path), "SELECT sop_uid, spool_path FROM instances")
+            held = {r["sop_uid"]: r["spool_path"] for r in rows}
+            for ds in series[:acked]:
+                assert ds.SOPInstanceUID in held, "an acknowledged instance was lost"
+                assert Path(held[ds.SOPInstanceUID]).stat().st_size > 0
+
+            # The modality re-sends the whole series, as it would after a failed association.
+            node = start_node(tmp_path, raw)
+            resent = storescu(node.port, files)
+            assert resent.returncode == 0, resent.stderr
+            wait_until(lambda: all_forwarded(tmp_path), 90, what="series forwarded")
+        finally:
+            node.stop()
+        stored = scp.stored()
+    assert len(set(stored)) == len(files)
+    assert len(stored) == len(files), "an instance was forwarded twice"
+
+
+def test_kill_mid_processing_resumes_the_series(tmp_path):
+    series = make_series(150, "CT")
+    files = write_series(series, tmp_path / "in")
+    with FaultySCP() as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
+        node = start_node(tmp_path, raw)
+        try:
+            assert storescu(node.port, files).returncode == 0
+            wait_until(
+                lambda: db_rows(db(tmp_path), "SELECT id FROM batches WHERE state = 'processing'"),
+                30,
+                interval=0.01,
+                what="batch in processing",
+            )
+            node.kill9()
+            assert db_rows(db(tmp_path), "SELECT state FROM batches") == [{"state": "processing"}]
+            assert not scp.calls, "nothing may leave before processing finished"
+            node = start_node(tmp_path, raw)
+            wait_until(lambda: all_forwarded(tmp_path), 90, what="series forwarded")
+        finally:
+            node.stop()
+        stored = scp.stored()
+    assert 'requeued_processing": 1' in (tmp_path / "node.log").read_text()
+    assert len(set(stored)) == len(files)
+    assert len(stored) == len(files), "an instance was forwarded twice"
+    reports = db_rows(db(tmp_path), "SELECT report FROM instances WHERE report IS NOT NULL")
+    assert len(reports) == len(files)
+
+
+def test_kill_mid_forward_sends_each_instance_once(tmp_path):
+    count = 30
+    files = write_series(make_series(count, "CT"), tmp_path / "in")
+    with FaultySCP(delay=0.15) as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
+        node = start_node(tmp_path, raw)
+        try:
+            assert storescu(node.port, files).returncode == 0
+            wait_until(
+                lambda: len(db_rows(db(tmp_path), "SELECT instance_id FROM sent")) >= 5,
+                60,
+                interval=0.01,
+                what="some instances sent",
+            )
+            node.kill9()
+            sent_before = len(db_rows(db(tmp_path), "SELECT instance_id FROM sent"))
+            assert 5 <= sent_before < count, "kill did not land mid-forward"
+            assert db_rows(db(tmp_path), "SELECT state FROM batches") == [{"state": "forwarding"}]
+            time.sleep(0.3)  # the destination finishes the C-STORE it was answering
+            node = start_node(tmp_path, raw)
+            wait_until(lambda: all_forwarded(tmp_path), 90, what="series forwarded")
+        finally:
+            node.stop()
+        stored = scp.stored()
+    assert len(set(stored)) == count
+    # At most the one instance in flight at the kill is sent again (same new UID: overwritten).
+    assert count <= len(stored) <= count + 1
+    assert len(db_rows(db(tmp_path), "SELECT instance_id FROM sent")) == count
