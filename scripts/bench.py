@@ -59,6 +59,7 @@ DEFAULT_PEER_VENV = (
     Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deid-node-bench" / "venv"
 )
 NODE_AET = "DEID_NODE"
+SLOW_STOPS: list[str] = []  # node processes that did not exit within 5 s of SIGTERM
 PHASES = ("Ingest", "Concurrency", "Pipeline", "OCR", "End-to-end", "Big series")
 
 # -- results ---------------------------------------------------------------------------------
@@ -549,8 +550,26 @@ class NodeProcess:
         if self.sampler:
             self.sampler.__exit__()
         if self.proc:
-            stop_process(self.proc, 60)
+            self._stop_bounded()
         self._log.close()
+
+    def _stop_bounded(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL of the node's own process tree after `grace` seconds: the
+        figures are taken by then, and a slow shutdown must not stretch the benchmark."""
+        assert self.proc is not None
+        tree = process_tree(self.proc.pid)
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        SLOW_STOPS.append(f"{self.workdir.name} ({time.monotonic() - started:.0f} s)")
 
     def db(self, sql: str) -> list[tuple]:
         uri = f"file:{self.data_dir / 'deid-node.sqlite'}?mode=ro"
@@ -1336,6 +1355,11 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - started
     machine["load_end"] = f"{os.getloadavg()[0]:.2f}"
+    if SLOW_STOPS:
+        res.note(
+            "`deid-node serve` did not exit within 5 s of SIGTERM (after every association had"
+            f" been released) and was killed: {', '.join(SLOW_STOPS)}"
+        )
     if float(machine["load_start"]) > 0.5:
         res.note(
             f"load average was {machine['load_start']} when the run started: other processes"

@@ -6,6 +6,8 @@ benchmark's own venv (dicognito, dcmanon) and easyocr's model load are left out 
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 
@@ -21,12 +23,20 @@ def test_bench_quick_run_writes_a_table_with_every_phase(tmp_path):
     require("storescu")
     require("storescp")
     out = tmp_path / "benchmarks.md"
-    run = subprocess.run(
+    # Its own session, so that a timeout stops the bench and every process it started.
+    proc = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--instances", "3",
          "--no-peer-venv", "--no-install", "--no-orthanc", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env=NODELAY_ENV,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=NODELAY_ENV,
+        start_new_session=True,
     )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-2000:]
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=10)
+        pytest.fail("bench.py --quick did not finish in 120 s")
+    assert proc.returncode == 0, stderr[-2000:]
     text = out.read_text()
     assert "| Phase | Measure | Result |" in text
     table_phases = {
