@@ -82,10 +82,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     node = Node(load_config(args.config))
 
-    def on_term(_signum: int, _frame: object) -> None:
+    def on_signal(_signum: int, _frame: object) -> None:
         node.request_stop()
 
-    signal.signal(signal.SIGTERM, on_term)
+    # Both set explicitly: a process started in the background inherits SIGINT ignored.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     node.serve_forever()
     return 0
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from deid_node.config import Config, DestinationConfig
 from deid_node.deid.uids import load_or_create_secret
-from deid_node.errors import ForwardError
+from deid_node.errors import ConfigError, ForwardError
 from deid_node.forward import Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
 from deid_node.pipeline import PipelineSettings, SourceFile, run_series
@@ -38,6 +38,10 @@ log = get_logger("deid_node.node")
 
 # A batch whose processing raised (not a bad file: those are quarantined) is retried this often.
 MAX_PROCESSING_ATTEMPTS = 3
+
+
+def _title(value: object) -> str:
+    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).strip()
 
 
 def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
@@ -83,12 +87,17 @@ class Node:
         limits = StoreLimits(
             node.max_instance_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024
         )
-        self._server = ae.start_server(
-            (node.host, node.port),
-            block=False,
-            evt_handlers=handlers(self.store, limits),
-            ssl_context=server_ssl_context(node.tls) if node.tls else None,
-        )
+        try:
+            self._server = ae.start_server(
+                (node.host, node.port),
+                block=False,
+                evt_handlers=handlers(self.store, limits),
+                ssl_context=server_ssl_context(node.tls) if node.tls else None,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"node.port: cannot listen on {node.host}:{node.port}: {exc.strerror or exc}"
+            ) from None
         self._spawn("scheduler", self._schedule_loop)
         for dest in self.config.destinations:
             self._spawn(f"forward-{dest.name}", self._forward_loop, dest)
@@ -110,9 +119,10 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let associations and batches in progress finish, persist, exit."""
         if self._server is not None:
-            self._server.shutdown()  # closes the listening socket: no new association
-            self._server = None
+            self._ae.stopping = True  # new associations are rejected from now on
             self._wait_for_associations(self.config.node.network_timeout_seconds)
+            self._server.shutdown()
+            self._server = None
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=60)
@@ -122,12 +132,22 @@ class Node:
         log.info("node_stopped")
 
     def _wait_for_associations(self, timeout: float) -> None:
-        """Let associations in progress finish (each instance is acknowledged or refused)."""
+        """Let established associations finish (each instance is acknowledged or refused).
+
+        A connection that never sent an A-ASSOCIATE-RQ (a port probe, a health check) holds a
+        pynetdicom thread until acse_timeout; there is nothing in it to finish, so it is aborted.
+        """
         deadline = time.monotonic() + timeout
-        while self._ae.active_associations and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            established = [a for a in self._ae.active_associations if a.is_established]
+            if not established:
+                break
             time.sleep(0.1)
         for assoc in self._ae.active_associations:
-            log.warning("association_aborted_at_stop", calling_ae=str(assoc.requestor.ae_title))
+            if assoc.is_established:
+                log.warning(
+                    "association_aborted_at_stop", calling_ae=_title(assoc.requestor.ae_title)
+                )
             assoc.abort()
 
     def request_stop(self) -> None:

@@ -270,6 +270,9 @@ class NodeAE(AE):
     def __init__(self, ae_title: str, policy: PeerPolicy) -> None:
         super().__init__(ae_title=ae_title)
         self.policy = policy
+        # Set when the node stops: new associations are rejected while those in progress
+        # finish (closing the listening socket first would cut them off).
+        self.stopping = False
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -278,6 +281,11 @@ class NodeAE(AE):
             return []
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
+        if self.stopping:
+            log.info(
+                "association_refused", calling_ae=calling, peer=address, reason="node stopping"
+            )
+            return self._REFUSED
         if self.policy.allows(calling, address):
             return [calling]
         log.warning("association_refused", calling_ae=calling, peer=address, reason="not allowed")
