@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dicomgen import make_series, write_series
 from peers import NODELAY_ENV, REPO, echoscu, storescu, wait_for_port
 
