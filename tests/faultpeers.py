@@ -315,8 +315,7 @@ def node_raw(
             "min_free_disk_mb": 1,
             "poll_seconds": 0.2,
             "workers": 2,
-            # wait_for_port's bare TCP probe holds an association thread this long, and a
-            # graceful stop waits for it (see docs/reliability.md): keep it short in tests.
+            # Bounds how long a stop waits for an association in progress: short in tests.
             "network_timeout_seconds": 5,
             **node,
         },

@@ -9,6 +9,7 @@ new UIDs are deterministic, so the archive overwrites the same instance. No more
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from dicomgen import make_series, write_series
 from faultpeers import (
     FaultySCP,
     KillableNode,
+    associate,
     db_rows,
     dicom_destination,
     node_raw,
@@ -148,3 +150,70 @@ def test_kill_mid_forward_sends_each_instance_once(tmp_path):
     # At most the one instance in flight at the kill is sent again (same new UID: overwritten).
     assert count <= len(stored) <= count + 1
     assert len(db_rows(db(tmp_path), "SELECT instance_id FROM sent")) == count
+
+
+# -- graceful stop ----------------------------------------------------------------------------
+
+
+def test_sigterm_while_receiving_stops_accepting_and_loses_nothing(tmp_path):
+    series = make_series(200, "CT", rows=256, columns=256)
+    files = write_series(series, tmp_path / "in")
+    with FaultySCP() as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
+        node = start_node(tmp_path, raw)
+        try:
+            cmd = [require("storescu"), "-v", "-aet", "MODALITY", "-aec", "DEID_NODE"]
+            sender = subprocess.Popen(
+                [*cmd, "-to", "20", "127.0.0.1", str(node.port), *map(str, files)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=NODELAY_ENV,
+            )
+            try:
+                wait_until(
+                    lambda: len(db_rows(db(tmp_path), "SELECT id FROM instances")) >= 20,
+                    30,
+                    interval=0.01,
+                    what="20 instances received",
+                )
+                node.proc.send_signal(signal.SIGTERM)
+                # No new association once the stop began (the one in progress may go on).
+                wait_until(
+                    lambda: not associate(node.port, timeout=2).is_established,
+                    5,
+                    interval=0.05,
+                    what="new associations refused",
+                )
+                assert node.proc.wait(timeout=30) == 0, "SIGTERM did not exit 0"
+                output, _ = sender.communicate(timeout=30)
+            finally:
+                if sender.poll() is None:
+                    sender.kill()
+                    sender.wait(timeout=10)
+            node.log.close()
+            acked = len(re.findall(r"Received Store Response \(Success\)", output))
+            held = {r["sop_uid"] for r in db_rows(db(tmp_path), "SELECT sop_uid FROM instances")}
+            assert acked >= 20
+            assert {ds.SOPInstanceUID for ds in series[:acked]} <= held, "acknowledged but lost"
+            node = start_node(tmp_path, raw)
+            wait_until(lambda: all_forwarded(tmp_path), 90, what="series forwarded after restart")
+        finally:
+            node.stop()
+        stored = scp.stored()
+    assert len(stored) == len(set(stored)) == len(held)
+
+
+def test_sigterm_exits_promptly_after_a_bare_tcp_probe(tmp_path):
+    """A port probe (connect, close, no A-ASSOCIATE-RQ) must not hold a graceful stop."""
+    with FaultySCP() as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], network_timeout_seconds=20)
+        node = start_node(tmp_path, raw)  # wait_for_port connects and closes: the probe
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            code = node.proc.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            node.stop()
+    assert code == 0, "still running 8 s after SIGTERM"
