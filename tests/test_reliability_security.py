@@ -35,6 +35,16 @@ pytestmark = [pytest.mark.network]
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
+@pytest.fixture(autouse=True)
+def collect_refused_sockets():
+    """pynetdicom (the client side, in this process) leaves the socket of a rejected or failed
+    association to the garbage collector; collect them in the test that made them."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
 def start(raw: dict) -> Node:
     node = Node(parse_config(raw))
     node.start()
@@ -132,11 +142,6 @@ def test_tls_scp_requires_a_client_certificate_from_the_ca(tmp_path):
         assert not rogue.is_established, "a client certificate from another CA was accepted"
     finally:
         node.stop()
-        # pynetdicom (client side, this process) leaves the sockets of failed TLS handshakes to
-        # the garbage collector; collect them here rather than in the next test.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ResourceWarning)
-            gc.collect()
 
 
 def test_tls_scu_forwards_to_a_tls_destination(tmp_path):
