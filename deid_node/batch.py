@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -88,7 +88,9 @@ def group_by_series(sources: Sequence[SourceFile]) -> list[list[SourceFile]]:
     groups: dict[str, list[SourceFile]] = defaultdict(list)
     for index, source in enumerate(sources):
         try:
-            series_uid = str(read_header(source.path).get("SeriesInstanceUID", "") or "")
+            header = read_header(source.path)
+            series_uid = str(header.get("SeriesInstanceUID", "") or "")
+            source = replace(source, header=header)  # read once: conditions use it too
         except InputError:
             series_uid = ""
         groups[series_uid or f"unreadable:{index}"].append(source)

@@ -131,6 +131,7 @@ def _c_store(
         raise ForwardError(
             f"{dest.name}: association {reason} by {dest.ae_title}@{dest.host}:{dest.port}"
         )
+    refused: list[int] = []
     try:
         for item in items:
             status = assoc.send_c_store(item.path)
@@ -138,8 +139,16 @@ def _c_store(
             if code is None:
                 raise ForwardError(f"{dest.name}: no response to C-STORE (timeout or abort)")
             if code not in _STORED:
-                raise ForwardError(f"{dest.name}: C-STORE failed with status 0x{code:04X}")
+                # Keep offering the others: one instance the destination refuses must not hold
+                # back the rest of the series (it is retried with the delivery).
+                refused.append(code)
+                continue
             on_stored(item, f"dicom://{dest.ae_title}@{dest.host}:{dest.port}/{item.sop_uid}", code)
+        if refused:
+            codes = ", ".join(sorted({f"0x{c:04X}" for c in refused}))
+            raise ForwardError(
+                f"{dest.name}: {len(refused)} instance(s) refused with status {codes}"
+            )
     finally:
         if assoc.is_established:
             assoc.release()

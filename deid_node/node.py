@@ -12,6 +12,7 @@ All state lives in SQLite; after a crash or restart the node resumes from it.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -36,6 +37,8 @@ from deid_node.store import Store
 
 log = get_logger("deid_node.node")
 
+# Acknowledged instances are recorded in one transaction per this many.
+SENT_COMMIT_EVERY = 16
 # A batch whose processing raised (not a bad file: those are quarantined) is retried this often.
 MAX_PROCESSING_ATTEMPTS = 3
 
@@ -63,6 +66,9 @@ def make_process_pool(workers: int) -> Executor:
 
 class Node:
     def __init__(self, config: Config) -> None:
+        # Everything the node creates (spool, outputs, quarantine, db) holds patient data until
+        # de-identified: owner-only, whatever umask the service manager gave us.
+        os.umask(0o077)
         self.config = config
         self.store = Store(config.node.data_dir)
         self.settings = pipeline_settings(config, load_or_create_secret(config.node.data_dir))
@@ -298,14 +304,21 @@ class Node:
         bound = log.bind(
             series_uid=batch["series_uid"], batch_id=batch["id"], destination=dest.name
         )
+        acknowledged: list[tuple[int, str, str, int]] = []
+
+        def on_stored(item: Outgoing, url: str, status: int) -> None:
+            # Committed in groups: a crash between a destination's ack and the commit re-sends
+            # at most one group, which the destination stores under the same (derived) UIDs.
+            acknowledged.append((item.instance_id, dest.name, url, status))
+            if len(acknowledged) >= SENT_COMMIT_EVERY:
+                self.store.mark_sent(acknowledged)
+                acknowledged.clear()
+
         try:
-            send_batch(
-                dest,
-                items,
-                lambda item, url, status: self.store.mark_sent(
-                    item.instance_id, dest.name, url, status
-                ),
-            )
+            try:
+                send_batch(dest, items, on_stored)
+            finally:
+                self.store.mark_sent(acknowledged)
         except (ForwardError, OSError) as exc:
             attempts = delivery["attempts"] + 1
             retry_at = (

@@ -27,7 +27,7 @@ from deid_node.config import DeidConfig, PixelsConfig
 from deid_node.errors import DeidentificationError, InputError, ResidualIdentifierError
 from deid_node.modes import SeriesPolicy
 from deid_node.report import build_report
-from deid_node.store import write_durably
+from deid_node.store import fsync_dirs, write_durably
 
 # Tags the pipeline reads before deciding anything (header only, pixels never loaded).
 _IDENTITY_TAGS = (
@@ -59,6 +59,7 @@ class SourceFile:
     url: str  # how the report names it: dicom://AE/SOPUID, a path, file://...
     path: Path
     key: Any = None  # the caller's handle (instance id in the node)
+    header: Dataset | None = field(default=None, compare=False, repr=False)  # if already read
 
 
 @dataclass
@@ -125,7 +126,7 @@ def evaluate_file(
     source: SourceFile, conditions: Sequence[SaveDeidentifiedDicomCondition]
 ) -> FileEvaluation:
     try:
-        ds = read_header(source.path)
+        ds = source.header if source.header is not None else read_header(source.path)
         result = FileEvaluation(
             source,
             study_uid=_str_or_none(ds.get("StudyInstanceUID")),
@@ -203,7 +204,11 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
         if settings.deid.redact_dicom_tags:
             deidentify_tags(
-                ds, settings.deid, pseudonymizer_for(settings), pixels_cleaned=pixels.changed
+                ds,
+                settings.deid,
+                pseudonymizer_for(settings),
+                pixels_cleaned=pixels.changed,
+                identifiers=identifiers,
             )
             hits = residual_scan(ds, identifiers)
             if hits:
@@ -215,7 +220,9 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{new[2]}.dcm"
         tmp = folder / f".{new[2]}.part"
-        write_durably(tmp, path, lambda handle: ds.save_as(handle, enforce_file_format=True))
+        write_durably(
+            tmp, path, lambda handle: ds.save_as(handle, enforce_file_format=True), sync_dir=False
+        )
         return DeidOutcome(path, *new, pixels=_pixel_summary(pixels))
     except DeidentificationError as exc:
         return DeidOutcome(None, *uids, pixels={}, error=str(exc), quarantine=True)
@@ -272,6 +279,7 @@ def run_series(
         if on_file_done:
             on_file_done(result)
 
+    fsync_dirs(r.deid_path.parent for r in results if r.deid_path is not None)
     quarantined = sum(r.state == "quarantined" for r in results)
     if quarantined and settings.policy is SeriesPolicy.ALL:
         # A series leaves whole or not at all: one file we could not de-identify holds it back.

@@ -7,6 +7,7 @@ row is committed in SQLite. The bytes are stored exactly as the modality sent th
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import multiprocessing.util
 import re
@@ -183,6 +184,7 @@ def _accept_file(
         uids["SOPClassUID"] and uids["SOPClassUID"] != str(request.AffectedSOPClassUID)
     ):
         return refuse(DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request")
+    digest = file_sha256(received)
     path = store.spool_adopt(received)
     receipt = Receipt(
         sop_uid=uids["SOPInstanceUID"],
@@ -192,6 +194,7 @@ def _accept_file(
         transfer_syntax=syntax,
         calling_ae=calling_ae,
         peer=peer,
+        sha256=digest,
     )
     try:
         stored = store.record_instance(receipt, path, size)
@@ -207,6 +210,14 @@ def _accept_file(
     if on_stored:
         on_stored(stored.batch_id)
     return SUCCESS
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _calling_ae(event: evt.Event) -> str:

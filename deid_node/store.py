@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -147,10 +147,16 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db["batches"].add_column("processing_attempts", int, not_null_default=0)
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    db["instances"].add_column("sha256", str)
+    db["instances"].create_index(["series_uid", "sop_uid"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 ]
 
 
@@ -165,6 +171,7 @@ class Receipt:
     transfer_syntax: str
     calling_ae: str
     peer: str
+    sha256: str = ""  # of the received file: tells a re-send from a corrected instance
 
 
 @dataclass(frozen=True)
@@ -266,12 +273,23 @@ class Store:
         """Commit the row of a received instance into its series' open batch.
 
         A SOPInstanceUID already in the open batch is replaced (the modality re-sent it);
-        the earlier spool file is deleted after the commit.
+        the earlier spool file is deleted after the commit. The same bytes re-sent after their
+        batch was processed are acknowledged and dropped (idempotent): nothing is processed or
+        forwarded twice. Different bytes under a known SOPInstanceUID start a late round.
         """
         now = time.time()
         stamp = utcnow()
         old_path: str | None = None
         with self.transaction() as conn:
+            if receipt.sha256:
+                seen = conn.execute(
+                    "SELECT i.id, i.batch_id, b.round FROM instances i JOIN batches b ON b.id = i.batch_id"
+                    " WHERE i.series_uid = ? AND i.sop_uid = ? AND i.sha256 = ? AND b.state != 'receiving'",
+                    (receipt.series_uid, receipt.sop_uid, receipt.sha256),
+                ).fetchone()
+                if seen is not None:
+                    spool_path.unlink(missing_ok=True)
+                    return StoredInstance(seen[0], seen[1], seen[2], duplicate=True)
             conn.execute(
                 "INSERT OR IGNORE INTO series (series_uid, study_uid, created_at) VALUES (?, ?, ?)",
                 (receipt.series_uid, receipt.study_uid, stamp),
@@ -311,19 +329,21 @@ class Store:
                 str(spool_path),
                 size,
                 stamp,
+                receipt.sha256,
             )
             if existing:
                 instance_id, old_path = existing
                 conn.execute(
                     "UPDATE instances SET series_uid=?, study_uid=?, sop_class_uid=?, transfer_syntax=?,"
-                    " calling_ae=?, peer=?, url=?, spool_path=?, size=?, received_at=? WHERE id=?",
+                    " calling_ae=?, peer=?, url=?, spool_path=?, size=?, received_at=?, sha256=?"
+                    " WHERE id=?",
                     (*fields, instance_id),
                 )
             else:
                 cursor = conn.execute(
                     "INSERT INTO instances (series_uid, study_uid, sop_class_uid, transfer_syntax,"
-                    " calling_ae, peer, url, spool_path, size, received_at, batch_id, sop_uid, state)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
+                    " calling_ae, peer, url, spool_path, size, received_at, sha256, batch_id, sop_uid,"
+                    " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
                     (*fields, batch_id, receipt.sop_uid),
                 )
                 instance_id = cursor.lastrowid
@@ -476,27 +496,60 @@ class Store:
             (batch_id, destination),
         )
 
-    def mark_sent(self, instance_id: int, destination: str, url_deid: str, status: int) -> None:
-        """Record one instance acknowledged by a destination; the first success sets url_deid."""
+    def mark_sent(self, acknowledged: list[tuple[int, str, str, int]]) -> None:
+        """Record instances a destination acknowledged: (instance_id, destination, url_deid,
+        status), one transaction for the lot. The first success sets the report's url_deid."""
+        if not acknowledged:
+            return
         with self.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO sent (instance_id, destination, url_deid, status, at) VALUES (?, ?, ?, ?, ?)",
-                (instance_id, destination, url_deid, status, utcnow()),
-            )
-            row = conn.execute(
-                "SELECT report FROM instances WHERE id = ?", (instance_id,)
-            ).fetchone()
-            report = json.loads(row[0])
-            if report.get("url_deid") is None:
-                report["url_deid"] = url_deid
-            report.setdefault("destinations", {})[destination] = {"state": "sent", "status": status}
-            conn.execute(
-                "UPDATE instances SET report = ? WHERE id = ?", (json.dumps(report), instance_id)
-            )
+            for instance_id, destination, url_deid, status in acknowledged:
+                conn.execute(
+                    "INSERT OR REPLACE INTO sent (instance_id, destination, url_deid, status, at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (instance_id, destination, url_deid, status, utcnow()),
+                )
+                row = conn.execute(
+                    "SELECT report FROM instances WHERE id = ?", (instance_id,)
+                ).fetchone()
+                report = json.loads(row[0])
+                if report.get("url_deid") is None:
+                    report["url_deid"] = url_deid
+                report.setdefault("destinations", {})[destination] = {
+                    "state": "sent",
+                    "status": status,
+                }
+                conn.execute(
+                    "UPDATE instances SET report = ? WHERE id = ?",
+                    (json.dumps(report), instance_id),
+                )
 
     def delivery_attempt_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
-        """Count a failed attempt; retry_at None means the retry limit is reached (failed)."""
+        """Count a failed attempt; retry_at None means the retry limit is reached (failed).
+
+        The reports of the instances still unsent show the destination's state and last error.
+        """
         with self.transaction() as conn:
+            batch_id, destination, attempts = conn.execute(
+                "SELECT batch_id, destination, attempts FROM deliveries WHERE id = ?",
+                (delivery_id,),
+            ).fetchone()
+            state = {
+                "state": "retrying" if retry_at is not None else "failed",
+                "attempts": attempts + 1,
+                "last_error": error,
+            }
+            unsent = conn.execute(
+                "SELECT id, report FROM instances i WHERE batch_id = ? AND deid_path IS NOT NULL"
+                " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)",
+                (batch_id, destination),
+            ).fetchall()
+            for instance_id, text in unsent:
+                report = json.loads(text)
+                report.setdefault("destinations", {})[destination] = state
+                conn.execute(
+                    "UPDATE instances SET report = ? WHERE id = ?",
+                    (json.dumps(report), instance_id),
+                )
             conn.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ?,"
                 " state = ?, next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
@@ -688,8 +741,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
-def write_durably(tmp: Path, final: Path, data: bytes | Callable[[Any], None]) -> None:
-    """Write to `tmp`, fsync, rename onto `final`, fsync the folder: all or nothing on disk."""
+def write_durably(
+    tmp: Path, final: Path, data: bytes | Callable[[Any], None], *, sync_dir: bool = True
+) -> None:
+    """Write to `tmp`, fsync, rename onto `final`, fsync the folder: all or nothing on disk.
+
+    sync_dir=False leaves the folder's fsync to the caller (`fsync_dirs`, once per series).
+    """
     tmp.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -704,4 +762,11 @@ def write_durably(tmp: Path, final: Path, data: bytes | Callable[[Any], None]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(final.parent)
+    if sync_dir:
+        _fsync_dir(final.parent)
+
+
+def fsync_dirs(folders: Iterable[Path]) -> None:
+    """Make renames into these folders durable (one fsync per folder)."""
+    for folder in set(folders):
+        _fsync_dir(folder)

@@ -235,3 +235,20 @@ def test_a_killed_worker_process_is_replaced_and_the_series_retried(tmp_path):
         assert len(list((tmp_path / "out").rglob("*.dcm"))) == 4
     finally:
         node.stop()
+
+
+def test_same_instance_re_sent_after_forwarding_is_acknowledged_and_not_sent_again(tmp_path):
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    node = start(raw)
+    try:
+        paths = write_series(make_series(2, "CT"), tmp_path / "in")
+        assert storescu(node.port, paths).returncode == 0
+        wait_until(lambda: settled(node, 1), 60, what="forwarded")
+        assert storescu(node.port, paths).returncode == 0  # the modality sends it all again
+        time.sleep(1.5)  # longer than stable_seconds: a new round would be complete by now
+        assert len(batches(node)) == 1
+        assert node.store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 2
+        assert len(node.store.reports()) == 2
+        assert not list((tmp_path / "data" / "spool").rglob("*.dcm"))
+    finally:
+        node.stop()

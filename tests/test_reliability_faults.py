@@ -101,12 +101,6 @@ def test_destination_down_backs_off_to_the_cap_fails_and_retry_sends(tmp_path, c
         node.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="report has no per-destination state until an instance is sent: Store.mark_sent is "
-    "the only writer of report['destinations']; a pending/failed delivery (attempts, last_error) "
-    "never reaches the report",
-)
 def test_failed_delivery_state_is_in_the_report(tmp_path):
     dest = dicom_destination(FaultySCP(port=free_port()), max_attempts=1)
     node = start(node_raw(tmp_path / "data", [dest]))
@@ -152,12 +146,6 @@ def test_failure_status_for_one_instance_is_retried_alone(tmp_path):
         assert len(scp.stored()) == len(set(scp.stored())) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="head-of-line blocking: forward._c_store raises ForwardError on the first failure "
-    "status, so the instances after one the destination always refuses are never offered; after "
-    "max_attempts only those before it were sent (1 of 3 sendable here)",
-)
 def test_persistent_failure_status_fails_the_series_and_keeps_what_was_sent(tmp_path):
     bad: list[str] = []
 

@@ -285,12 +285,6 @@ def test_duplicate_in_the_same_round_is_stored_and_forwarded_once(node, tmp_path
     assert not orphans, "a replaced duplicate left its spool file behind"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SOPInstanceUID re-sent after its series left 'receiving' opens a late round "
-    "(Store.record_instance dedups only within the open batch): it is de-identified and "
-    "forwarded again and gets a second report row",
-)
 def test_duplicate_re_sent_after_forwarding_is_not_forwarded_again(node, tmp_path):
     series = make_series(2, "CT")
     files = write_series(series, tmp_path / "in")

@@ -201,11 +201,6 @@ def test_spool_database_and_secret_are_owner_only(tmp_path):
         node.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pipeline.deidentify_file creates deid/<batch>/<StudyUID>/<SeriesUID>/ with "
-    "folder.mkdir(parents=True) under the process umask (0755 here); data_dir itself is 0700",
-)
 def test_every_file_and_folder_under_data_dir_is_owner_only(tmp_path):
     data = tmp_path / "data"
     raw = node_raw(data, [folder(tmp_path)], retention_hours=1)  # keep files to inspect them

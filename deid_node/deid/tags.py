@@ -258,9 +258,17 @@ def identifying_values(ds: Dataset, config: DeidConfig | None = None) -> list[st
 
 
 def deidentify_tags(
-    ds: Dataset, config: DeidConfig, keys: Pseudonymizer, *, pixels_cleaned: bool = False
+    ds: Dataset,
+    config: DeidConfig,
+    keys: Pseudonymizer,
+    *,
+    pixels_cleaned: bool = False,
+    identifiers: Sequence[str] | None = None,
 ) -> TagResult:
-    """Apply the profile with config.profile_options to ds in place, file meta included."""
+    """Apply the profile with config.profile_options to ds in place, file meta included.
+
+    `identifiers`: identifying_values(ds, config), when the caller already has them.
+    """
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
         raise InputError("instance has no SOPClassUID or SOPInstanceUID; cannot de-identify")
     options = tuple(o for o in PROFILE_OPTIONS if o in config.profile_options)
@@ -273,7 +281,9 @@ def deidentify_tags(
         keys=keys,
         patient_key=patient_key,
         enhanced="PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds,
-        identifiers=_normalized_identifiers(identifying_values(ds, config)),
+        identifiers=_normalized_identifiers(
+            identifiers if identifiers is not None else identifying_values(ds, config)
+        ),
         shift_days=keys.date_shift_days(patient_key),
     )
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
