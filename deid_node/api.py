@@ -18,7 +18,7 @@ from deid_node.conditions import SaveDeidentifiedDicomCondition
 from deid_node.config import Config, DeidConfig, PixelsConfig
 from deid_node.errors import ConfigError
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
-from deid_node.pipeline import PipelineSettings
+from deid_node.pipeline import PipelineSettings, make_process_pool
 
 DEFAULT_DATA_DIR = Path("var")
 
@@ -78,7 +78,7 @@ def build_settings(
     from deid_node.deid.uids import load_or_create_secret
 
     return PipelineSettings(
-        deid, pixels, conditions, policy, load_or_create_secret(data_dir.absolute())
+        deid, pixels, conditions, policy, load_or_create_secret(data_dir.absolute()), durable=False
     )
 
 
@@ -91,8 +91,6 @@ class worker_pool:  # noqa: N801 - used as a context manager, reads like one
 
     def __enter__(self) -> Any:
         if self.workers > 1:
-            from deid_node.node import make_process_pool
-
             self.pool = make_process_pool(self.workers)
         return self.pool
 

@@ -11,11 +11,10 @@ All state lives in SQLite; after a crash or restart the node resumes from it.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from deid_node.deid.uids import load_or_create_secret
 from deid_node.errors import ConfigError, ForwardError
 from deid_node.forward import Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
-from deid_node.pipeline import PipelineSettings, SourceFile, run_series
+from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
 from deid_node.scp import (
     StoreLimits,
     build_ae,
@@ -57,13 +56,6 @@ def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
     )
 
 
-def make_process_pool(workers: int) -> Executor:
-    # forkserver: worker processes never inherit the SCP's threads, sockets or SQLite handle.
-    return ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
-    )
-
-
 class Node:
     def __init__(self, config: Config) -> None:
         # Everything the node creates (spool, outputs, quarantine, db) holds patient data until
@@ -82,6 +74,9 @@ class Node:
         self._pool = make_process_pool(config.node.workers)
         self._in_flight = threading.Semaphore(config.node.workers)
         self._destinations = {d.name: d for d in config.destinations}
+        # Set when there is work, so that loops do not wait for their next poll.
+        self._scheduler_wake = threading.Event()
+        self._forward_wake = {d.name: threading.Event() for d in config.destinations}
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -129,7 +124,7 @@ class Node:
             self._wait_for_associations(self.config.node.network_timeout_seconds)
             self._server.shutdown()
             self._server = None
-        self._stop.set()
+        self.request_stop()
         for thread in self._threads:
             thread.join(timeout=60)
         self._workers.shutdown(wait=True)
@@ -159,6 +154,8 @@ class Node:
     def request_stop(self) -> None:
         """Ask serve_forever to stop (safe from a signal handler)."""
         self._stop.set()
+        for event in (self._scheduler_wake, *self._forward_wake.values()):
+            event.set()
 
     def serve_forever(self) -> None:
         self.start()
@@ -198,7 +195,21 @@ class Node:
                     break
                 self._workers.submit(self._process_guarded, batch_id)
             self._clean_spool()
-            self._stop.wait(self.config.node.poll_seconds)
+            self._wake(self._scheduler_wake, self._seconds_until_next_stable())
+
+    def _seconds_until_next_stable(self) -> float:
+        """Sleep until the oldest receiving batch becomes stable, at most poll_seconds."""
+        oldest = self.store.oldest_receiving()
+        poll = self.config.node.poll_seconds
+        if oldest is None:
+            return poll
+        return min(poll, max(0.02, oldest + self.config.series.stable_seconds - time.time()))
+
+    def _wake(self, event: threading.Event, timeout: float) -> None:
+        """Wait for `event` (work for this loop) or stop or the timeout, then re-arm it."""
+        if not self._stop.is_set():
+            event.wait(timeout)
+        event.clear()
 
     def _process_guarded(self, batch_id: int) -> None:
         try:
@@ -214,6 +225,7 @@ class Node:
             log.error("batch_error", batch_id=batch_id, next_state=state, **fields)
         finally:
             self._in_flight.release()
+            self._scheduler_wake.set()  # a slot is free: claim the next complete batch now
 
     def process_batch(self, batch_id: int) -> str:
         started = time.monotonic()
@@ -263,6 +275,8 @@ class Node:
             destinations=list(self._destinations),
             summary=outcome.summary,
         )
+        for event in self._forward_wake.values():
+            event.set()
         log.info(
             "series_processed",
             series_uid=batch["series_uid"],
@@ -287,7 +301,7 @@ class Node:
             for delivery in self.store.due_deliveries():
                 if delivery["destination"] == dest.name and not self._stop.is_set():
                     self.forward_delivery(dest, delivery)
-            self._stop.wait(self.config.node.poll_seconds)
+            self._wake(self._forward_wake[dest.name], self.config.node.poll_seconds)
 
     def forward_delivery(self, dest: DestinationConfig, delivery: dict[str, Any]) -> None:
         batch = self.store.batch(delivery["batch_id"])

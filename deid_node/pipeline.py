@@ -8,9 +8,10 @@ that it runs in worker processes: each process builds its pseudonymizer and OCR 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,10 @@ class PipelineSettings:
     conditions: tuple[SaveDeidentifiedDicomCondition, ...]
     policy: SeriesPolicy
     secret: bytes = field(repr=False)
+    # The node fsyncs outputs before a series moves on to forwarding (its state machine relies
+    # on them); the batch mode writes plain files, like other de-identification tools: a run
+    # that crashes is run again.
+    durable: bool = True
 
     @property
     def retains_uids(self) -> bool:
@@ -221,7 +226,11 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         path = folder / f"{new[2]}.dcm"
         tmp = folder / f".{new[2]}.part"
         write_durably(
-            tmp, path, lambda handle: ds.save_as(handle, enforce_file_format=True), sync_dir=False
+            tmp,
+            path,
+            lambda handle: ds.save_as(handle, enforce_file_format=True),
+            sync_dir=False,
+            fsync=settings.durable,
         )
         return DeidOutcome(path, *new, pixels=_pixel_summary(pixels))
     except DeidentificationError as exc:
@@ -245,6 +254,14 @@ def _pixel_summary(outcome: Any) -> dict[str, Any]:
         "engine": outcome.engine,
         "reasons": list(outcome.reasons),
     }
+
+
+def make_process_pool(workers: int) -> Executor:
+    """Worker processes for deidentify_file. forkserver: they never inherit the node's threads,
+    sockets or SQLite handle."""
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
+    )
 
 
 # -- the series --------------------------------------------------------------------------------
@@ -279,7 +296,8 @@ def run_series(
         if on_file_done:
             on_file_done(result)
 
-    fsync_dirs(r.deid_path.parent for r in results if r.deid_path is not None)
+    if settings.durable:
+        fsync_dirs(r.deid_path.parent for r in results if r.deid_path is not None)
     quarantined = sum(r.state == "quarantined" for r in results)
     if quarantined and settings.policy is SeriesPolicy.ALL:
         # A series leaves whole or not at all: one file we could not de-identify holds it back.

@@ -371,6 +371,13 @@ class Store:
                 )
         return ids
 
+    def oldest_receiving(self) -> float | None:
+        """When the least recently fed receiving batch got its last instance (time.time())."""
+        rows = self.query(
+            "SELECT MIN(last_received_at) AS t FROM batches WHERE state = 'receiving'"
+        )
+        return rows[0]["t"]
+
     def claim_batch(self) -> int | None:
         """Take the oldest complete batch for processing (complete -> processing)."""
         with self.transaction() as conn:
@@ -742,7 +749,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_durably(
-    tmp: Path, final: Path, data: bytes | Callable[[Any], None], *, sync_dir: bool = True
+    tmp: Path,
+    final: Path,
+    data: bytes | Callable[[Any], None],
+    *,
+    sync_dir: bool = True,
+    fsync: bool = True,
 ) -> None:
     """Write to `tmp`, fsync, rename onto `final`, fsync the folder: all or nothing on disk.
 
@@ -757,12 +769,13 @@ def write_durably(
             else:
                 handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if sync_dir:
+    if sync_dir and fsync:
         _fsync_dir(final.parent)
 
 
