@@ -28,7 +28,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -36,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -48,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The deid_node of this checkout (not whatever the venv has installed), and dicomgen.
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-NODELAY_ENV = {**os.environ, "TCP_NODELAY": "1"}
+from peers import NODELAY_ENV, Orthanc, free_port, stop_process, wait_for_port  # noqa: E402
+
 # Our own Python subprocesses (node, batch CLI, bare SCP, OCR) import this checkout too.
 PY_ENV = {
     **NODELAY_ENV,
@@ -171,37 +170,6 @@ def _tool(name: str) -> str | None:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        with (
-            contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), timeout=0.5),
-        ):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 60.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return proc.returncode
 
 
 class RssSampler:
@@ -426,57 +394,6 @@ def run_bare_scp(port: int, folder: Path, max_pdu: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait(3600)
     server.shutdown()
-
-
-class Orthanc:
-    """A real Orthanc on loopback with its own temporary config and storage."""
-
-    def __init__(self, workdir: Path, aet: str = "RESEARCH_PACS") -> None:
-        self.workdir, self.aet = workdir, aet
-        self.dicom_port, self.http_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> Orthanc:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "deid-node-bench",
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "index"),
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
-            "Plugins": [],
-            "HttpServerEnabled": True,
-            "StableAge": 1,
-        }
-        path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(config))
-        self._log = (self.workdir / "orthanc.log").open("w")
-        self.proc = subprocess.Popen(
-            [_tool("Orthanc") or "Orthanc", str(path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=NODELAY_ENV,
-            cwd=self.workdir,
-        )
-        wait_for_port(self.http_port, 30, self.proc)
-        wait_for_port(self.dicom_port, 30, self.proc)
-        return self
-
-    def count_instances(self) -> int:
-        url = f"http://127.0.0.1:{self.http_port}/statistics"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return int(json.loads(resp.read())["CountInstances"])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 20)
-            self._log.close()
 
 
 # -- the node as a process -------------------------------------------------------------------

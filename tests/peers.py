@@ -173,6 +173,9 @@ class Orthanc:
     def instances(self) -> list[str]:
         return self.get("/instances")
 
+    def count_instances(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
     def instance_file(self, orthanc_id: str) -> bytes:
         return self.get(f"/instances/{orthanc_id}/file")
 
