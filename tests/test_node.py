@@ -252,3 +252,33 @@ def test_same_instance_re_sent_after_forwarding_is_acknowledged_and_not_sent_aga
         assert not list((tmp_path / "data" / "spool").rglob("*.dcm"))
     finally:
         node.stop()
+
+
+def test_node_and_batch_mode_give_the_same_new_uids_and_pseudonyms(tmp_path):
+    """One installation secret, two front doors: the same original maps to the same output."""
+    from pydicom import dcmread
+
+    from deid_node import deidentify_dicom_files
+
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    series = make_series(2, "CT")
+    paths = write_series(series, tmp_path / "in")
+    node = start(raw)
+    try:
+        assert storescu(node.port, paths).returncode == 0
+        wait_until(lambda: settled(node, 1), 60, what="forwarded")
+        by_node = {r["SOPInstanceUID"]: r for r in node.store.reports()}
+    finally:
+        node.stop()
+    reports = deidentify_dicom_files(
+        dicom_urls=paths, upload_dir=tmp_path / "batch", data_dir=tmp_path / "data"
+    )
+    for report in reports:
+        twin = by_node[report["SOPInstanceUID"]]
+        for key in ("StudyInstanceUID_deid", "SeriesInstanceUID_deid", "SOPInstanceUID_deid"):
+            assert report[key] == twin[key]
+        from_batch = dcmread(report["url_deid"])
+        from_node = dcmread(twin["url_deid"])
+        assert from_batch.PatientID == from_node.PatientID != series[0].PatientID
+        assert from_batch.PatientName == from_node.PatientName
+        assert from_batch.FrameOfReferenceUID == from_node.FrameOfReferenceUID
