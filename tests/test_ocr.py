@@ -44,6 +44,19 @@ def test_rapidocr_detects_and_reads_and_is_cached() -> None:
 
 
 @pytest.mark.ocr
+def test_rapidocr_boxes_are_in_input_coordinates_for_upscaled_and_wide_images() -> None:
+    """Detection runs on an upscaled copy; boxes come back in the caller's pixels."""
+    engine = get_engine("rapidocr")
+    strip = np.zeros((40, 900, 3), np.uint8)
+    planted = draw_text(strip, "PIDQX778812", (600, 30), scale=0.8)
+    boxes = engine.detect(strip)
+    assert any(covers(b, planted) for b in boxes)
+    assert all(b.x >= 0 and b.y >= 0 and b.x + b.w <= 900 and b.y + b.h <= 40 for b in boxes)
+    read = engine.recognize(strip)
+    assert any(covers(b, planted) and normalise(b.text or "") == "PIDQX778812" for b in read)
+
+
+@pytest.mark.ocr
 @pytest.mark.slow
 def test_easyocr_detects_and_reads_offline() -> None:
     engine = get_engine("easyocr")

@@ -78,9 +78,11 @@ def stored_frames(ds: Dataset) -> np.ndarray:
 
 
 def allowed_mask(planted: list[Planted], shape: tuple[int, int]) -> np.ndarray:
+    """Text boxes + slack; a line's ends also get the padding pixels.py gives them (a share of
+    the detected height, which runs up to ~1.3x the glyph box)."""
     mask = np.zeros(shape, bool)
     for p in planted:
-        mask |= p.mask(shape, SLACK)
+        mask |= p.mask(shape, SLACK, SLACK + p.h)
     return mask
 
 
@@ -315,6 +317,86 @@ def test_undecodable_pixel_data_raises_pixel_error_without_patient_values() -> N
         redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
     for value in PHI.values():
         assert value not in str(info.value)
+
+
+@pytest.mark.parametrize("mode", [Mode.REDACT_ALL_TEXT, Mode.REDACT_SENSITIVE_TEXT])
+def test_float_pixel_data_fails_closed_when_a_scan_is_asked_for(mode: Mode) -> None:
+    ds = make_instance("OT", photometric="MONOCHROME2")
+    del ds.PixelData
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = np.zeros((64, 64), np.float32).tobytes()
+    with pytest.raises(PixelError, match="float pixel data"):
+        redact_pixels(ds, mode, CONFIG)
+    outcome = redact_pixels(ds, Mode.REDACT_NO_TEXT, CONFIG)  # no scan asked: passes untouched
+    assert not outcome.changed and "FloatPixelData" in ds
+
+
+def test_one_bit_pixel_data_fails_closed() -> None:
+    ds = make_instance("OT", photometric="MONOCHROME2")
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 1, 1, 0
+    ds.PixelData = np.packbits(np.ones(64 * 64, np.uint8)).tobytes()
+    with pytest.raises(PixelError, match="BitsAllocated 1"):
+        redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+
+
+def test_instance_without_any_pixel_data_has_nothing_to_scan() -> None:
+    ds = make_instance("OT", photometric="MONOCHROME2")
+    del ds.PixelData
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert not outcome.changed and "no_pixel_data" in outcome.reasons
+
+
+# --- BurnedInAnnotation ---------------------------------------------------------------------
+
+
+@pytest.mark.ocr
+def test_all_text_redaction_sets_burned_in_annotation_no() -> None:
+    ds, _ = planted_instance("RGB", seed=21)
+    ds.BurnedInAnnotation = "YES"
+    assert redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG).changed
+    assert ds.BurnedInAnnotation == "NO"
+
+
+@pytest.mark.ocr
+def test_sensitive_redaction_leaves_burned_in_annotation_alone() -> None:
+    ds, _ = planted_instance("RGB", seed=21)
+    ds.BurnedInAnnotation = "YES"
+    outcome = redact_pixels(ds, Mode.REDACT_SENSITIVE_TEXT, CONFIG, [PHI["PatientName"]])
+    assert outcome.changed  # names and IDs blanked, the clinical label stays
+    assert ds.BurnedInAnnotation == "YES"
+
+
+@pytest.mark.ocr
+def test_burned_in_annotation_yes_is_kept_when_no_text_is_found() -> None:
+    ds = make_instance("US", photometric="MONOCHROME2", pixel_array=blank_image(8, H, W))
+    ds.BurnedInAnnotation = "YES"
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    assert not outcome.changed
+    assert ds.BurnedInAnnotation == "YES"
+    assert "no_text_found_despite_burned_in_annotation=YES" in outcome.reasons
+
+
+# --- hard text: low contrast, cut by the edge -------------------------------------------------
+
+
+@pytest.mark.ocr
+def test_low_contrast_and_edge_cut_text_is_blanked_whole() -> None:
+    """Mid-grey text on a noisy background of the same range, and a line running off the right
+    edge: every ink pixel must be blanked, not just the part the detector is sure of."""
+    image = blank_image(12, H, W)
+    clean = image.copy()
+    planted = [
+        draw_text(image, "Montague Zyxwortha", (20, 40), scale=0.8, colour=(85, 85, 85)),
+        draw_text(image, "DOB 1943-11-07", (30, 460), scale=0.5, colour=(85, 85, 85), thickness=1),
+        draw_text(image, "PIDQX778812", (W - 120, 250), scale=0.9),
+    ]
+    ds = make_instance("US", photometric="MONOCHROME2", pixel_array=image)
+    redact_pixels(ds, Mode.REDACT_ALL_TEXT, CONFIG)
+    after = ds.pixel_array
+    for p in planted:
+        ink = (image != clean) & p.mask(image.shape)
+        blanked = (after != image) | (after == after.min())
+        assert blanked[ink].mean() >= 0.99, p.text
 
 
 # --- multi-frame ----------------------------------------------------------------------------

@@ -46,11 +46,15 @@ class Planted:
     h: int
     clinical: bool = False
 
-    def mask(self, shape: tuple[int, int], margin: int = 0) -> np.ndarray:
+    def mask(
+        self, shape: tuple[int, int], margin: int = 0, margin_x: int | None = None
+    ) -> np.ndarray:
+        """The box grown by `margin` (and by `margin_x` left and right, if given)."""
+        mx = margin if margin_x is None else margin_x
         out = np.zeros(shape, bool)
         out[
             max(0, self.y - margin) : self.y + self.h + margin,
-            max(0, self.x - margin) : self.x + self.w + margin,
+            max(0, self.x - mx) : self.x + self.w + mx,
         ] = True
         return out
 

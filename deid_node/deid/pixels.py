@@ -6,12 +6,23 @@ filled with the image's display-black value in stored-value space. Pixels are wr
 when something was blanked: uncompressed, Explicit VR Little Endian when the source was
 compressed or big endian, YBR decoded to RGB, lossy history kept truthful, icon removed.
 OCR engines (torch, onnxruntime) are imported only when a scan runs.
+
+Fail closed: when a scan is asked for but the image cannot be scanned (float or 1-bit pixel
+data, an undecodable or unsupported encoding), PixelError is raised and the instance is
+quarantined; it is never passed on as if it had been scanned.
+
+BurnedInAnnotation: after REDACT_ALL_TEXT has scanned every frame and blanked what it found, it
+is set to "NO" -- that mode leaves no text the detector can see. When that scan finds nothing
+on an image whose header says "YES", the header is left as it is and the reasons say so: the
+device knows better than a detector that came up empty. REDACT_SENSITIVE_TEXT leaves it alone,
+since clinical text stays burned in by design; REDACT_NO_TEXT leaves it alone too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from math import ceil
 
 import cv2
 import numpy as np
@@ -45,6 +56,9 @@ _LOSSY_METHODS = {
 _CROP_MAX_SHARE = 0.5
 _CROP_PAD = 24
 _CROP_MIN_SIDE = 160
+# Detector boxes can stop short of a line's first or last glyph (low contrast, cut by the
+# edge); a line's ends are padded by this share of its height, its top and bottom by the margin.
+_LINE_END_PAD = 0.75
 
 
 @dataclass
@@ -78,9 +92,10 @@ def redact_pixels(
         reasons.append("burned_in_annotation=YES")
     if mode is DeidentifyRedactTextMode.REDACT_NO_TEXT:
         return PixelOutcome(False, _frame_count(ds), 0, None, mode.value, reasons)
+    if _has_float_pixels(ds):
+        raise PixelError("float pixel data cannot be scanned for burned-in text")
     if "PixelData" not in ds:
-        kind = "float_pixel_data" if _has_float_pixels(ds) else "no_pixel_data"
-        return PixelOutcome(False, 0, 0, None, mode.value, [*reasons, kind])
+        return PixelOutcome(False, 0, 0, None, mode.value, [*reasons, "no_pixel_data"])
 
     decoded = _decode(ds)
     count = decoded.frames.shape[0]
@@ -107,17 +122,25 @@ def redact_pixels(
     total = 0
     height, width = decoded.frames.shape[1:3]
     for index in range(count):
-        regions = [(b, 0) for b in template_boxes]
-        regions += [(b, config.margin_px) for b in frame_boxes[index]]
-        for box, margin in regions:
-            x0, y0 = max(0, box.x - margin), max(0, box.y - margin)
-            x1, y1 = min(width, box.x + box.w + margin), min(height, box.y + box.h + margin)
+        regions = [(b, 0, 0) for b in template_boxes]
+        regions += [
+            (b, max(config.margin_px, ceil(_LINE_END_PAD * b.h)), config.margin_px)
+            for b in frame_boxes[index]
+        ]
+        for box, mx, my in regions:
+            x0, y0 = max(0, box.x - mx), max(0, box.y - my)
+            x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
             if x1 > x0 and y1 > y0:
                 decoded.frames[index, y0:y1, x0:x1] = fill
         total += len(regions)
+    all_text = mode is DeidentifyRedactTextMode.REDACT_ALL_TEXT
     if total == 0:
+        if all_text and "burned_in_annotation=YES" in reasons:
+            reasons.append("no_text_found_despite_burned_in_annotation=YES")
         return PixelOutcome(False, count, 0, engine.name, mode.value, reasons)
     _write_back(ds, decoded)
+    if all_text:
+        ds.BurnedInAnnotation = "NO"
     return PixelOutcome(True, count, total, engine.name, mode.value, reasons)
 
 

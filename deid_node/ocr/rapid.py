@@ -5,9 +5,17 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import cv2
 import numpy as np
 
 from deid_node.ocr.base import TextBox, as_rgb, box_from_points
+
+# The detector sees the image scaled so its short side is this long (capped by the long side):
+# at RapidOCR's default of 736, low-contrast 8-16 px text on noisy backgrounds was found only
+# in part (docs/benchmarks-pixels.md). Scaling is ours, not RapidOCR's, so a wide image is not
+# blown up to a 1200 px short side without bound.
+_DETECT_SHORT_SIDE = 1200
+_DETECT_LONG_SIDE_MAX = 2000
 
 
 class RapidOcrEngine:
@@ -16,28 +24,58 @@ class RapidOcrEngine:
     def __init__(self) -> None:
         from rapidocr_onnxruntime import RapidOCR  # lazy: onnxruntime loads only when OCR runs
 
-        # Lower box/score thresholds than the defaults: a missed identifier costs more than
-        # a few blanked pixels of clinical overlay.
-        self._ocr = RapidOCR(det_box_thresh=0.4, det_unclip_ratio=1.8, text_score=0.3)
+        # Lower box/score thresholds and looser boxes than the defaults: a missed identifier
+        # costs more than a few blanked pixels of clinical overlay. det_limit_side_len 32 turns
+        # RapidOCR's own rescaling off (only rounding to multiples of 32 remains).
+        self._ocr = RapidOCR(
+            det_box_thresh=0.3,
+            det_unclip_ratio=2.0,
+            det_limit_type="min",
+            det_limit_side_len=32,
+            max_side_len=_DETECT_LONG_SIDE_MAX * 2,
+            text_score=0.3,
+        )
         self._lock = threading.Lock()
 
     def detect(self, image: np.ndarray) -> list[TextBox]:
-        result = self._run(image, use_rec=False)
-        height, width = image.shape[:2]
-        return [b for b in (box_from_points(p, height, width) for p in result) if b is not None]
+        return [box for box, _, _ in self._run(image, use_rec=False)]
 
     def recognize(self, image: np.ndarray) -> list[TextBox]:
-        result = self._run(image, use_rec=True)
-        height, width = image.shape[:2]
-        boxes = []
-        for points, text, score in result:
-            box = box_from_points(points, height, width)
-            if box is not None:
-                boxes.append(TextBox(box.x, box.y, box.w, box.h, str(text), float(score)))
-        return boxes
+        return [
+            TextBox(box.x, box.y, box.w, box.h, text, score)
+            for box, text, score in self._run(image, use_rec=True)
+        ]
 
-    def _run(self, image: np.ndarray, *, use_rec: bool) -> list[Any]:
-        bgr = as_rgb(image)[:, :, ::-1].copy()  # RapidOCR follows OpenCV: BGR
+    def _run(self, image: np.ndarray, *, use_rec: bool) -> list[tuple[TextBox, str, float]]:
+        rgb = as_rgb(image)
+        height, width = rgb.shape[:2]
+        factor = _detect_factor(height, width)
+        if factor != 1.0:
+            size = (round(width * factor), round(height * factor))
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC)
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # RapidOCR follows OpenCV: BGR
         with self._lock:
             result, _ = self._ocr(bgr, use_det=True, use_cls=False, use_rec=use_rec)
-        return list(result or [])
+        out = []
+        for item in result or []:
+            points, text, score = _unpack(item, use_rec)
+            pts = np.asarray(points, dtype=np.float64).reshape(-1, 2) / factor
+            box = box_from_points(pts, height, width)
+            if box is not None:
+                out.append((box, text, score))
+        return out
+
+
+def _detect_factor(height: int, width: int) -> float:
+    """Upscale factor for detection: short side to _DETECT_SHORT_SIDE, long side capped."""
+    factor = min(
+        _DETECT_SHORT_SIDE / min(height, width), _DETECT_LONG_SIDE_MAX / max(height, width)
+    )
+    return max(1.0, factor)
+
+
+def _unpack(item: Any, use_rec: bool) -> tuple[Any, str | None, float]:
+    if not use_rec:
+        return item, None, 1.0
+    points, text, score = item
+    return points, str(text), float(score)
