@@ -1,17 +1,26 @@
 """Which burned-in text identifies a patient: the classifier behind REDACT_SENSITIVE_TEXT.
 
 Default-deny for words: a text is kept only when every token is a number, a number with a
-clinical unit, or a word of the clinical overlay vocabulary (L/R, depth, gain, MHz, cm, dB ...).
-Anything else that reads like a word is treated as a possible name. Dates, times, long numbers,
-ID-like tokens, addresses, identifier labels and the original's own identifiers (in any order,
-case or spelling within one OCR error) are identifying. Returned reasons are categories, never
+clinical unit, or a word of the clinical overlay vocabulary (L/R, depth, gain, MHz, cm, dB ...)
+in data/clinical_terms.csv. Anything else that reads like a word is treated as a possible name.
+Dates, times, long numbers, ID-like tokens, addresses, identifier labels and the original's own
+identifiers (in any order, case or spelling within one OCR error) are identifying. Returned reasons are categories, never
 the text itself, so they can be logged.
 """
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Sequence
+from importlib import resources
+
+
+def _load_terms(name: str) -> frozenset[str]:
+    """One column of upper-case words, `term`, from deid_node/deid/data/`name`."""
+    text = resources.files("deid_node.deid").joinpath("data", name).read_text(encoding="utf-8")
+    return frozenset(row["term"].strip().upper() for row in csv.DictReader(text.splitlines()))
+
 
 # OCR confuses these; both sides are folded onto one character before comparing identifiers.
 _CONFUSABLES = str.maketrans({"0": "O", "Q": "O", "1": "I", "L": "I", "5": "S", "8": "B", "2": "Z",
@@ -41,26 +50,7 @@ _LABELS = {
     "INSTITUTION", "HOSPITAL", "CLINIC", "CENTER", "CENTRE", "MEDICAL", "ADDRESS", "PHONE", "TEL",
     "STUDY", "EXAM", "DATE", "TIME",
 }  # fmt: skip
-_CLINICAL = frozenset(
-    """
-    L R LT RT LEFT RIGHT A P S I AP PA LAT LATERAL MED MEDIAL SUP INF ANT POST PROX DIST MID
-    DEPTH GAIN FREQ FREQUENCY MHZ KHZ HZ CM MM DB FPS FR HR BPM PRF WF PW CW CF CFM PWR POWER
-    DYN RANGE TIS TIB TIC MI SAG SAGITTAL TRANS TRV TRANSVERSE LONG AXIAL AX COR CORONAL OBL
-    ABD ABDOMEN CARDIAC HEART LIVER KIDNEY SPLEEN THYROID BREAST PELVIS PELVIC CHEST HEAD NECK
-    VASCULAR CAROTID AORTA UTERUS OVARY BLADDER PROSTATE TESTIS FETAL OB GYN ECHO DOPPLER COLOR
-    COLOUR MODE B M C D T W X Y Z 2D 3D 4D HARM HARMONIC THI GEN RES PEN SCALE ZOOM FOCUS ANGLE
-    SV STEER BASELINE FILTER PERSIST MAP ACOUSTIC OUTPUT SPEED VEL VELOCITY PI RI PSV EDV TAMAX
-    HIGH LOW MIN MAX AVG MEAN DISTANCE AREA VOL VOLUME CIRC DIAM DIAMETER LENGTH WIDTH HEIGHT
-    SLICE THK THICKNESS WW WL KV KVP MA MAS MGY SEC MS TR TE TI FA FOV MATRIX NEX ETL BW SNR
-    IMAGE IMG SE SER SERIES FRAME FRAMES OF PROBE LINEAR CONVEX SECTOR PHASED ROI CINE LOOP
-    FREEZE FROZEN LIVE STORE TGC MEAS CALC AUTO PROC DEG ON OFF CTDI DLP KERNEL WINDOW LEVEL
-    BONE LUNG SOFT TISSUE BRAIN SPINE KNEE HIP SHOULDER ANKLE WRIST ELBOW FOOT HAND ARM LEG
-    CONTRAST PRE NON WITH WITHOUT IV ORAL AND VIEW STANDING SUPINE PRONE ERECT UPRIGHT PORTABLE
-    INSP EXP CRANIAL CAUDAL MARKER SCOUT LOCALIZER TOPOGRAM DOSE PHASE ARTERIAL VENOUS DELAYED
-    RATE ZONE FLOW RATIO TOTAL NORMAL AFI CRL BPD HC AC FL EFW GA EDD LMP CI NT SD EF LV RV LA RA
-    IVC SVC MV TV AV PV LVOT RVOT ECG EKG VTI MAG ENH SMOOTH SHARP DR SOUND
-    """.split()  # noqa: SIM905 - a word list reads better as text
-)
+_CLINICAL = _load_terms("clinical_terms.csv")
 _RUNS = re.compile(r"[A-Z]+|\d+(?:[.,]\d+)?%?")
 _TOKEN = re.compile(r"[A-Z0-9%./:+\-]+")
 
