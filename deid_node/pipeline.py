@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from deid_node.conditions import (
     ConditionEvaluation,
@@ -26,9 +29,13 @@ from deid_node.conditions import (
 )
 from deid_node.config import DeidConfig, PixelsConfig
 from deid_node.errors import DeidentificationError, InputError, ResidualIdentifierError
-from deid_node.modes import SeriesPolicy
+from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.report import build_report
 from deid_node.store import fsync_dirs, write_durably
+
+# Values larger than this are not read into memory when pixels stay untouched.
+STREAM_VALUES_ABOVE = 1 << 20
+PIXEL_DATA_TAG = 0x7FE00010
 
 # Tags the pipeline reads before deciding anything (header only, pixels never loaded).
 _IDENTITY_TAGS = (
@@ -193,8 +200,11 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     from deid_node.deid.pixels import redact_pixels
     from deid_node.deid.tags import deidentify_tags, identifying_values, residual_scan
 
+    no_text = settings.deid.redact_pixels_mode is DeidentifyRedactTextMode.REDACT_NO_TEXT
     try:
-        ds = dcmread(job.src)
+        # Pixels that stay untouched are not read into memory: large values are deferred and
+        # the pixel data is copied from file to file (a 1 GiB cine costs no 1 GiB here).
+        ds = dcmread(job.src, defer_size=STREAM_VALUES_ABOVE if no_text else None)
     except Exception as exc:
         return DeidOutcome(
             None, "", "", "", {}, error=f"not a readable DICOM file: {type(exc).__name__}"
@@ -205,6 +215,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         str(ds.get("SOPInstanceUID", "")),
     )
     try:
+        streamed = _detach_pixel_data(ds) if no_text else None
         identifiers = identifying_values(ds, settings.deid)
         pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
         if settings.deid.redact_dicom_tags:
@@ -228,7 +239,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         write_durably(
             tmp,
             path,
-            lambda handle: ds.save_as(handle, enforce_file_format=True),
+            lambda handle: _save(ds, handle, job.src, streamed),
             sync_dir=False,
             fsync=settings.durable,
         )
@@ -243,6 +254,56 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
             error=f"de-identification failed: {type(exc).__name__}",
             quarantine=True,
         )
+
+
+@dataclass(frozen=True)
+class _StreamedElement:
+    """A native PixelData value left in the source file, to be copied after the header."""
+
+    offset: int
+    length: int
+    vr: str
+    implicit_vr: bool
+
+
+def _detach_pixel_data(ds: Dataset) -> _StreamedElement | None:
+    """Take a deferred, native PixelData out of `ds` if it can be streamed; else leave it."""
+    raw = ds._dict.get(PIXEL_DATA_TAG)  # noqa: SLF001 - the raw element, not its value
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if (
+        not isinstance(raw, RawDataElement)
+        or raw.value is not None  # small enough to have been read: the usual path
+        or raw.length in (None, 0xFFFFFFFF)  # encapsulated: not streamed
+        or syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        or max(ds.keys()) != PIXEL_DATA_TAG  # something after it (padding, signatures)
+    ):
+        return None
+    streamed = _StreamedElement(
+        raw.value_tell, raw.length, raw.VR or "OW", syntax == ImplicitVRLittleEndian
+    )
+    del ds[PIXEL_DATA_TAG]
+    return streamed
+
+
+def _save(ds: Dataset, handle: Any, src: Path, streamed: _StreamedElement | None) -> None:
+    ds.save_as(handle, enforce_file_format=True)
+    if streamed is None:
+        return
+    # PixelData is the last element: append its header and copy its value from the source.
+    tag = struct.pack("<HH", 0x7FE0, 0x0010)
+    if streamed.implicit_vr:
+        handle.write(tag + struct.pack("<I", streamed.length))
+    else:
+        handle.write(tag + streamed.vr.encode() + b"\x00\x00" + struct.pack("<I", streamed.length))
+    with src.open("rb") as source:
+        source.seek(streamed.offset)
+        remaining = streamed.length
+        while remaining:
+            chunk = source.read(min(remaining, 1 << 20))
+            if not chunk:
+                raise InputError("pixel data shorter than its declared length")
+            handle.write(chunk)
+            remaining -= len(chunk)
 
 
 def _pixel_summary(outcome: Any) -> dict[str, Any]:
@@ -325,8 +386,10 @@ def run_series(
 def _map(
     fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], executor: Executor | None
 ) -> Iterable[DeidOutcome]:
-    if executor is None or len(jobs) <= 1:
+    if executor is None:
         return iter([fn(job) for job in jobs])
+    # Even a single file goes to the pool: the node's own process must not hold a large
+    # instance in memory (one 1 GiB multi-frame would cost it 2 GiB for its whole life).
     return iter(executor.map(fn, jobs, chunksize=max(1, len(jobs) // 16)))
 
 

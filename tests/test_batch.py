@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from dicomgen import make_series, phi_markers, write_series
@@ -190,3 +191,33 @@ def test_cli_bad_arguments(tmp_path):
         "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad_config)
     )
     assert result.returncode == 1 and "deid.redact_pixels_mode" in result.stderr
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_untouched_large_pixel_data_is_streamed_byte_identical(tmp_path, implicit):
+    """REDACT_NO_TEXT copies a large PixelData value from file to file instead of loading it."""
+    import numpy as np
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from deid_node.pipeline import STREAM_VALUES_ABOVE, _detach_pixel_data
+
+    frames = np.random.default_rng(7).integers(0, 4000, size=(12, 256, 256), dtype=np.uint16)
+    ds = make_series(1, "CT", image_type="DERIVED\\SECONDARY", rows=256, columns=256)[0]
+    ds.NumberOfFrames = 12
+    ds.PixelData = frames.tobytes()
+    assert len(ds.PixelData) > STREAM_VALUES_ABOVE
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = tmp_path / "big.dcm"
+    ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+    assert _detach_pixel_data(dcmread(path, defer_size=STREAM_VALUES_ABOVE)) is not None
+    reports = deidentify_dicom_files(
+        dicom_urls=[path], upload_dir=tmp_path / "o", data_dir=tmp_path / "d"
+    )
+    out = dcmread(reports[0]["url_deid"])
+    assert out.PixelData == frames.tobytes()
+    assert out.NumberOfFrames == 12 and out.PatientIdentityRemoved == "YES"
+    assert out.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
+    assert np.array_equal(out.pixel_array, frames)
+    data = Path(reports[0]["url_deid"]).read_bytes()
+    assert not [m for m in phi_markers() if m in data]
