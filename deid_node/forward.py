@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from deid_node.config import DestinationConfig
 from deid_node.errors import ForwardError
-from deid_node.store import write_durably
+from deid_node.store import fsync_dirs, write_durably
 
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -46,8 +46,8 @@ def send_batch(
 ) -> None:
     """Send every item; call on_stored(item, url_deid, status) for each one stored.
 
-    Raises ForwardError on the first failure (association refused, aborted, failure status);
-    what was stored before it stays recorded.
+    Raises ForwardError when the association fails (refused, aborted, timed out) or after the
+    series when any instance was refused; what was stored stays recorded.
     """
     if dest.type == "folder":
         _copy_to_folder(dest, items, on_stored)
@@ -61,21 +61,27 @@ def _copy_to_folder(
     on_stored: Callable[[Outgoing, str, int], None],
 ) -> None:
     assert dest.path is not None
-    for item in items:
-        folder = dest.path / item.study_uid / item.series_uid
-        final = folder / f"{item.sop_uid}.dcm"
-        try:
+    copied: list[tuple[Outgoing, Path]] = []
+    try:
+        for item in items:
+            folder = dest.path / item.study_uid / item.series_uid
+            final = folder / f"{item.sop_uid}.dcm"
             folder.mkdir(parents=True, exist_ok=True)
             with item.path.open("rb") as src:
                 write_durably(
                     folder / f".{item.sop_uid}.part",
                     final,
-                    lambda dst: shutil.copyfileobj(src, dst),
+                    lambda dst, src=src: shutil.copyfileobj(src, dst),
+                    sync_dir=False,
                 )
-        except OSError as exc:
-            raise ForwardError(
-                f"cannot write to folder destination {dest.name}: {exc.strerror}"
-            ) from None
+            copied.append((item, final))
+        # One fsync per folder makes the renames durable; only then are the files "sent".
+        fsync_dirs(final.parent for _, final in copied)
+    except OSError as exc:
+        raise ForwardError(
+            f"cannot write to folder destination {dest.name}: {exc.strerror}"
+        ) from None
+    for item, final in copied:
         on_stored(item, str(final), 0)
 
 

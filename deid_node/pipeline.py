@@ -319,10 +319,18 @@ def _pixel_summary(outcome: Any) -> dict[str, Any]:
 
 def make_process_pool(workers: int) -> Executor:
     """Worker processes for deidentify_file. forkserver: they never inherit the node's threads,
-    sockets or SQLite handle."""
-    return ProcessPoolExecutor(
+    sockets or SQLite handle. The workers start now and import what they need, so that the
+    first series does not wait for them."""
+    pool = ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
     )
+    for _ in range(workers):
+        pool.submit(_warm_up)
+    return pool
+
+
+def _warm_up() -> None:
+    import deid_node.deid.tags  # noqa: F401  (pydicom and the profile tables)
 
 
 # -- the series --------------------------------------------------------------------------------
