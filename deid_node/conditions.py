@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
@@ -238,12 +238,3 @@ def evaluate_all(
     conditions: Sequence[SaveDeidentifiedDicomCondition], ds: Dataset
 ) -> list[ConditionEvaluation]:
     return [condition.evaluate(ds) for condition in conditions]
-
-
-def condition_tags(conditions: Sequence[SaveDeidentifiedDicomCondition]) -> list[BaseTag]:
-    """Tags a stage must read to evaluate the conditions (for a partial, header-only read)."""
-    return [c.tag for c in conditions]
-
-
-def describe_tag(tag: BaseTag) -> str:
-    return keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"

@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from deid_node.config import DestinationConfig
 from deid_node.errors import ForwardError
-from deid_node.store import fsync_dirs, write_durably
+from deid_node.files import fsync_dirs, write_durably
 
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}

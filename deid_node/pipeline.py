@@ -29,22 +29,13 @@ from deid_node.conditions import (
 )
 from deid_node.config import DeidConfig, PixelsConfig
 from deid_node.errors import DeidentificationError, InputError, ResidualIdentifierError
+from deid_node.files import fsync_dirs, write_durably
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.report import build_report
-from deid_node.store import fsync_dirs, write_durably
 
 # Values larger than this are not read into memory when pixels stay untouched.
 STREAM_VALUES_ABOVE = 1 << 20
 PIXEL_DATA_TAG = 0x7FE00010
-
-# Tags the pipeline reads before deciding anything (header only, pixels never loaded).
-_IDENTITY_TAGS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "Modality",
-)
 
 
 @dataclass(frozen=True)

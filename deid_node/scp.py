@@ -67,14 +67,12 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def make_store_handler(
-    store: Store, limits: StoreLimits, on_stored: Callable[[int], None] | None = None
-) -> Callable[[evt.Event], int]:
+def make_store_handler(store: Store, limits: StoreLimits) -> Callable[[evt.Event], int]:
     def handle_store(event: evt.Event) -> int:
         calling_ae = _calling_ae(event)
         bound = log.bind(calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID))
         try:
-            return _store_instance(event, store, limits, calling_ae, bound, on_stored)
+            return _store_instance(event, store, limits, calling_ae, bound)
         except (OSError, sqlite3.OperationalError) as exc:
             bound.error(
                 "store_failed", reason="disk or database error", error_type=type(exc).__name__
@@ -118,7 +116,6 @@ def _store_instance(
     limits: StoreLimits,
     calling_ae: str,
     bound: Any,
-    on_stored: Callable[[int], None] | None,
 ) -> int:
     if shutil.disk_usage(store.data_dir).free < limits.min_free_disk_bytes:
         bound.warning("store_refused", reason="free disk below node.min_free_disk_mb")
@@ -131,7 +128,7 @@ def _store_instance(
         )
         return CANNOT_UNDERSTAND
     try:
-        return _accept_file(event, store, limits, calling_ae, bound, on_stored, received)
+        return _accept_file(event, store, limits, calling_ae, bound, received)
     finally:
         received.unlink(missing_ok=True)  # moved into the spool or quarantine, or refused
 
@@ -142,7 +139,6 @@ def _accept_file(
     limits: StoreLimits,
     calling_ae: str,
     bound: Any,
-    on_stored: Callable[[int], None] | None,
     received: Path,
 ) -> int:
     request = event.request
@@ -207,8 +203,6 @@ def _accept_file(
         batch_id=stored.batch_id,
         duplicate=stored.duplicate,
     )
-    if on_stored:
-        on_stored(stored.batch_id)
     return SUCCESS
 
 

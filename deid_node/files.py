@@ -1,0 +1,77 @@
+"""Durable file writes shared by the stages: write or adopt a file all-or-nothing, fsync folders.
+
+A file is "on disk" when its bytes are fsynced and the rename that gave it its name is fsynced
+in its folder; only then may the node acknowledge, or record it as sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+def adopt_durably(src: Path, final: Path) -> Path:
+    """fsync an existing file, rename it onto `final` (copy across file systems), fsync folder."""
+    with src.open("rb") as handle:
+        os.fsync(handle.fileno())
+    try:
+        os.replace(src, final)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        with src.open("rb") as handle:
+            write_durably(
+                final.with_suffix(".part"), final, lambda dst: shutil.copyfileobj(handle, dst)
+            )
+        src.unlink()
+    _fsync_dir(final.parent)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_durably(
+    tmp: Path,
+    final: Path,
+    data: bytes | Callable[[Any], None],
+    *,
+    sync_dir: bool = True,
+    fsync: bool = True,
+) -> None:
+    """Write to `tmp`, fsync, rename onto `final`, fsync the folder: all or nothing on disk.
+
+    sync_dir=False leaves the folder's fsync to the caller (`fsync_dirs`, once per series).
+    """
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
+            handle.flush()
+            if fsync:
+                os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir and fsync:
+        _fsync_dir(final.parent)
+
+
+def fsync_dirs(folders: Iterable[Path]) -> None:
+    """Make renames into these folders durable (one fsync per folder)."""
+    for folder in set(folders):
+        _fsync_dir(folder)
