@@ -91,7 +91,7 @@ class worker_pool:  # noqa: N801 - used as a context manager, reads like one
 
     def __enter__(self) -> Any:
         if self.workers > 1:
-            self.pool = make_process_pool(self.workers)
+            self.pool = make_process_pool(self.workers, start_method="fork")
         return self.pool
 
     def __exit__(self, *exc: object) -> None:

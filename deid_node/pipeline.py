@@ -308,12 +308,16 @@ def _pixel_summary(outcome: Any) -> dict[str, Any]:
     }
 
 
-def make_process_pool(workers: int) -> Executor:
-    """Worker processes for deidentify_file. forkserver: they never inherit the node's threads,
-    sockets or SQLite handle. The workers start now and import what they need, so that the
-    first series does not wait for them."""
+def make_process_pool(workers: int, *, start_method: str = "forkserver") -> Executor:
+    """Worker processes for deidentify_file, started now (each imports what it needs at once,
+    so that the first series does not wait for them).
+
+    forkserver (the node): workers never inherit the node's threads, sockets or SQLite handle.
+    fork (the batch front door, a single-threaded process): workers start from the parent's
+    memory with everything already imported.
+    """
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("forkserver")
+        max_workers=workers, mp_context=multiprocessing.get_context(start_method)
     )
     for _ in range(workers):
         pool.submit(_warm_up)

@@ -469,3 +469,22 @@ def test_input_without_sop_instance_uid_is_refused_without_values() -> None:
     with pytest.raises(InputError) as excinfo:
         deidentify_tags(ds, DeidConfig(), Pseudonymizer(SECRET))
     assert not any(m.decode() in str(excinfo.value) for m in phi_markers())
+
+
+def test_identifying_values_sees_names_stored_as_un_and_in_nested_sequences(tmp_path):
+    """The raw-VR fast path must not skip a PN that arrived as UN, nor one inside a sequence."""
+    from pydicom import Dataset as _Dataset
+    from pydicom import dcmread as _dcmread
+    from pydicom.sequence import Sequence as _Sequence
+
+    ds = _Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.add_new(0x00100010, "UN", b"Quorvath^Ilsabet")
+    item = _Dataset()
+    item.ReferringPhysicianName = "Brannock^Teodor"
+    ds.RequestAttributesSequence = _Sequence([item])
+    path = tmp_path / "un.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=True)
+    found = identifying_values(_dcmread(path, force=True))
+    assert {"Quorvath", "Ilsabet", "Brannock", "Teodor"} <= set(found)

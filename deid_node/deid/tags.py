@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, FileMetaDataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
@@ -243,18 +244,42 @@ def identifying_values(ds: Dataset, config: DeidConfig | None = None) -> list[st
         keywords |= _INSTITUTION_KEYWORDS
     if "Retain Device Identity" not in options:
         keywords |= _DEVICE_KEYWORDS
+    tags = {tag_for_keyword(k) for k in keywords}
     found: dict[str, None] = {}
-    for _, elem in _walk(ds, ""):
-        if elem.VR == "PN":
+    _collect_identifiers(ds, tags, found)
+    return list(found)
+
+
+def _collect_identifiers(ds: Dataset, tags: set[int | None], found: dict[str, None]) -> None:
+    """PN values (whole and parts) and the values of `tags`, at every depth.
+
+    Reads the VR from the raw element where it can: converting every element (pixel data
+    included) only to look at its VR costs more than the rest of the header's de-identification.
+    """
+    for tag, raw in ds._dict.items():  # noqa: SLF001 - raw elements, not converted values
+        vr = getattr(raw, "VR", None) or dictionary_vr_or_none(tag)
+        if vr not in ("PN", "SQ", "UN", None) and tag not in tags:
+            continue
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                _collect_identifiers(item, tags, found)
+        elif elem.VR == "PN":
             for value in _values(elem):
                 for part in _name_parts(str(value)):
                     found[part] = None
-        elif elem.keyword in keywords:
+        elif tag in tags:
             for value in _values(elem):
                 text = str(value).strip(" \x00")
                 if text:
                     found[text] = None
-    return list(found)
+
+
+def dictionary_vr_or_none(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
 
 
 def deidentify_tags(
