@@ -472,7 +472,8 @@ def test_input_without_sop_instance_uid_is_refused_without_values() -> None:
 
 
 def test_identifying_values_sees_names_stored_as_un_and_in_nested_sequences(tmp_path):
-    """The raw-VR fast path must not skip a PN that arrived as UN, nor one inside a sequence."""
+    """The raw-VR fast path finds a PN sent as UN (pydicom restores its VR from the dictionary
+    while reading) and a PN inside a sequence."""
     from pydicom import Dataset as _Dataset
     from pydicom import dcmread as _dcmread
     from pydicom.sequence import Sequence as _Sequence
