@@ -133,7 +133,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from deid_node.store import Store
 
     config = load_config(args.config)
-    store = Store(config.node.data_dir)
+    if not (config.node.data_dir / "deid-node.sqlite").exists():
+        raise DeidNodeError(
+            f"no database in {config.node.data_dir}: has the node run with this config?"
+        )
+    store = Store(config.node.data_dir, readonly=True)
     print(json.dumps(store.status(), indent=2))
     return 0
 

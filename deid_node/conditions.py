@@ -9,13 +9,14 @@ it reads. A missing (or empty) attribute makes every condition false except NOT_
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
@@ -187,11 +188,37 @@ class ConditionEvaluation:
     evaluated_value: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """Encord's shape. The value is shown only for attributes that cannot identify anyone
+        (ImageType, Modality...); for one the profile de-identifies (PatientID, StudyDate,
+        descriptions...) `tag_value` is null and `tag_value_withheld` true."""
+        withheld = self.tag_value is not None and not value_is_reportable(self.condition.tag)
+        out: dict[str, Any] = {
             "condition": self.condition.to_dict(),
-            "tag_value": self.tag_value,
+            "tag_value": None if withheld else self.tag_value,
             "evaluated_value": self.evaluated_value,
         }
+        if withheld:
+            out["tag_value_withheld"] = True
+        return out
+
+
+_REPORTABLE_VRS = frozenset({"CS", "IS", "DS", "US", "SS", "UL", "SL", "FL", "FD", "UI"})
+
+
+@functools.lru_cache(maxsize=256)
+def value_is_reportable(tag: BaseTag) -> bool:
+    """May a report show this attribute's value? Not when PS3.15 Table E.1-1 lists it (any
+    action: it is identifying or may be), not for private attributes, and only for coded or
+    numeric VRs, or text the de-identifier itself keeps as technical."""
+    from deid_node.deid.profile import load_profile_table
+    from deid_node.deid.tags import SAFE_TEXT_KEYWORDS
+
+    if load_profile_table().row(int(tag)) is not None:
+        return False
+    keyword = keyword_for_tag(tag)
+    if not keyword:
+        return False
+    return dictionary_VR(tag) in _REPORTABLE_VRS or keyword in SAFE_TEXT_KEYWORDS
 
 
 def tag_values(ds: Dataset, tag: BaseTag) -> list[str] | None:

@@ -75,3 +75,16 @@ def fsync_dirs(folders: Iterable[Path]) -> None:
     """Make renames into these folders durable (one fsync per folder)."""
     for folder in set(folders):
         _fsync_dir(folder)
+
+
+def fsync_tree(files: Iterable[Path], root: Path) -> None:
+    """After writing `files` under `root` in folders that may be new: fsync every folder from
+    each file's up to `root`'s parent, so that the new folders' own entries are durable too."""
+    folders: set[Path] = set()
+    for path in files:
+        folder = path.parent
+        while folder != root.parent and folder not in folders:
+            folders.add(folder)
+            folder = folder.parent
+    folders.add(root.parent)
+    fsync_dirs(folders)

@@ -19,7 +19,7 @@ from pynetdicom import AE
 
 from deid_node.config import DestinationConfig
 from deid_node.errors import ForwardError
-from deid_node.files import fsync_dirs, write_durably
+from deid_node.files import fsync_tree, write_durably
 
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
@@ -76,7 +76,7 @@ def _copy_to_folder(
                 )
             copied.append((item, final))
         # One fsync per folder makes the renames durable; only then are the files "sent".
-        fsync_dirs(final.parent for _, final in copied)
+        fsync_tree((final for _, final in copied), dest.path)
     except OSError as exc:
         raise ForwardError(
             f"cannot write to folder destination {dest.name}: {exc.strerror}"

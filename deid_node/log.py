@@ -39,6 +39,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
     )
     # pynetdicom logs through stdlib logging; its DEBUG output dumps datasets (patient values).
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_pydicom()
     _configured = True
 
 
@@ -82,3 +83,14 @@ def safe_error(exc: BaseException) -> dict[str, str]:
     if isinstance(exc, DeidNodeError | OSError):
         fields["error"] = str(exc)[:300]
     return fields
+
+
+def quiet_pydicom() -> None:
+    """pydicom's validation warnings quote the offending value ("Invalid value for VR DA:
+    '1970-05-17'"): a patient value on stderr. Values are accepted as sent and the pipeline
+    judges them; nothing of pydicom's is printed. Called in every process that reads DICOM."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)

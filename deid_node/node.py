@@ -21,7 +21,7 @@ from typing import Any
 
 from deid_node.config import Config, DestinationConfig
 from deid_node.deid.uids import load_or_create_secret
-from deid_node.errors import ConfigError, ForwardError
+from deid_node.errors import ConfigError
 from deid_node.forward import Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
 from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
@@ -61,6 +61,8 @@ class Node:
         # Everything the node creates (spool, outputs, quarantine, db) holds patient data until
         # de-identified: owner-only, whatever umask the service manager gave us.
         os.umask(0o077)
+        if not config.destinations:
+            raise ConfigError("destinations: the node needs at least one [[destinations]] entry")
         self.config = config
         self.store = Store(config.node.data_dir)
         self.settings = pipeline_settings(config, load_or_create_secret(config.node.data_dir))
@@ -72,6 +74,7 @@ class Node:
             max_workers=config.node.workers, thread_name_prefix="series"
         )
         self._pool = make_process_pool(config.node.workers)
+        self._pool_lock = threading.Lock()
         self._in_flight = threading.Semaphore(config.node.workers)
         self._destinations = {d.name: d for d in config.destinations}
         # Set when there is work, so that loops do not wait for their next poll.
@@ -216,8 +219,7 @@ class Node:
             self.process_batch(batch_id)
         except Exception as exc:
             if isinstance(exc, BrokenProcessPool):
-                # A worker died (killed, out of memory, crash in a decoder): start a new pool.
-                self._pool = make_process_pool(self.config.node.workers)
+                self._replace_broken_pool()
             fields = safe_error(exc)
             state = self.store.processing_failed(
                 batch_id, fields.get("error", fields["error_type"]), MAX_PROCESSING_ATTEMPTS
@@ -226,6 +228,16 @@ class Node:
         finally:
             self._in_flight.release()
             self._scheduler_wake.set()  # a slot is free: claim the next complete batch now
+
+    def _replace_broken_pool(self) -> None:
+        """A worker died (killed, out of memory, crash in a decoder): start a new pool, once,
+        even when every batch running on the old one reports it."""
+        with self._pool_lock:
+            broken = self._pool
+            if not getattr(broken, "_broken", False):
+                return  # another thread replaced it already
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._pool = make_process_pool(self.config.node.workers)
 
     def process_batch(self, batch_id: int) -> str:
         started = time.monotonic()
@@ -289,6 +301,8 @@ class Node:
         return state
 
     def _clean_spool(self) -> None:
+        # A receipt takes at most a network timeout per PDU; twice that and it was abandoned.
+        self.store.remove_stale_tmp(2 * self.config.node.network_timeout_seconds + 60)
         for batch_id in self.store.batches_to_clean(self.config.node.retention_hours):
             removed = self.store.release_originals(batch_id)
             self.store.forget_files(batch_id)
@@ -333,16 +347,21 @@ class Node:
                 send_batch(dest, items, on_stored)
             finally:
                 self.store.mark_sent(acknowledged)
-        except (ForwardError, OSError) as exc:
+        except Exception as exc:
+            # Any failure counts as an attempt (pynetdicom raises ValueError when the peer
+            # accepted no context for a file, RuntimeError after an abort): an exception that
+            # escaped here would leave this delivery first in the queue forever.
+            fields = safe_error(exc)
+            error = fields.get("error") or f"{dest.name}: {fields['error_type']}"
             attempts = delivery["attempts"] + 1
             retry_at = (
                 time.time() + backoff_seconds(dest, attempts)
                 if attempts < dest.max_attempts
                 else None
             )
-            self.store.delivery_attempt_failed(delivery["id"], str(exc), retry_at)
+            self.store.delivery_attempt_failed(delivery["id"], error, retry_at)
             bound.warning(
-                "forward_failed", attempt=attempts, error=str(exc), will_retry=retry_at is not None
+                "forward_failed", attempt=attempts, error=error, will_retry=retry_at is not None
             )
             return
         self.store.delivery_done(delivery["id"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,9 +30,17 @@ from deid_node.conditions import (
 )
 from deid_node.config import DeidConfig, PixelsConfig
 from deid_node.errors import DeidentificationError, InputError, ResidualIdentifierError
-from deid_node.files import fsync_dirs, write_durably
+from deid_node.files import fsync_tree, write_durably
+from deid_node.log import quiet_pydicom
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.report import build_report
+
+quiet_pydicom()  # worker processes import this module; they never configure logging
+
+# A UID as it may safely name a folder: dot-separated digit components, at most 64 characters
+# (PS3.5 9.1). Leading zeros, which some modalities send, are tolerated; empty components
+# ("..", a leading or trailing dot) are not.
+UID_PATTERN = re.compile(r"^(?=.{1,64}$)[0-9]+(\.[0-9]+)*$")
 
 # Values larger than this are not read into memory when pixels stay untouched.
 STREAM_VALUES_ABOVE = 1 << 20
@@ -156,7 +165,9 @@ def judge_series(
     `earlier` are reports of earlier rounds of the same series: late files are judged with the
     whole series, so a series rejected once stays rejected under policy "all".
     """
-    disabling = [r["url"] for r in earlier if not r.get("save_condition")]
+    # An earlier file that failed its conditions, or could not be de-identified, holds the
+    # series back as much as one of this round.
+    disabling = [r["url"] for r in earlier if not r.get("save_condition") or r.get("error")]
     disabling += [e.source.url for e in evaluations if not e.passed]
     series_passed = not disabling
     if policy is SeriesPolicy.ALL:
@@ -223,6 +234,9 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
                     f"identifying value left in {', '.join(sorted(hits)[:5])}"
                 )
         new = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        if not all(UID_PATTERN.match(uid) for uid in new):
+            # They name the output folders: a malformed UID must not become a path.
+            raise DeidentificationError("malformed Study/Series/SOP Instance UID")
         folder = job.dst_root / new[0] / new[1]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{new[2]}.dcm"
@@ -361,7 +375,7 @@ def run_series(
             on_file_done(result)
 
     if settings.durable:
-        fsync_dirs(r.deid_path.parent for r in results if r.deid_path is not None)
+        fsync_tree((r.deid_path for r in results if r.deid_path is not None), dst_root)
     quarantined = sum(r.state == "quarantined" for r in results)
     if quarantined and settings.policy is SeriesPolicy.ALL:
         # A series leaves whole or not at all: one file we could not de-identify holds it back.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import multiprocessing.util
-import re
 import shutil
 import sqlite3
 import ssl
@@ -28,6 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from deid_node.config import NodeConfig, TlsConfig
 from deid_node.log import get_logger
+from deid_node.pipeline import UID_PATTERN
 from deid_node.store import Receipt, Store
 
 log = get_logger("deid_node.scp")
@@ -39,8 +39,6 @@ CANNOT_UNDERSTAND = 0xC000
 PROCESSING_FAILURE = 0x0110
 
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-# PS3.5 9.1: digits and dots, at most 64 characters (also keeps UIDs safe in paths and URLs).
-_UID = re.compile(r"^[0-9.]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,7 @@ def _accept_file(
     ]
     if missing:
         return refuse(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
-    if not all(_UID.match(uids[tag]) for tag in _HEADER_TAGS if uids[tag]):
+    if not all(UID_PATTERN.match(uids[tag]) for tag in _HEADER_TAGS if uids[tag]):
         return refuse(CANNOT_UNDERSTAND, "malformed UID in dataset")
     if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID) or (
         uids["SOPClassUID"] and uids["SOPClassUID"] != str(request.AffectedSOPClassUID)

@@ -34,7 +34,7 @@ from typing import Any
 
 import sqlite_utils
 
-from deid_node.files import adopt_durably, write_durably
+from deid_node.files import adopt_durably, fsync_dirs, write_durably
 from deid_node.report import build_report
 
 BATCH_STATES = (
@@ -185,11 +185,26 @@ class StoredInstance:
 class Store:
     """Owns `data_dir`: the database, the spool (originals), deid outputs and the quarantine."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, readonly: bool = False) -> None:
+        """Open (and on first use create) the node's state. readonly: for reports and status
+        next to a running node; creates nothing, migrates nothing, writes nothing."""
         self.data_dir = Path(data_dir)
+        self.db_path = self.data_dir / "deid-node.sqlite"
+        self._lock = threading.RLock()
+        if readonly:
+            self._conn = sqlite3.connect(
+                f"{self.db_path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30
+            )
+            self.db = sqlite_utils.Database(self._conn)
+            return
         for sub in ("", "spool", "deid", "quarantine", "tmp"):
             (self.data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.db_path = self.data_dir / "deid-node.sqlite"
+        # The 256 spool folders exist, durably, before the first receipt: acknowledging an
+        # instance then needs no fsync of a folder's parent.
+        spool = self.data_dir / "spool"
+        for index in range(256):
+            (spool / f"{index:02x}").mkdir(mode=0o700, exist_ok=True)
+        fsync_dirs([spool, self.data_dir])
         new = not self.db_path.exists()
         self._conn = sqlite3.connect(
             self.db_path, check_same_thread=False, isolation_level=None, timeout=30
@@ -200,7 +215,6 @@ class Store:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self.db = sqlite_utils.Database(self._conn)
-        self._lock = threading.RLock()
         self._migrate()
 
     # -- plumbing -------------------------------------------------------------------------
@@ -218,10 +232,13 @@ class Store:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
+                self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # Also after a failed COMMIT (disk full): never leave the connection inside a
+                # transaction, or every later write fails until restart.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
-            self._conn.execute("COMMIT")
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -244,9 +261,7 @@ class Store:
     def spool_adopt(self, received: Path) -> Path:
         """Move a received file into the spool durably: fsync it, rename, fsync the folder."""
         name = uuid.uuid4().hex
-        folder = self.data_dir / "spool" / name[:2]
-        folder.mkdir(mode=0o700, exist_ok=True)
-        return adopt_durably(received, folder / f"{name}.dcm")
+        return adopt_durably(received, self.data_dir / "spool" / name[:2] / f"{name}.dcm")
 
     def quarantine_file(self, received: Path) -> str | None:
         """Keep a refused or failed file for the operator, under quarantine/ (owner-only)."""
@@ -284,7 +299,8 @@ class Store:
             if receipt.sha256:
                 seen = conn.execute(
                     "SELECT i.id, i.batch_id, b.round FROM instances i JOIN batches b ON b.id = i.batch_id"
-                    " WHERE i.series_uid = ? AND i.sop_uid = ? AND i.sha256 = ? AND b.state != 'receiving'",
+                    " WHERE i.series_uid = ? AND i.sop_uid = ? AND i.sha256 = ?"
+                    " AND b.state NOT IN ('receiving', 'failed')",
                     (receipt.series_uid, receipt.sop_uid, receipt.sha256),
                 ).fetchone()
                 if seen is not None:
@@ -381,8 +397,12 @@ class Store:
     def claim_batch(self) -> int | None:
         """Take the oldest complete batch for processing (complete -> processing)."""
         with self.transaction() as conn:
+            # A round waits for the earlier rounds of its series: it is judged with their reports.
             row = conn.execute(
-                "SELECT id FROM batches WHERE state = 'complete' ORDER BY last_received_at, id LIMIT 1"
+                "SELECT id FROM batches WHERE state = 'complete' AND NOT EXISTS (SELECT 1 FROM"
+                " batches p WHERE p.series_uid = batches.series_uid AND p.round < batches.round"
+                " AND p.state IN ('receiving', 'complete', 'processing'))"
+                " ORDER BY last_received_at, id LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
@@ -420,7 +440,39 @@ class Store:
             processing = conn.execute(
                 "UPDATE batches SET state = 'complete' WHERE state = 'processing'"
             ).rowcount
-        return {"requeued_processing": processing}
+        return {
+            "requeued_processing": processing,
+            "partial_files_removed": self.remove_stale_tmp(0),
+            "orphan_spool_files_removed": self._remove_orphan_spool_files(),
+        }
+
+    def remove_stale_tmp(self, older_than_seconds: float) -> int:
+        """Delete partial receipts in tmp/ (never acknowledged: an association that aborted
+        mid-dataset, or a crash mid-receive). They hold patient data and nothing refers to them."""
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in (self.data_dir / "tmp").iterdir():
+            try:
+                if path.stat().st_mtime <= cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass  # adopted or removed meanwhile
+        return removed
+
+    def _remove_orphan_spool_files(self) -> int:
+        """Spool files with no row: moved into the spool by a receipt whose commit never
+        happened (so never acknowledged). Only at start, when no receipt is in flight."""
+        known = {
+            r["spool_path"]
+            for r in self.query("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")
+        }
+        removed = 0
+        for path in (self.data_dir / "spool").rglob("*.dcm"):
+            if str(path) not in known:
+                path.unlink()
+                removed += 1
+        return removed
 
     def batch(self, batch_id: int) -> dict[str, Any]:
         return self.query("SELECT * FROM batches WHERE id = ?", (batch_id,))[0]
@@ -601,7 +653,7 @@ class Store:
         """Re-queue the failed deliveries of a series (operator's `deid-node retry`)."""
         with self.transaction() as conn:
             count = conn.execute(
-                "UPDATE deliveries SET state = 'pending', next_attempt_at = 0, updated_at = ?"
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
                 " WHERE state = 'failed' AND batch_id IN (SELECT id FROM batches WHERE series_uid = ?)",
                 (utcnow(), series_uid),
             ).rowcount

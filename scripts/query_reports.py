@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DeidNodeError(
                 f"no database at {config.db_path}: has the node run with this config?"
             )
-        store = Store(config.node.data_dir)
+        store = Store(config.node.data_dir, readonly=True)
         reports = store.reports(
             study_uid=args.study, series_uid=args.series, since=since, failed=args.failed
         )

@@ -221,3 +221,20 @@ def test_untouched_large_pixel_data_is_streamed_byte_identical(tmp_path, implici
     assert np.array_equal(out.pixel_array, frames)
     data = Path(reports[0]["url_deid"]).read_bytes()
     assert not [m for m in phi_markers() if m in data]
+
+
+def test_a_uid_that_would_escape_the_output_folder_is_quarantined(tmp_path):
+    ds = make_series(1, "CT")[0]
+    ds.StudyInstanceUID = str(tmp_path / "escaped")  # an absolute path posing as a UID
+    path = tmp_path / "in" / "x.dcm"
+    path.parent.mkdir()
+    ds.save_as(path, enforce_file_format=True)
+    reports = deidentify_dicom_files(
+        dicom_urls=[path],
+        redact_dicom_tags=False,
+        upload_dir=tmp_path / "o",
+        data_dir=tmp_path / "d",
+    )
+    assert reports[0]["url_deid"] is None and "malformed" in reports[0]["error"]
+    assert not (tmp_path / "escaped").exists()
+    assert not list((tmp_path / "o").rglob("*.dcm"))

@@ -119,3 +119,38 @@ def test_bad_conditions_name_the_entry(entry, message):
     with pytest.raises(ConditionError, match=message) as info:
         parse_conditions([{"type": "EXISTS", "dicom_tag": "Modality"}, entry])
     assert "save_conditions[1]" in str(info.value)
+
+
+def test_report_withholds_values_of_identifying_attributes():
+    ds = Dataset()
+    ds.PatientID = "PIDQX778812"
+    ds.StudyDate = "20240312"
+    ds.Modality = "CT"
+    shown = (
+        SaveDeidentifiedDicomCondition(value=["CT"], dicom_tag="Modality").evaluate(ds).to_dict()
+    )
+    assert shown["tag_value"] == "CT" and "tag_value_withheld" not in shown
+    for tag, ctype, value in (("PatientID", "SUBSTR", "QX"), ("StudyDate", "REGEX", "^2024")):
+        result = SaveDeidentifiedDicomCondition(
+            value=value, dicom_tag=tag, condition_type=ctype
+        ).evaluate(ds)
+        assert result.evaluated_value is True  # evaluated on the real value...
+        reported = result.to_dict()
+        assert (
+            reported["tag_value"] is None and reported["tag_value_withheld"] is True
+        )  # ...never shown
+
+
+def test_pydicom_does_not_print_invalid_values(capfd):
+    """pydicom's validation warnings quote the value; the pipeline silences them."""
+    import warnings
+
+    import deid_node.pipeline  # noqa: F401  (configures pydicom on import, as in every worker)
+
+    ds = Dataset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.PatientBirthDate = "1970-05-17"
+        assert str(ds.PatientBirthDate) == "1970-05-17"
+    captured = capfd.readouterr()
+    assert "1970-05-17" not in captured.err + captured.out
