@@ -267,8 +267,9 @@ class Node:
         )
         for r in outcome.results:
             if r.state == "quarantined":
-                # Kept for the operator, out of the spool that retention empties.
-                r.report["quarantine"] = self.store.quarantine_file(r.source.path)
+                # Kept for the operator, out of the spool that retention empties. Named now,
+                # moved after the commit: a crash between the two is completed at start.
+                r.report["quarantine"] = str(self.store.quarantine_path_for(r.source.key))
         results = [
             {
                 "instance_id": r.source.key,
@@ -287,6 +288,9 @@ class Node:
             destinations=list(self._destinations),
             summary=outcome.summary,
         )
+        for r in outcome.results:
+            if r.state == "quarantined":
+                self.store.move_to_quarantine(r.source.path, Path(r.report["quarantine"]))
         for event in self._forward_wake.values():
             event.set()
         log.info(

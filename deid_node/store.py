@@ -277,6 +277,26 @@ class Store:
         except OSError:
             return None
 
+    def quarantine_path_for(self, instance_id: int) -> Path:
+        return self.data_dir / "quarantine" / f"instance-{instance_id}.dcm"
+
+    def move_to_quarantine(self, spooled: Path, target: Path) -> None:
+        """Move a spooled original that could not be de-identified; idempotent."""
+        if spooled.exists():
+            adopt_durably(spooled, target)
+
+    def _complete_quarantine_moves(self) -> int:
+        """Quarantined instances whose move was cut off by a crash after the commit."""
+        moved = 0
+        for row in self.query(
+            "SELECT spool_path, report FROM instances WHERE state = 'quarantined' AND spool_path IS NOT NULL"
+        ):
+            target = json.loads(row["report"]).get("quarantine")
+            if target and Path(row["spool_path"]).exists() and not Path(target).exists():
+                self.move_to_quarantine(Path(row["spool_path"]), Path(target))
+                moved += 1
+        return moved
+
     def record_refused(self, **row: Any) -> None:
         """A report row for an instance the SCP refused (with the DIMSE status and why)."""
         with self.transaction():
@@ -442,6 +462,7 @@ class Store:
             ).rowcount
         return {
             "requeued_processing": processing,
+            "quarantine_moves_completed": self._complete_quarantine_moves(),
             "partial_files_removed": self.remove_stale_tmp(0),
             "orphan_spool_files_removed": self._remove_orphan_spool_files(),
         }
