@@ -12,15 +12,13 @@ import os
 import signal
 import sqlite3
 import ssl
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peers import NODELAY_ENV, REPO, NodeProcess, free_port, wait_for_port
+from peers import NodeProcess, free_port
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -195,33 +193,6 @@ def associate(
 
 class KillableNode(NodeProcess):
     """`deid-node serve` that can be SIGKILLed together with its worker processes."""
-
-    def __init__(
-        self, config_path: Path, port: int, log_path: Path, log_level: str = "info"
-    ) -> None:
-        super().__init__(config_path, port, log_path)
-        self.log_level = log_level
-
-    def start(self, timeout: float = 60.0) -> KillableNode:
-        self.log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "deid_node.cli",
-                "--log-level",
-                self.log_level,
-                "serve",
-                "--config",
-                str(self.config_path),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=NODELAY_ENV,
-        )
-        wait_for_port(self.port, timeout, self.proc)
-        return self
 
     def kill9(self) -> None:
         """SIGKILL the node, then the worker processes it had started (left orphaned)."""

@@ -188,16 +188,28 @@ class Orthanc:
 class NodeProcess:
     """`deid-node serve` as a real process, on a config written for the test."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    def __init__(
+        self, config_path: Path, port: int, log_path: Path, log_level: str = "info"
+    ) -> None:
         self.config_path = config_path
         self.port = port
         self.log_path = log_path
+        self.log_level = log_level
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
         self.log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deid_node.cli", "serve", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "deid_node.cli",
+                "--log-level",
+                self.log_level,
+                "serve",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
