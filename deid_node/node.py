@@ -27,6 +27,7 @@ from deid_node.log import get_logger, safe_error
 from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
 from deid_node.scp import (
     StoreLimits,
+    ae_title_text,
     build_ae,
     enable_chunked_receive,
     handlers,
@@ -40,10 +41,6 @@ log = get_logger("deid_node.node")
 SENT_COMMIT_EVERY = 16
 # A batch whose processing raised (not a bad file: those are quarantined) is retried this often.
 MAX_PROCESSING_ATTEMPTS = 3
-
-
-def _title(value: object) -> str:
-    return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).strip()
 
 
 def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
@@ -150,7 +147,8 @@ class Node:
         for assoc in self._ae.active_associations:
             if assoc.is_established:
                 log.warning(
-                    "association_aborted_at_stop", calling_ae=_title(assoc.requestor.ae_title)
+                    "association_aborted_at_stop",
+                    calling_ae=ae_title_text(assoc.requestor.ae_title),
                 )
             assoc.abort()
 

@@ -112,7 +112,6 @@ class DeidOutcome:
     sop_uid: str
     pixels: dict[str, Any]
     error: str | None = None
-    quarantine: bool = False
 
 
 @dataclass
@@ -250,14 +249,13 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         )
         return DeidOutcome(path, *new, pixels=_pixel_summary(pixels))
     except DeidentificationError as exc:
-        return DeidOutcome(None, *uids, pixels={}, error=str(exc), quarantine=True)
+        return DeidOutcome(None, *uids, pixels={}, error=str(exc))
     except Exception as exc:  # library errors can quote values: keep only the type
         return DeidOutcome(
             None,
             *uids,
             pixels={},
             error=f"de-identification failed: {type(exc).__name__}",
-            quarantine=True,
         )
 
 

@@ -97,15 +97,15 @@ def enable_chunked_receive(tmp_dir: Path) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 
-def _received_file(event: evt.Event, store: Store) -> tuple[Path, bool]:
-    """The received instance as a file in Part 10 format: (path, owned by pynetdicom)."""
+def _received_file(event: evt.Event, store: Store) -> Path:
+    """The received instance as a file in Part 10 format (ours to move or delete)."""
     try:
         path = event.dataset_path  # None unless in chunked mode
     except AttributeError:
         path = None
     if path is not None:
-        return Path(path), True
-    return store.tmp_write(event.encoded_dataset(include_meta=True)), False
+        return Path(path)
+    return store.tmp_write(event.encoded_dataset(include_meta=True))
 
 
 def _store_instance(
@@ -119,7 +119,7 @@ def _store_instance(
         bound.warning("store_refused", reason="free disk below node.min_free_disk_mb")
         return OUT_OF_RESOURCES
     try:
-        received, _ = _received_file(event, store)
+        received = _received_file(event, store)
     except Exception as exc:
         bound.warning(
             "store_refused", reason="cannot read received dataset", error_type=type(exc).__name__
@@ -213,7 +213,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _calling_ae(event: evt.Event) -> str:
-    title = event.assoc.requestor.ae_title
+    return ae_title_text(event.assoc.requestor.ae_title)
+
+
+def ae_title_text(title: object) -> str:
+    """An AE title as text, whether pynetdicom gives bytes or str."""
     return (title.decode(errors="replace") if isinstance(title, bytes) else str(title)).strip()
 
 

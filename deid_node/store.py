@@ -49,6 +49,13 @@ BATCH_STATES = (
 FINAL_STATES = ("forwarded", "rejected", "failed")
 
 
+# Instances of a batch (?) written for sending that a destination (?) has not acknowledged.
+_UNSENT = (
+    "instances i WHERE i.batch_id = ? AND i.deid_path IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)"
+)
+
+
 def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -569,12 +576,7 @@ class Store:
         )
 
     def unsent_instances(self, batch_id: int, destination: str) -> list[dict[str, Any]]:
-        return self.query(
-            "SELECT i.* FROM instances i WHERE i.batch_id = ? AND i.deid_path IS NOT NULL"
-            " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)"
-            " ORDER BY i.id",
-            (batch_id, destination),
-        )
+        return self.query(f"SELECT i.* FROM {_UNSENT} ORDER BY i.id", (batch_id, destination))
 
     def mark_sent(self, acknowledged: list[tuple[int, str, str, int]]) -> None:
         """Record instances a destination acknowledged: (instance_id, destination, url_deid,
@@ -619,9 +621,7 @@ class Store:
                 "last_error": error,
             }
             unsent = conn.execute(
-                "SELECT id, report FROM instances i WHERE batch_id = ? AND deid_path IS NOT NULL"
-                " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)",
-                (batch_id, destination),
+                f"SELECT i.id, i.report FROM {_UNSENT}", (batch_id, destination)
             ).fetchall()
             for instance_id, text in unsent:
                 report = json.loads(text)
