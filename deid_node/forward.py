@@ -23,6 +23,7 @@ from deid_node.files import fsync_tree, write_durably
 
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3): success and the warnings.
 _STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 @dataclass(frozen=True)
@@ -115,19 +116,21 @@ def _c_store(
     ae = AE(ae_title=dest.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     ae.connection_timeout = dest.timeout_seconds
-    # One context per (SOP class, transfer syntax) as stored: a compressed file must be sent as
-    # it is, so the acceptor may not pick another syntax for it.
-    pairs: set[tuple[str, str]] = set()
+    # One context per (SOP class, transfer syntax) as stored, so that a file can be streamed
+    # as it is (a compressed one must be); for uncompressed files also a context with the other
+    # uncompressed syntax, for a destination that takes only that one.
+    pairs: dict[Outgoing, tuple[str, str]] = {}
     for item in items:
         meta = dcmread(item.path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
-        pairs.add((str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID)))
-    if len(pairs) > 127:
+        pairs[item] = (str(meta.SOPClassUID), str(meta.file_meta.TransferSyntaxUID))
+    proposals: set[tuple[str, str]] = set(pairs.values())
+    for sop_class, syntax in list(proposals):
+        if syntax in _UNCOMPRESSED:
+            proposals |= {(sop_class, other) for other in _UNCOMPRESSED}
+    if len(proposals) > 127:
         raise ForwardError(f"{dest.name}: more than 127 presentation contexts for one series")
-    for sop_class, syntax in sorted(pairs):
-        syntaxes = [syntax]
-        if syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            syntaxes = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        ae.add_requested_context(sop_class, syntaxes)
+    for sop_class, syntax in sorted(proposals):
+        ae.add_requested_context(sop_class, [syntax])
     tls_args = (client_ssl_context(dest), dest.host) if dest.tls_ca else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     if not assoc.is_established:
@@ -139,8 +142,13 @@ def _c_store(
         )
     refused: list[int] = []
     try:
+        accepted = {(c.abstract_syntax, c.transfer_syntax[0]) for c in assoc.accepted_contexts}
         for item in items:
-            status = assoc.send_c_store(item.path)
+            # As stored when the destination took its syntax: pynetdicom streams the file (the
+            # node enables chunked sending). Otherwise decoded, and re-encoded by pynetdicom in
+            # an uncompressed syntax the destination accepted.
+            payload = item.path if pairs[item] in accepted else dcmread(item.path)
+            status = assoc.send_c_store(payload)
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 raise ForwardError(f"{dest.name}: no response to C-STORE (timeout or abort)")

@@ -84,7 +84,8 @@ def make_store_handler(store: Store, limits: StoreLimits) -> Callable[[evt.Event
 
 
 def enable_chunked_receive(tmp_dir: Path) -> None:
-    """Have pynetdicom stream every received dataset to a file in `tmp_dir` instead of memory.
+    """Have pynetdicom stream every received dataset to a file in `tmp_dir` instead of memory,
+    and stream files it sends from disk.
 
     Memory stays flat for any instance size, and the handler only renames the finished file
     into the spool (same file system: no copy). Process-wide setting: the node owns its process.
@@ -95,6 +96,8 @@ def enable_chunked_receive(tmp_dir: Path) -> None:
     multiprocessing.util.get_temp_dir()
     tempfile.tempdir = str(tmp_dir)
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # Forwarding likewise streams a file from disk when the destination takes its syntax.
+    _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def _received_file(event: evt.Event, store: Store) -> Path:

@@ -282,3 +282,43 @@ def test_node_and_batch_mode_give_the_same_new_uids_and_pseudonyms(tmp_path):
         assert from_batch.PatientID == from_node.PatientID != series[0].PatientID
         assert from_batch.PatientName == from_node.PatientName
         assert from_batch.FrameOfReferenceUID == from_node.FrameOfReferenceUID
+
+
+def test_destination_that_accepts_only_implicit_vr_gets_converted_files(tmp_path):
+    """Files are streamed as stored when the destination takes their syntax; a destination
+    that takes only Implicit VR Little Endian gets them re-encoded, not refused."""
+    from pydicom.uid import ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    received = []
+
+    def on_store(event):
+        received.append((str(event.context.transfer_syntax), event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    scp = AE(ae_title="IMPLICIT_ONLY")
+    scp.add_supported_context(CTImageStorage, [ImplicitVRLittleEndian])
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    dest = {
+        "name": "old",
+        "type": "dicom",
+        "ae_title": "IMPLICIT_ONLY",
+        "host": "127.0.0.1",
+        "port": port,
+        "timeout_seconds": 10,
+    }
+    node = start(node_config(tmp_path, dest))
+    try:
+        assert (
+            storescu(node.port, write_series(make_series(3, "CT"), tmp_path / "in")).returncode == 0
+        )
+        rows = wait_until(lambda: settled(node, 1), 60, what="forwarded")
+        assert rows[0]["state"] == "forwarded"
+        assert len(received) == 3 and {ts for ts, _ in received} == {ImplicitVRLittleEndian}
+    finally:
+        node.stop()
+        server.shutdown()

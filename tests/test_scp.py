@@ -52,6 +52,7 @@ def scp(request, tmp_path):
         server.shutdown()
         store.close()
     _config.STORE_RECV_CHUNKED_DATASET = False
+    _config.STORE_SEND_CHUNKED_DATASET = False
     tempfile.tempdir = None
 
 
