@@ -82,6 +82,9 @@ class Node:
 
     def start(self) -> None:
         recovered = self.store.recover_after_restart()
+        recovered["orphan_deliveries_failed"] = self.store.fail_orphan_deliveries(
+            list(self._destinations)
+        )
         node = self.config.node
         enable_chunked_receive(node.data_dir / "tmp")
         ae = self._ae = build_ae(node)

@@ -670,6 +670,22 @@ class Store:
             (final, utcnow(), batch_id),
         )
 
+    def fail_orphan_deliveries(self, configured: list[str]) -> int:
+        """Pending deliveries to a destination no longer in the config would wait forever:
+        fail them (kept, and sent again by `retry` once the destination is back)."""
+        with self.transaction() as conn:
+            marks = ",".join("?" * len(configured)) or "''"
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT id FROM deliveries WHERE state = 'pending' AND destination NOT IN ({marks})",
+                    tuple(configured),
+                )
+            ]
+        for delivery_id in ids:
+            self.delivery_attempt_failed(delivery_id, "destination no longer in the config", None)
+        return len(ids)
+
     def retry_series(self, series_uid: str) -> int:
         """Re-queue the failed deliveries of a series (operator's `deid-node retry`)."""
         with self.transaction() as conn:

@@ -57,3 +57,32 @@ def test_readonly_store_reads_and_cannot_write(tmp_path):
     with pytest.raises(sqlite3.OperationalError):
         reader._conn.execute("DELETE FROM instances")
     reader.close()
+
+
+def test_deliveries_to_a_removed_destination_fail_instead_of_waiting_forever(tmp_path):
+    store = Store(tmp_path)
+    stored = store.record_instance(receipt(), store.spool_adopt(store.tmp_write(b"x")), 1)
+    deid = tmp_path / "deid.dcm"
+    deid.write_bytes(b"x")
+    result = {
+        "instance_id": stored.id,
+        "state": "processed",
+        "report": {"url": "u"},
+        "deid_path": str(deid),
+        "sop_uid_deid": "2.25.1",
+    }
+    state = store.finish_processing(
+        stored.batch_id,
+        [result],
+        passed=True,
+        destinations=["old", "kept"],
+        summary={"outcome": "passed"},
+    )
+    assert state == "forwarding"
+    assert store.fail_orphan_deliveries(["kept"]) == 1
+    rows = {r["destination"]: r for r in store.query("SELECT * FROM deliveries")}
+    assert (
+        rows["old"]["state"] == "failed" and "no longer in the config" in rows["old"]["last_error"]
+    )
+    assert rows["kept"]["state"] == "pending"
+    store.close()
