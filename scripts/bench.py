@@ -1117,6 +1117,21 @@ def phase_big(res: Results, work: Path, count: int, rows: int) -> None:
 # -- report ----------------------------------------------------------------------------------
 
 
+def pixel_section(source: Path) -> str:
+    """The recall table of scripts/bench_pixels.py (issue 6), copied here so that every figure
+    the issues ask for is in this file; its own file has the method and the machine."""
+    if not source.exists():
+        return ""
+    lines = source.read_text().splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    dates = [line for line in lines if line.startswith("- Date:")]
+    return (
+        "\n## Burned-in text redaction (from docs/benchmarks-pixels.md)\n\n"
+        f"Measured by `scripts/bench_pixels.py` {dates[0][2:] if dates else ''}; method, data and "
+        "machine in docs/benchmarks-pixels.md.\n\n" + "\n".join(table) + "\n"
+    )
+
+
 def write_markdown(
     path: Path, res: Results, machine: dict[str, str], args: argparse.Namespace, seconds: float
 ) -> None:
@@ -1153,8 +1168,9 @@ Do not edit by hand: rerun it. Targets are those of issue 8; a target not met is
   `storescp` does not fsync.
 - Pipeline: each tool runs as a whole process (interpreter start-up included) on its own copy of
   the files, best of {args.pipeline_repeats}. Every output file is read back: PatientName and
-  PatientID must differ from the input, else the tool counts as failed. deid-node writes each
-  output with fsync (file and folder); the peers do not. dicognito and dcmanon run from the
+  PatientID must differ from the input, else the tool counts as failed. Like the peers,
+  `deid-node deidentify` writes plain files (the node fsyncs its outputs; the batch mode does
+  not). dicognito and dcmanon run from the
   benchmark's own venv (`{args.peer_venv}`); gdcmanon (Debian libgdcm-tools) in its PS3.15 mode
   with a throwaway certificate; dcmanon through its Python API (`Anonymizer().anonymize`).
 - OCR: `redact_pixels(..., REDACT_ALL_TEXT)` in a fresh process per engine; the first call
@@ -1168,6 +1184,7 @@ Do not edit by hand: rerun it. Targets are those of issue 8; a target not met is
 - Peak RSS: the sum of VmRSS over the node's process tree (main, forkserver, workers), sampled
   every 100 ms; shared pages count once per process, so it is an upper bound.
 """
+    text += pixel_section(REPO / "docs" / "benchmarks-pixels.md")
     if res.notes:
         text += "\n## Notes from this run\n\n" + "\n".join(f"- {n}" for n in res.notes) + "\n"
     text += "\n## Raw figures\n\n```json\n" + json.dumps(res.details, indent=2) + "\n```\n"
