@@ -1118,17 +1118,29 @@ def phase_big(res: Results, work: Path, count: int, rows: int) -> None:
 
 
 def pixel_section(source: Path) -> str:
-    """The recall table of scripts/bench_pixels.py (issue 6), copied here so that every figure
+    """The recall tables of scripts/bench_pixels.py (issue 6), copied here so that every figure
     the issues ask for is in this file; its own file has the method and the machine."""
     if not source.exists():
         return ""
-    lines = source.read_text().splitlines()
-    table = [line for line in lines if line.startswith("|")]
-    dates = [line for line in lines if line.startswith("- Date:")]
+    blocks: list[list[str]] = []
+    previous_was_row = False
+    for line in source.read_text().splitlines():
+        is_row = line.startswith("|")
+        if is_row:
+            if not previous_was_row:
+                blocks.append([])
+            blocks[-1].append(line)
+        previous_was_row = is_row
+    dates = [
+        line.removeprefix("- Date:").strip()
+        for line in source.read_text().splitlines()
+        if line.startswith("- Date:")
+    ]
+    when = f" on {dates[0]}" if dates else ""
     return (
         "\n## Burned-in text redaction (from docs/benchmarks-pixels.md)\n\n"
-        f"Measured by `scripts/bench_pixels.py` {dates[0][2:] if dates else ''}; method, data and "
-        "machine in docs/benchmarks-pixels.md.\n\n" + "\n".join(table) + "\n"
+        f"Measured by `scripts/bench_pixels.py`{when}; method, data and machine in "
+        "docs/benchmarks-pixels.md.\n\n" + "\n\n".join("\n".join(b) for b in blocks) + "\n"
     )
 
 
