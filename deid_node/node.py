@@ -19,6 +19,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from pynetdicom.fsm import TRANSITION_TABLE
+
 from deid_node.config import Config, DestinationConfig
 from deid_node.deid.uids import load_or_create_secret
 from deid_node.errors import ConfigError
@@ -148,6 +150,11 @@ class Node:
                 break
             time.sleep(0.1)
         for assoc in self._ae.active_associations:
+            # An association already on its way out (rejected, released: awaiting the peer's
+            # close) must not be aborted: pynetdicom's state machine raises in its own thread.
+            state = assoc.dul.state_machine.current_state
+            if ("Evt15", state) not in TRANSITION_TABLE:
+                continue
             if assoc.is_established:
                 log.warning(
                     "association_aborted_at_stop",
