@@ -8,10 +8,12 @@ new UIDs are deterministic, so the archive overwrites the same instance. No more
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,31 @@ def all_forwarded(tmp_path: Path):
     return rows and all(r["state"] == "forwarded" for r in rows) and rows
 
 
+@contextlib.contextmanager
+def storescu_in_background(port: int, files: list, tmp_path) -> Iterator[subprocess.Popen]:
+    """storescu sending `files`, yielded once the node committed 20 rows; never outlives the block."""
+    cmd = [require("storescu"), "-v", "-aet", "MODALITY", "-aec", "DEID_NODE", "-to", "20"]
+    sender = subprocess.Popen(
+        [*cmd, "127.0.0.1", str(port), *map(str, files)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=NODELAY_ENV,
+    )
+    try:
+        wait_until(
+            lambda: len(db_rows(db(tmp_path), "SELECT id FROM instances")) >= 20,
+            30,
+            interval=0.01,
+            what="20 instances received",
+        )
+        yield sender
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(timeout=10)
+
+
 def test_kill_mid_receive_loses_nothing_acknowledged(tmp_path):
     series = make_series(100, "CT")
     files = write_series(series, tmp_path / "in")
@@ -51,27 +78,9 @@ def test_kill_mid_receive_loses_nothing_acknowledged(tmp_path):
         raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=4)
         node = start_node(tmp_path, raw)
         try:
-            cmd = [require("storescu"), "-v", "-aet", "MODALITY", "-aec", "DEID_NODE"]
-            sender = subprocess.Popen(
-                [*cmd, "-to", "20", "127.0.0.1", str(node.port), *map(str, files)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=NODELAY_ENV,
-            )
-            try:
-                wait_until(
-                    lambda: len(db_rows(db(tmp_path), "SELECT id FROM instances")) >= 20,
-                    30,
-                    interval=0.01,
-                    what="20 instances received",
-                )
+            with storescu_in_background(node.port, files, tmp_path) as sender:
                 node.kill9()
                 output, _ = sender.communicate(timeout=30)
-            finally:
-                if sender.poll() is None:
-                    sender.kill()
-                    sender.wait(timeout=10)
             acked = len(re.findall(r"Received Store Response \(Success\)", output))
             assert 20 <= acked < len(files), f"kill did not land mid-receive ({acked} acked)"
             # Everything storescu saw acknowledged is committed, with its bytes in the spool.
@@ -162,21 +171,7 @@ def test_sigterm_while_receiving_stops_accepting_and_loses_nothing(tmp_path):
         raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
         node = start_node(tmp_path, raw)
         try:
-            cmd = [require("storescu"), "-v", "-aet", "MODALITY", "-aec", "DEID_NODE"]
-            sender = subprocess.Popen(
-                [*cmd, "-to", "20", "127.0.0.1", str(node.port), *map(str, files)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                env=NODELAY_ENV,
-            )
-            try:
-                wait_until(
-                    lambda: len(db_rows(db(tmp_path), "SELECT id FROM instances")) >= 20,
-                    30,
-                    interval=0.01,
-                    what="20 instances received",
-                )
+            with storescu_in_background(node.port, files, tmp_path) as sender:
                 node.proc.send_signal(signal.SIGTERM)
                 # No new association once the stop began (the one in progress may go on).
                 wait_until(
@@ -187,10 +182,6 @@ def test_sigterm_while_receiving_stops_accepting_and_loses_nothing(tmp_path):
                 )
                 assert node.proc.wait(timeout=30) == 0, "SIGTERM did not exit 0"
                 output, _ = sender.communicate(timeout=30)
-            finally:
-                if sender.poll() is None:
-                    sender.kill()
-                    sender.wait(timeout=10)
             node.log.close()
             acked = len(re.findall(r"Received Store Response \(Success\)", output))
             held = {r["sop_uid"] for r in db_rows(db(tmp_path), "SELECT sop_uid FROM instances")}
