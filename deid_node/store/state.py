@@ -1,8 +1,4 @@
-"""The node's persistent state: the SQLite database (schema + migrations) and the spool files.
-
-This is the only module that writes the database. Every write happens in one short transaction
-under one lock (SQLite serialises writers anyway); WAL with synchronous=FULL makes a committed
-row durable before the SCP answers Success.
+"""State transitions of received instances, batches and deliveries (the `Store` other modules use).
 
 Rows:
 - series: one per SeriesInstanceUID seen.
@@ -19,152 +15,22 @@ Rows:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
-import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from deid_node.files import adopt_durably, fsync_dirs, write_durably
-from deid_node.report import build_report
-
-BATCH_STATES = (
-    "receiving",
-    "complete",
-    "processing",
-    "forwarding",
-    "forwarded",
-    "rejected",
-    "failed",
-)
-FINAL_STATES = ("forwarded", "rejected", "failed")
-
+from deid_node.store.quarantine import QuarantineFiles
+from deid_node.store.reports import ReportQueries
+from deid_node.store.schema import utcnow
+from deid_node.store.spool import SpoolFiles
 
 # Instances of a batch (?) written for sending that a destination (?) has not acknowledged.
 _UNSENT = (
     "instances i WHERE i.batch_id = ? AND i.deid_path IS NOT NULL"
     " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)"
 )
-
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _migration_1(db: sqlite_utils.Database) -> None:
-    db["series"].create({"series_uid": str, "study_uid": str, "created_at": str}, pk="series_uid")
-    db["batches"].create(
-        {
-            "id": int,
-            "series_uid": str,
-            "round": int,
-            "state": str,
-            "calling_ae": str,
-            "created_at": str,
-            "last_received_at": float,  # time.time(), for stable_seconds
-            "completed_at": str,
-            "processed_at": str,
-            "finished_at": str,
-            "passed": int,
-            "summary": str,  # JSON: counts, outcome, durations; no patient values
-        },
-        pk="id",
-        foreign_keys=[("series_uid", "series")],
-    )
-    db["batches"].create_index(["state"])
-    db["batches"].create_index(["series_uid", "round"], unique=True)
-    db["instances"].create(
-        {
-            "id": int,
-            "batch_id": int,
-            "series_uid": str,
-            "study_uid": str,
-            "sop_uid": str,
-            "sop_class_uid": str,
-            "transfer_syntax": str,
-            "calling_ae": str,
-            "peer": str,
-            "url": str,
-            "spool_path": str,
-            "size": int,
-            "received_at": str,
-            "state": str,  # received | processed | quarantined
-            "deid_path": str,
-            "sop_uid_deid": str,
-            "error": str,
-            "report": str,  # JSON, Encord keys plus ours
-        },
-        pk="id",
-        foreign_keys=[("batch_id", "batches")],
-    )
-    db["instances"].create_index(["batch_id", "sop_uid"], unique=True)
-    db["instances"].create_index(["series_uid"])
-    db["instances"].create_index(["study_uid"])
-    db["instances"].create_index(["received_at"])
-    db["deliveries"].create(
-        {
-            "id": int,
-            "batch_id": int,
-            "destination": str,
-            "state": str,  # pending | done | failed
-            "attempts": int,
-            "next_attempt_at": float,
-            "last_error": str,
-            "updated_at": str,
-        },
-        pk="id",
-        foreign_keys=[("batch_id", "batches")],
-    )
-    db["deliveries"].create_index(["batch_id", "destination"], unique=True)
-    db["deliveries"].create_index(["state", "next_attempt_at"])
-    db["sent"].create(
-        {"instance_id": int, "destination": str, "url_deid": str, "status": int, "at": str},
-        pk=("instance_id", "destination"),
-    )
-
-
-def _migration_2(db: sqlite_utils.Database) -> None:
-    db["refused"].create(
-        {
-            "id": int,
-            "received_at": str,
-            "calling_ae": str,
-            "peer": str,
-            "sop_uid": str,  # as the C-STORE request gave it
-            "sop_class_uid": str,
-            "status": int,  # the DIMSE status answered
-            "reason": str,
-            "quarantine_path": str,
-        },
-        pk="id",
-    )
-    db["refused"].create_index(["received_at"])
-
-
-def _migration_3(db: sqlite_utils.Database) -> None:
-    db["batches"].add_column("processing_attempts", int, not_null_default=0)
-
-
-def _migration_4(db: sqlite_utils.Database) -> None:
-    db["instances"].add_column("sha256", str)
-    db["instances"].create_index(["series_uid", "sop_uid"])
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _migration_1,
-    _migration_2,
-    _migration_3,
-    _migration_4,
-]
 
 
 @dataclass(frozen=True)
@@ -189,125 +55,8 @@ class StoredInstance:
     duplicate: bool
 
 
-class Store:
-    """Owns `data_dir`: the database, the spool (originals), deid outputs and the quarantine."""
-
-    def __init__(self, data_dir: Path, *, readonly: bool = False) -> None:
-        """Open (and on first use create) the node's state. readonly: for reports and status
-        next to a running node; creates nothing, migrates nothing, writes nothing."""
-        self.data_dir = Path(data_dir)
-        self.db_path = self.data_dir / "deid-node.sqlite"
-        self._lock = threading.RLock()
-        if readonly:
-            self._conn = sqlite3.connect(
-                f"{self.db_path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30
-            )
-            self.db = sqlite_utils.Database(self._conn)
-            return
-        for sub in ("", "spool", "deid", "quarantine", "tmp"):
-            (self.data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The 256 spool folders exist, durably, before the first receipt: acknowledging an
-        # instance then needs no fsync of a folder's parent.
-        spool = self.data_dir / "spool"
-        for index in range(256):
-            (spool / f"{index:02x}").mkdir(mode=0o700, exist_ok=True)
-        fsync_dirs([spool, self.data_dir])
-        new = not self.db_path.exists()
-        self._conn = sqlite3.connect(
-            self.db_path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        if new:
-            os.chmod(self.db_path, 0o600)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self.db = sqlite_utils.Database(self._conn)
-        self._migrate()
-
-    # -- plumbing -------------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        with self.transaction():
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-                migration(self.db)
-                self._conn.execute(f"PRAGMA user_version={number}")
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-                self._conn.execute("COMMIT")
-            except BaseException:
-                # Also after a failed COMMIT (disk full): never leave the connection inside a
-                # transaction, or every later write fails until restart.
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
-
-    def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.db.query(sql, params))
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    # -- spool ----------------------------------------------------------------------------
-
-    def tmp_write(self, data: bytes) -> Path:
-        """Put received bytes in a file under tmp/ (adopted into the spool or quarantine next)."""
-        path = self.data_dir / "tmp" / f"{uuid.uuid4().hex}.dcm"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        return path
-
-    def spool_adopt(self, received: Path) -> Path:
-        """Move a received file into the spool durably: fsync it, rename, fsync the folder."""
-        name = uuid.uuid4().hex
-        return adopt_durably(received, self.data_dir / "spool" / name[:2] / f"{name}.dcm")
-
-    def quarantine_file(self, received: Path) -> str | None:
-        """Keep a refused or failed file for the operator, under quarantine/ (owner-only)."""
-        target = self.data_dir / "quarantine" / f"{uuid.uuid4().hex}.dcm"
-        try:
-            if received.parent == self.data_dir / "spool" / received.parent.name:
-                return str(adopt_durably(received, target))
-            with received.open("rb") as src:
-                write_durably(
-                    target.with_suffix(".part"), target, lambda dst: shutil.copyfileobj(src, dst)
-                )
-            return str(target)
-        except OSError:
-            return None
-
-    def quarantine_path_for(self, instance_id: int) -> Path:
-        return self.data_dir / "quarantine" / f"instance-{instance_id}.dcm"
-
-    def move_to_quarantine(self, spooled: Path, target: Path) -> None:
-        """Move a spooled original that could not be de-identified; idempotent."""
-        if spooled.exists():
-            adopt_durably(spooled, target)
-
-    def _complete_quarantine_moves(self) -> int:
-        """Quarantined instances whose move was cut off by a crash after the commit."""
-        moved = 0
-        for row in self.query(
-            "SELECT spool_path, report FROM instances WHERE state = 'quarantined' AND spool_path IS NOT NULL"
-        ):
-            target = json.loads(row["report"]).get("quarantine")
-            if target and Path(row["spool_path"]).exists() and not Path(target).exists():
-                self.move_to_quarantine(Path(row["spool_path"]), Path(target))
-                moved += 1
-        return moved
-
-    def record_refused(self, **row: Any) -> None:
-        """A report row for an instance the SCP refused (with the DIMSE status and why)."""
-        with self.transaction():
-            self.db["refused"].insert({"received_at": utcnow(), **row})
+class Store(SpoolFiles, QuarantineFiles, ReportQueries):
+    """The node's state in `data_dir`; the only writer of its database."""
 
     # -- receive --------------------------------------------------------------------------
 
@@ -474,33 +223,7 @@ class Store:
             "orphan_spool_files_removed": self._remove_orphan_spool_files(),
         }
 
-    def remove_stale_tmp(self, older_than_seconds: float) -> int:
-        """Delete partial receipts in tmp/ (never acknowledged: an association that aborted
-        mid-dataset, or a crash mid-receive). They hold patient data and nothing refers to them."""
-        cutoff = time.time() - older_than_seconds
-        removed = 0
-        for path in (self.data_dir / "tmp").iterdir():
-            try:
-                if path.stat().st_mtime <= cutoff:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass  # adopted or removed meanwhile
-        return removed
-
-    def _remove_orphan_spool_files(self) -> int:
-        """Spool files with no row: moved into the spool by a receipt whose commit never
-        happened (so never acknowledged). Only at start, when no receipt is in flight."""
-        known = {
-            r["spool_path"]
-            for r in self.query("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")
-        }
-        removed = 0
-        for path in (self.data_dir / "spool").rglob("*.dcm"):
-            if str(path) not in known:
-                path.unlink()
-                removed += 1
-        return removed
+    # -- processing -----------------------------------------------------------------------
 
     def batch(self, batch_id: int) -> dict[str, Any]:
         return self.query("SELECT * FROM batches WHERE id = ?", (batch_id,))[0]
@@ -700,112 +423,3 @@ class Store:
                 (series_uid,),
             )
         return count
-
-    # -- reports and housekeeping ---------------------------------------------------------
-
-    def reports(
-        self,
-        *,
-        study_uid: str | None = None,
-        series_uid: str | None = None,
-        since: str | None = None,
-        failed: bool = False,
-    ) -> list[dict[str, Any]]:
-        where, params = ["i.report IS NOT NULL"], []
-        if study_uid:
-            where.append("i.study_uid = ?")
-            params.append(study_uid)
-        if series_uid:
-            where.append("i.series_uid = ?")
-            params.append(series_uid)
-        if since:
-            where.append("i.received_at >= ?")
-            params.append(since)
-        if failed:
-            where.append(
-                "(i.state = 'quarantined' OR b.state IN ('rejected', 'failed') OR b.passed = 0)"
-            )
-        rows = self.query(
-            "SELECT i.report, b.state AS batch_state FROM instances i JOIN batches b ON b.id = i.batch_id"
-            f" WHERE {' AND '.join(where)} ORDER BY i.received_at, i.id",
-            tuple(params),
-        )
-        out = []
-        for row in rows:
-            report = json.loads(row["report"])
-            report["series_state"] = row["batch_state"]
-            out.append(report)
-        if not (study_uid or series_uid):
-            out += self._refused_reports(since)
-        return out
-
-    def _refused_reports(self, since: str | None) -> list[dict[str, Any]]:
-        """Instances the SCP refused, as reports: nothing of them left, `error` says why."""
-        rows = self.query(
-            "SELECT * FROM refused WHERE received_at >= ? ORDER BY received_at, id", (since or "",)
-        )
-        return [
-            build_report(
-                url=f"dicom://{r['calling_ae']}/{r['sop_uid']}",
-                study_uid=None,
-                study_uid_deid=None,
-                series_uid=None,
-                series_uid_deid=None,
-                evaluations=[],
-                save_condition=False,
-                series_agg=False,
-                disabling_urls=[],
-                url_deid=None,
-                SOPInstanceUID=r["sop_uid"],
-                calling_ae=r["calling_ae"],
-                received_at=r["received_at"],
-                error=r["reason"],
-                dimse_status=f"0x{r['status']:04X}",
-                quarantine=r["quarantine_path"],
-                series_state="refused",
-            )
-            for r in rows
-        ]
-
-    def release_originals(self, batch_id: int) -> int:
-        """Delete the spool copies (originals) of a batch that reached a final state."""
-        removed = 0
-        for row in self.query(
-            "SELECT id, spool_path, deid_path FROM instances WHERE batch_id = ?", (batch_id,)
-        ):
-            for key in ("spool_path", "deid_path"):
-                if row[key] and Path(row[key]).exists():
-                    Path(row[key]).unlink()
-                    removed += 1
-        return removed
-
-    def batches_to_clean(self, older_than_hours: float) -> list[int]:
-        cutoff = datetime.fromtimestamp(time.time() - older_than_hours * 3600, UTC).isoformat()
-        return [
-            r["id"]
-            for r in self.query(
-                "SELECT id FROM batches WHERE state IN ('forwarded', 'rejected') AND finished_at <= ?"
-                " AND EXISTS (SELECT 1 FROM instances i WHERE i.batch_id = batches.id AND"
-                " (i.spool_path IS NOT NULL))",
-                (cutoff,),
-            )
-        ]
-
-    def forget_files(self, batch_id: int) -> None:
-        with self.transaction() as conn:
-            conn.execute(
-                "UPDATE instances SET spool_path = NULL, deid_path = NULL WHERE batch_id = ?",
-                (batch_id,),
-            )
-
-    def status(self) -> dict[str, Any]:
-        batches = {
-            r["state"]: r["n"]
-            for r in self.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state")
-        }
-        deliveries = self.query(
-            "SELECT destination, state, COUNT(*) AS n, MAX(last_error) AS last_error FROM deliveries"
-            " GROUP BY destination, state"
-        )
-        instances = self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
-        return {"batches": batches, "deliveries": deliveries, "instances": instances}

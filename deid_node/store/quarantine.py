@@ -1,0 +1,55 @@
+"""The quarantine: refused and failed originals kept for the operator (owner-only), and the
+report rows of instances the SCP refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from deid_node.files import adopt_durably, write_durably
+from deid_node.store.base import StoreBase
+from deid_node.store.schema import utcnow
+
+
+class QuarantineFiles(StoreBase):
+    def quarantine_file(self, received: Path) -> str | None:
+        """Keep a refused or failed file for the operator, under quarantine/ (owner-only)."""
+        target = self.data_dir / "quarantine" / f"{uuid.uuid4().hex}.dcm"
+        try:
+            if received.parent == self.data_dir / "spool" / received.parent.name:
+                return str(adopt_durably(received, target))
+            with received.open("rb") as src:
+                write_durably(
+                    target.with_suffix(".part"), target, lambda dst: shutil.copyfileobj(src, dst)
+                )
+            return str(target)
+        except OSError:
+            return None
+
+    def quarantine_path_for(self, instance_id: int) -> Path:
+        return self.data_dir / "quarantine" / f"instance-{instance_id}.dcm"
+
+    def move_to_quarantine(self, spooled: Path, target: Path) -> None:
+        """Move a spooled original that could not be de-identified; idempotent."""
+        if spooled.exists():
+            adopt_durably(spooled, target)
+
+    def _complete_quarantine_moves(self) -> int:
+        """Quarantined instances whose move was cut off by a crash after the commit."""
+        moved = 0
+        for row in self.query(
+            "SELECT spool_path, report FROM instances WHERE state = 'quarantined' AND spool_path IS NOT NULL"
+        ):
+            target = json.loads(row["report"]).get("quarantine")
+            if target and Path(row["spool_path"]).exists() and not Path(target).exists():
+                self.move_to_quarantine(Path(row["spool_path"]), Path(target))
+                moved += 1
+        return moved
+
+    def record_refused(self, **row: Any) -> None:
+        """A report row for an instance the SCP refused (with the DIMSE status and why)."""
+        with self.transaction():
+            self.db["refused"].insert({"received_at": utcnow(), **row})

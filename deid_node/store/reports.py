@@ -1,0 +1,87 @@
+"""Read-only queries: per-file reports (received and refused instances) and the node's status."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from deid_node.report import build_report
+from deid_node.store.base import StoreBase
+
+
+class ReportQueries(StoreBase):
+    def reports(
+        self,
+        *,
+        study_uid: str | None = None,
+        series_uid: str | None = None,
+        since: str | None = None,
+        failed: bool = False,
+    ) -> list[dict[str, Any]]:
+        where, params = ["i.report IS NOT NULL"], []
+        if study_uid:
+            where.append("i.study_uid = ?")
+            params.append(study_uid)
+        if series_uid:
+            where.append("i.series_uid = ?")
+            params.append(series_uid)
+        if since:
+            where.append("i.received_at >= ?")
+            params.append(since)
+        if failed:
+            where.append(
+                "(i.state = 'quarantined' OR b.state IN ('rejected', 'failed') OR b.passed = 0)"
+            )
+        rows = self.query(
+            "SELECT i.report, b.state AS batch_state FROM instances i JOIN batches b ON b.id = i.batch_id"
+            f" WHERE {' AND '.join(where)} ORDER BY i.received_at, i.id",
+            tuple(params),
+        )
+        out = []
+        for row in rows:
+            report = json.loads(row["report"])
+            report["series_state"] = row["batch_state"]
+            out.append(report)
+        if not (study_uid or series_uid):
+            out += self._refused_reports(since)
+        return out
+
+    def _refused_reports(self, since: str | None) -> list[dict[str, Any]]:
+        """Instances the SCP refused, as reports: nothing of them left, `error` says why."""
+        rows = self.query(
+            "SELECT * FROM refused WHERE received_at >= ? ORDER BY received_at, id", (since or "",)
+        )
+        return [
+            build_report(
+                url=f"dicom://{r['calling_ae']}/{r['sop_uid']}",
+                study_uid=None,
+                study_uid_deid=None,
+                series_uid=None,
+                series_uid_deid=None,
+                evaluations=[],
+                save_condition=False,
+                series_agg=False,
+                disabling_urls=[],
+                url_deid=None,
+                SOPInstanceUID=r["sop_uid"],
+                calling_ae=r["calling_ae"],
+                received_at=r["received_at"],
+                error=r["reason"],
+                dimse_status=f"0x{r['status']:04X}",
+                quarantine=r["quarantine_path"],
+                series_state="refused",
+            )
+            for r in rows
+        ]
+
+    def status(self) -> dict[str, Any]:
+        batches = {
+            r["state"]: r["n"]
+            for r in self.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state")
+        }
+        deliveries = self.query(
+            "SELECT destination, state, COUNT(*) AS n, MAX(last_error) AS last_error FROM deliveries"
+            " GROUP BY destination, state"
+        )
+        instances = self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
+        return {"batches": batches, "deliveries": deliveries, "instances": instances}
