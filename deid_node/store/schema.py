@@ -127,11 +127,21 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db["instances"].create_index(["series_uid", "sop_uid"])
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # Instances a destination refused for good (a status retrying cannot change, or no
+    # presentation context it accepts): not offered again until `deid-node retry`.
+    db["dest_refused"].create(
+        {"instance_id": int, "destination": str, "status": int, "reason": str, "at": str},
+        pk=("instance_id", "destination"),
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 ]
 
 

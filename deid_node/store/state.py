@@ -26,10 +26,13 @@ from deid_node.store.reports import ReportQueries
 from deid_node.store.schema import utcnow
 from deid_node.store.spool import SpoolFiles
 
-# Instances of a batch (?) written for sending that a destination (?) has not acknowledged.
+# Instances of a batch (?1) written for sending that a destination (?2) has neither
+# acknowledged nor refused for good.
 _UNSENT = (
-    "instances i WHERE i.batch_id = ? AND i.deid_path IS NOT NULL"
-    " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?)"
+    "instances i WHERE i.batch_id = ?1 AND i.deid_path IS NOT NULL"
+    " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id AND s.destination = ?2)"
+    " AND NOT EXISTS (SELECT 1 FROM dest_refused r WHERE r.instance_id = i.id"
+    " AND r.destination = ?2)"
 )
 
 
@@ -328,6 +331,47 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                     (json.dumps(report), instance_id),
                 )
 
+    def mark_refused_by_destination(
+        self, instance_id: int, destination: str, status: int | None, reason: str
+    ) -> None:
+        """Record an instance the destination refused for good (status None: no presentation
+        context for it); it is not offered again until `retry`. Its report says why."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO dest_refused (instance_id, destination, status, reason, at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (instance_id, destination, status, reason, utcnow()),
+            )
+            (text,) = conn.execute(
+                "SELECT report FROM instances WHERE id = ?", (instance_id,)
+            ).fetchone()
+            report = json.loads(text)
+            report.setdefault("destinations", {})[destination] = {
+                "state": "refused",
+                "status": status,
+                "error": reason,
+            }
+            conn.execute(
+                "UPDATE instances SET report = ? WHERE id = ?", (json.dumps(report), instance_id)
+            )
+
+    def refused_by_destination(self, batch_id: int, destination: str) -> list[dict[str, Any]]:
+        return self.query(
+            "SELECT r.* FROM dest_refused r JOIN instances i ON i.id = r.instance_id"
+            " WHERE i.batch_id = ? AND r.destination = ? ORDER BY r.instance_id",
+            (batch_id, destination),
+        )
+
+    def make_deliveries_due(self, destination: str) -> int:
+        """Pending deliveries to `destination` waiting out a backoff become due now (it is back)."""
+        now = time.time()
+        with self.transaction() as conn:
+            return conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ? WHERE state = 'pending'"
+                " AND destination = ? AND next_attempt_at > ?",
+                (now, destination, now),
+            ).rowcount
+
     def delivery_attempt_failed(self, delivery_id: int, error: str, retry_at: float | None) -> None:
         """Count a failed attempt; retry_at None means the retry limit is reached (failed).
 
@@ -410,8 +454,16 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         return len(ids)
 
     def retry_series(self, series_uid: str) -> int:
-        """Re-queue the failed deliveries of a series (operator's `deid-node retry`)."""
+        """Re-queue the failed deliveries of a series (operator's `deid-node retry`); instances a
+        destination refused for good are offered again (the operator fixed the cause)."""
         with self.transaction() as conn:
+            conn.execute(
+                "DELETE FROM dest_refused WHERE EXISTS (SELECT 1 FROM deliveries d"
+                " JOIN batches b ON b.id = d.batch_id JOIN instances i ON i.batch_id = b.id"
+                " WHERE d.state = 'failed' AND b.series_uid = ? AND i.id = dest_refused.instance_id"
+                " AND d.destination = dest_refused.destination)",
+                (series_uid,),
+            )
             count = conn.execute(
                 "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
                 " WHERE state = 'failed' AND batch_id IN (SELECT id FROM batches WHERE series_uid = ?)",
