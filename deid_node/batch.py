@@ -1,12 +1,21 @@
 """The batch front door: files and folders on disk through the same pipeline as the node.
 
 Used by `deid-node deidentify` and by the Python API (`deidentify_dicom_files`).
+
+Reports name inputs only by what the caller passed: a file by the path or URL given, a file
+found in a given folder by `<folder as given>#<n>`, n counting from 1 in the folder's files
+sorted by path (file and folder names are often the patient's). One bad input never stops
+the batch: it gets a report with a reason, and so does a second input with a SOPInstanceUID
+already seen.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -18,7 +27,15 @@ from urllib.parse import unquote, urlparse
 
 from deid_node.errors import InputError, UnsupportedSchemeError
 from deid_node.log import get_logger
-from deid_node.pipeline import FileResult, PipelineSettings, SourceFile, read_header, run_series
+from deid_node.pipeline import (
+    FileResult,
+    PipelineSettings,
+    SourceFile,
+    make_process_pool,
+    read_header,
+    run_series,
+)
+from deid_node.report import build_report
 
 log = get_logger("deid_node.batch")
 
@@ -54,7 +71,7 @@ def path_from_url(url: str | os.PathLike[str]) -> Path:
 
 
 def looks_like_dicom(path: Path) -> bool:
-    """DICOM Part 10 files carry 'DICM' at offset 128; anything else is skipped, not guessed."""
+    """DICOM Part 10 files carry 'DICM' at offset 128 (files without it get a closer look)."""
     try:
         with path.open("rb") as handle:
             handle.seek(128)
@@ -64,37 +81,78 @@ def looks_like_dicom(path: Path) -> bool:
 
 
 def collect_sources(inputs: Iterable[str | os.PathLike[str]]) -> tuple[list[SourceFile], list[str]]:
-    """Expand files and folders (recursively) into sources; return (dicom sources, skipped)."""
+    """Expand files and folders (recursively) into sources; return (dicom sources, skipped).
+
+    A file without the Part 10 prefix is kept when it parses as a DICOM dataset with SOP Class
+    and Instance UIDs (old archives, raw dataset dumps); anything else is skipped, not guessed.
+    """
     sources: list[SourceFile] = []
     skipped: list[str] = []
     for given in inputs:
         root = path_from_url(given)
+        named = os.fspath(given)
         if root.is_dir():
-            candidates = [(str(p), p) for p in sorted(root.rglob("*")) if p.is_file()]
+            files = [p for p in sorted(root.rglob("*")) if p.is_file()]
+            candidates = [(f"{named}#{n}", p) for n, p in enumerate(files, start=1)]
         elif root.is_file():
-            candidates = [(os.fspath(given), root)]
+            candidates = [(named, root)]
         else:
-            raise InputError(f"no such file or folder: {os.fspath(given)}")
+            raise InputError(f"no such file or folder: {named}")
         for url, path in candidates:
             if looks_like_dicom(path):
                 sources.append(SourceFile(url, path))
-            else:
+                continue
+            try:
+                header = read_header(path)
+            except InputError:
                 skipped.append(url)
+                continue
+            sources.append(SourceFile(url, path, header=header))
     return sources, skipped
 
 
 def group_by_series(sources: Sequence[SourceFile]) -> list[list[SourceFile]]:
-    """Group by SeriesInstanceUID; unreadable files form groups of one (reported with an error)."""
+    """Group by SeriesInstanceUID; unreadable files form groups of one (reported with an error).
+
+    A second input with a SOPInstanceUID already seen is refused (`duplicate SOPInstanceUID`):
+    its output would have the first one's name.
+    """
     groups: dict[str, list[SourceFile]] = defaultdict(list)
+    first_by_sop: dict[str, SourceFile] = {}
     for index, source in enumerate(sources):
         try:
-            header = read_header(source.path)
+            header = source.header if source.header is not None else read_header(source.path)
             series_uid = str(header.get("SeriesInstanceUID", "") or "")
             source = replace(source, header=header)  # read once: conditions use it too
+            sop_uid = str(header.get("SOPInstanceUID", "") or "")
         except InputError:
-            series_uid = ""
+            series_uid = sop_uid = ""
+        if series_uid and sop_uid:
+            first = first_by_sop.setdefault(sop_uid, source)
+            if first is not source:
+                source = replace(source, refusal=_duplicate_reason(first, source))
         groups[series_uid or f"unreadable:{index}"].append(source)
     return list(groups.values())
+
+
+def _duplicate_reason(first: SourceFile, second: SourceFile) -> str:
+    if _digest(first.path) == _digest(second.path):
+        return f"duplicate SOPInstanceUID: the same file as {first.url}, given twice"
+    return (
+        f"duplicate SOPInstanceUID: different content from {first.url}; refused so that "
+        "neither overwrites the other"
+    )
+
+
+def _digest(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 class Progress:
@@ -149,18 +207,97 @@ def run_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(sources), enabled=progress)
     result = BatchResult(reports=[], skipped_non_dicom=len(skipped), skipped_paths=skipped)
-    for group in group_by_series(sources):
-        outcome = run_series(group, settings, out_dir, executor=executor, on_file_done=bar.advance)
-        reports = [r.report for r in outcome.results]
-        result.reports.extend(reports)
-        result.files_written += outcome.summary["written"]
-        if outcome.summary["outcome"] == "passed":
-            result.series_passed += 1
-        else:
-            result.series_failed += 1
-        bar.series_done(reports[0].get("SeriesInstanceUID") if reports else None, outcome.summary)
-        if on_series:
-            on_series(reports)
-    bar.close()
+    owned: list[Executor] = []
+    try:
+        for group in group_by_series(sources):
+            try:
+                outcome = run_series(
+                    group, settings, out_dir, executor=executor, on_file_done=bar.advance
+                )
+                reports = [r.report for r in outcome.results]
+                written, passed = outcome.summary["written"], outcome.summary["outcome"] == "passed"
+                summary = outcome.summary
+            except Exception as exc:  # noqa: BLE001 - a bug or a resource error: this series only
+                reports = [_failed_report(s, f"series failed: {type(exc).__name__}") for s in group]
+                written, passed, summary = 0, False, {"outcome": "failed", "files": len(group)}
+                log.error("series_failed", error=type(exc).__name__, files=len(group))
+            result.reports.extend(reports)
+            result.files_written += written
+            if passed:
+                result.series_passed += 1
+            else:
+                result.series_failed += 1
+            bar.series_done(reports[0].get("SeriesInstanceUID") if reports else None, summary)
+            if on_series:
+                on_series(reports)
+            if executor is not None and _pool_is_broken(executor):
+                # A worker died (a decoder crash, the OOM killer): its files are reported
+                # failed; the next series get a fresh pool.
+                executor = _fresh_pool_like(executor)
+                owned.append(executor)
+    finally:
+        for pool in owned:
+            pool.shutdown(wait=True)
+        bar.close()
     result.duration_s = time.monotonic() - started
     return result
+
+
+def _failed_report(source: SourceFile, error: str) -> dict[str, Any]:
+    header = source.header
+
+    def uid(keyword: str) -> str | None:
+        return (str(header.get(keyword, "") or "") or None) if header is not None else None
+
+    return build_report(
+        url=source.url,
+        study_uid=uid("StudyInstanceUID"),
+        study_uid_deid=None,
+        series_uid=uid("SeriesInstanceUID"),
+        series_uid_deid=None,
+        evaluations=[],
+        save_condition=False,
+        series_agg=False,
+        disabling_urls=[],
+        url_deid=None,
+        SOPInstanceUID=uid("SOPInstanceUID"),
+        error=error,
+    )
+
+
+def _pool_is_broken(executor: Executor) -> bool:
+    # ProcessPoolExecutor has no public "broken" flag; the private one is read here only.
+    return bool(getattr(executor, "_broken", False))
+
+
+def _fresh_pool_like(executor: Executor) -> Executor:
+    executor.shutdown(wait=False, cancel_futures=True)
+    workers = int(getattr(executor, "_max_workers", 1) or 1)
+    return make_process_pool(workers, start_method="fork")
+
+
+def check_report_path(report: Path, out_dir: Path) -> Path:
+    """The batch report maps original UIDs to new ones: it must never land in the shared --out."""
+    report_abs, out_abs = report.resolve(), out_dir.resolve()
+    if report_abs == out_abs or out_abs in report_abs.parents:
+        raise InputError(
+            f"--report {report} is inside --out {out_dir}: the report maps original UIDs to new "
+            "ones and must stay out of the folder that gets shared"
+        )
+    if report_abs.is_dir():
+        raise InputError(f"--report {report} is a folder; give a file name")
+    return report_abs
+
+
+def write_report(report: Path, reports: Sequence[dict[str, Any]]) -> None:
+    """Write the JSON report readable by its owner only (mode 0600), all or nothing."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{report.name}.", suffix=".part", dir=report.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(list(reports), handle, indent=2)
+        os.chmod(tmp_name, 0o600)
+        os.replace(tmp_name, report)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise

@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     deid = sub.add_parser("deidentify", help="de-identify files and folders on disk")
     deid.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (recursed)")
+    deid.add_argument("--out", required=True, type=Path, help="output folder")
     deid.add_argument(
-        "--out", required=True, type=Path, help="output folder (report.json goes here)"
+        "--report",
+        type=Path,
+        default=Path("deid-report.json"),
+        help="the JSON report, mode 0600; never inside --out (default: ./deid-report.json)",
     )
     deid.add_argument(
         "--config", type=Path, help="use its [deid], [pixels] and [[save_conditions]]"
@@ -103,8 +107,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
     from deid_node.api import DEFAULT_DATA_DIR, build_settings, worker_pool
-    from deid_node.batch import run_batch
+    from deid_node.batch import check_report_path, run_batch, write_report
 
+    report_path = check_report_path(args.report, args.out)
     config = load_config(args.config) if args.config else Config()
     deid = config.deid
     if not args.config:
@@ -121,11 +126,16 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         policy=config.series.policy,
         data_dir=data_dir,
     )
-    with worker_pool(args.workers) as executor:
-        result = run_batch(args.paths, args.out, settings, executor=executor)
-    report_path = args.out / "report.json"
-    report_path.write_text(json.dumps(result.reports, indent=2))
-    print(f"deid-node: {result.summary_line()}; report {report_path}", file=sys.stderr)
+    done: list[dict] = []
+    try:
+        with worker_pool(args.workers) as executor:
+            result = run_batch(
+                args.paths, args.out, settings, executor=executor, on_series=done.extend
+            )
+    finally:
+        # Always written, also when the run stops half-way: it says what left and what did not.
+        write_report(report_path, done)
+    print(f"deid-node: {result.summary_line()}; report {args.report}", file=sys.stderr)
     return 0
 
 

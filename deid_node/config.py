@@ -81,6 +81,9 @@ class DeidConfig:
     lookup_table: Path | None = None
     # Text written into DeidentificationMethod (0012,0063).
     method_description: str = "deid-node PS3.15 Basic Application Level Confidentiality Profile"
+    # Encapsulated PDF/CDA/STL/OBJ/MTL: their document cannot be de-identified here. "quarantine"
+    # holds them (and, under policy "all", their series) back; "remove" drops them from the series.
+    encapsulated_documents: Literal["quarantine", "remove"] = "quarantine"
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,11 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             )
     if {PROFILE_OPTIONS[5], PROFILE_OPTIONS[6]} <= set(deid.profile_options):
         raise ConfigError("deid.profile_options: choose Full Dates or Modified Dates, not both")
+    if deid.encapsulated_documents not in ("quarantine", "remove"):
+        raise ConfigError(
+            f"deid.encapsulated_documents: {deid.encapsulated_documents!r} is not one of "
+            "quarantine, remove"
+        )
     if len(deid.patient_id_prefix) > 48 or "\\" in deid.patient_id_prefix:
         raise ConfigError("deid.patient_id_prefix: at most 48 characters, no backslash")
     if deid.lookup_table is not None:

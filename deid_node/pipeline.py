@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import os
 import re
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -20,8 +22,14 @@ from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from deid_node.conditions import (
     ConditionEvaluation,
@@ -45,6 +53,11 @@ UID_PATTERN = re.compile(r"^(?=.{1,64}$)[0-9]+(\.[0-9]+)*$")
 # Values larger than this are not read into memory when pixels stay untouched.
 STREAM_VALUES_ABOVE = 1 << 20
 PIXEL_DATA_TAG = 0x7FE00010
+
+# Encapsulated PDF, CDA, STL, OBJ and MTL storage (PS3.4 Annex B): the document inside is not
+# de-identified here, so such objects are quarantined or removed, never forwarded emptied.
+ENCAPSULATED_DOCUMENT_CLASSES = frozenset(f"1.2.840.10008.5.1.4.1.1.104.{n}" for n in range(1, 6))
+ENCAPSULATED_DOCUMENT_TAG = 0x00420011
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,10 @@ class SourceFile:
     path: Path
     key: Any = None  # the caller's handle (instance id in the node)
     header: Dataset | None = field(default=None, compare=False, repr=False)  # if already read
+    # Set by a front door that refuses the file before the series is judged (a duplicate
+    # SOPInstanceUID in a batch): reported with this reason, never de-identified, and not held
+    # against its series.
+    refusal: str | None = None
 
 
 @dataclass
@@ -82,10 +99,21 @@ class FileEvaluation:
     sop_uid: str | None = None
     evaluations: list[ConditionEvaluation] = field(default_factory=list)
     error: str | None = None
+    # Left out of the series on purpose (a refusal, a removed encapsulated document): reported,
+    # not sent, and not held against the other files.
+    left_out: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.error is None and all(e.evaluated_value for e in self.evaluations)
+        return (
+            self.error is None
+            and self.left_out is None
+            and all(e.evaluated_value for e in self.evaluations)
+        )
+
+    @property
+    def holds_series_back(self) -> bool:
+        return self.left_out is None and not self.passed
 
 
 @dataclass
@@ -124,34 +152,92 @@ class SeriesOutcome:
 # -- stage 1: conditions, on headers only ------------------------------------------------------
 
 
-def read_header(path: Path) -> Dataset:
-    """Read a file's header without pixel data; a clear InputError when it is not DICOM."""
+def read_dicom(path: Path, **kwargs: Any) -> Dataset:
+    """dcmread, also for files without a Part 10 preamble and file meta (old archives, raw
+    dataset dumps) when they parse as a DICOM dataset with SOP Class and Instance UIDs; their
+    file meta is then made up from what was read, so that they are written as Part 10 files."""
     try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        return dcmread(path, **kwargs)
+    except InvalidDicomError:
+        pass
+    ds = dcmread(path, force=True, **kwargs)
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    if not (UID_PATTERN.match(sop_class) and UID_PATTERN.match(sop_instance)):
+        raise InvalidDicomError("no DICM prefix, and no SOP Class and Instance UIDs")
+    meta = ds.file_meta if isinstance(getattr(ds, "file_meta", None), FileMetaDataset) else None
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    if "TransferSyntaxUID" not in meta:
+        implicit, little = ds.original_encoding
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian
+            if implicit
+            else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        )
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    return ds
+
+
+def read_header(path: Path) -> Dataset:
+    """Read a file's header without pixel data; a clear InputError when it cannot be read.
+
+    Any failure counts (a sequence nested thousands deep raises RecursionError, a malformed
+    value anything): it refuses this file, never the batch. Only the error's type is kept, as
+    library messages can quote values.
+    """
+    try:
+        ds = read_dicom(path, stop_before_pixels=True)
+    except Exception as exc:  # noqa: BLE001 - see above
         raise InputError(f"not a readable DICOM file: {type(exc).__name__}") from None
     return ds
 
 
+def is_encapsulated_document(ds: Dataset) -> bool:
+    return (
+        str(ds.get("SOPClassUID", "")) in ENCAPSULATED_DOCUMENT_CLASSES
+        or ENCAPSULATED_DOCUMENT_TAG in ds
+    )
+
+
 def evaluate_file(
-    source: SourceFile, conditions: Sequence[SaveDeidentifiedDicomCondition]
+    source: SourceFile,
+    conditions: Sequence[SaveDeidentifiedDicomCondition],
+    deid: DeidConfig | None = None,
 ) -> FileEvaluation:
+    if source.refusal:
+        result = FileEvaluation(source, left_out=source.refusal)
+        if source.header is not None:
+            _set_uids(result, source.header)
+        return result
     try:
         ds = source.header if source.header is not None else read_header(source.path)
-        result = FileEvaluation(
-            source,
-            study_uid=_str_or_none(ds.get("StudyInstanceUID")),
-            series_uid=_str_or_none(ds.get("SeriesInstanceUID")),
-            sop_uid=_str_or_none(ds.get("SOPInstanceUID")),
-        )
+        result = FileEvaluation(source)
+        _set_uids(result, ds)
         if not result.series_uid or not result.sop_uid:
             result.error = "missing SeriesInstanceUID or SOPInstanceUID"
         result.evaluations = evaluate_all(conditions, ds)
+        if result.error is None and is_encapsulated_document(ds):
+            if deid is not None and deid.encapsulated_documents == "remove":
+                result.left_out = (
+                    "encapsulated document: removed from the series (deid.encapsulated_documents"
+                    ' = "remove")'
+                )
+            else:
+                result.error = "encapsulated document"
         return result
     except InputError as exc:
         return FileEvaluation(source, error=str(exc))
     except Exception as exc:  # a malformed value deep in a header must not stop a series
         return FileEvaluation(source, error=f"cannot evaluate: {type(exc).__name__}")
+
+
+def _set_uids(result: FileEvaluation, ds: Dataset) -> None:
+    result.study_uid = _str_or_none(ds.get("StudyInstanceUID"))
+    result.series_uid = _str_or_none(ds.get("SeriesInstanceUID"))
+    result.sop_uid = _str_or_none(ds.get("SOPInstanceUID"))
 
 
 def judge_series(
@@ -167,10 +253,10 @@ def judge_series(
     # An earlier file that failed its conditions, or could not be de-identified, holds the
     # series back as much as one of this round.
     disabling = [r["url"] for r in earlier if not r.get("save_condition") or r.get("error")]
-    disabling += [e.source.url for e in evaluations if not e.passed]
+    disabling += [e.source.url for e in evaluations if e.holds_series_back]
     series_passed = not disabling
     if policy is SeriesPolicy.ALL:
-        send = [series_passed] * len(evaluations)
+        send = [series_passed and e.left_out is None for e in evaluations]
     else:
         send = [e.passed for e in evaluations]
     return series_passed, disabling, send
@@ -205,8 +291,8 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     try:
         # Pixels that stay untouched are not read into memory: large values are deferred and
         # the pixel data is copied from file to file (a 1 GiB cine costs no 1 GiB here).
-        ds = dcmread(job.src, defer_size=STREAM_VALUES_ABOVE if no_text else None)
-    except Exception as exc:
+        ds = read_dicom(job.src, defer_size=STREAM_VALUES_ABOVE if no_text else None)
+    except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, decoder errors...
         return DeidOutcome(
             None, "", "", "", {}, error=f"not a readable DICOM file: {type(exc).__name__}"
         )
@@ -239,7 +325,10 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         folder = job.dst_root / new[0] / new[1]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{new[2]}.dcm"
-        tmp = folder / f".{new[2]}.part"
+        # A name of its own per input: two inputs never share a temporary file.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{new[2]}.", suffix=".part", dir=folder)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write_durably(
             tmp,
             path,
@@ -356,7 +445,7 @@ def run_series(
 ) -> SeriesOutcome:
     """Judge the series, de-identify what may leave, and build every file's report."""
     started = time.monotonic()
-    evaluations = [evaluate_file(s, settings.conditions) for s in sources]
+    evaluations = [evaluate_file(s, settings.conditions, settings.deid) for s in sources]
     series_passed, disabling, send = judge_series(evaluations, settings.policy, earlier)
     jobs = [DeidJob(e.source.path, dst_root) for e, go in zip(evaluations, send, strict=True) if go]
     outcomes = _map(functools.partial(deidentify_file, settings=settings), jobs, executor)
@@ -382,11 +471,14 @@ def run_series(
                 r.deid_path.unlink(missing_ok=True)
                 r.deid_path = None
                 r.report["url_deid"] = None
-                r.report["withheld"] = "another file of the series failed de-identification"
+                r.report["withheld"] = WITHHELD_QUARANTINE
     written = sum(r.deid_path is not None for r in results)
-    outcome_name = (
-        "failed" if quarantined and written == 0 else ("passed" if series_passed else "rejected")
-    )
+    if quarantined and written == 0:
+        outcome_name = "failed"
+    elif evaluations and all(e.left_out for e in evaluations):
+        outcome_name = "left_out"  # duplicates refused, documents removed: nothing to send
+    else:
+        outcome_name = "passed" if series_passed else "rejected"
     summary = {
         "files": len(results),
         "passed_conditions": sum(e.passed for e in evaluations),
@@ -398,6 +490,13 @@ def run_series(
     return SeriesOutcome(results, series_passed, summary)
 
 
+WITHHELD_QUARANTINE = 'series policy "all": another file of the series failed de-identification'
+WITHHELD_CONDITIONS = (
+    'series policy "all": another file of the series did not pass its save conditions or could'
+    " not be read (see save_disabling_urls_series_agg)"
+)
+
+
 def _map(
     fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], executor: Executor | None
 ) -> Iterable[DeidOutcome]:
@@ -405,7 +504,19 @@ def _map(
         return iter([fn(job) for job in jobs])
     # Even a single file goes to the pool: the node's own process must not hold a large
     # instance in memory (one 1 GiB multi-frame would cost it 2 GiB for its whole life).
-    return iter(executor.map(fn, jobs, chunksize=max(1, len(jobs) // 16)))
+    # One future per file: a worker that dies (a decoder crash, the kernel's OOM killer) fails
+    # the files it had, with a reason, instead of raising out of the series.
+    futures = [executor.submit(fn, job) for job in jobs]
+    return (_outcome_of(future) for future in futures)
+
+
+def _outcome_of(future: Any) -> DeidOutcome:
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - BrokenProcessPool, pickling errors...
+        return DeidOutcome(
+            None, "", "", "", {}, error=f"worker process failed: {type(exc).__name__}"
+        )
 
 
 def _file_result(
@@ -427,7 +538,14 @@ def _file_result(
     state = "skipped"
     deid_path = None
     pixels = None
-    if outcome is not None:
+    withheld = None
+    removed = None
+    if evaluation.left_out is not None:
+        if evaluation.source.refusal:
+            error = evaluation.left_out
+        else:
+            removed = evaluation.left_out
+    elif outcome is not None:
         if outcome.error:
             error, state = outcome.error, "quarantined"
         else:
@@ -440,6 +558,8 @@ def _file_result(
             pixels = outcome.pixels
     elif error:
         state = "quarantined"
+    elif evaluation.passed and not series_passed:
+        withheld = WITHHELD_CONDITIONS
     report = build_report(
         url=evaluation.source.url,
         study_uid=evaluation.study_uid,
@@ -454,6 +574,8 @@ def _file_result(
         SOPInstanceUID=evaluation.sop_uid,
         SOPInstanceUID_deid=sop_deid,
         error=error,
+        removed=removed,
+        withheld=withheld,
         pixels=pixels,
         **(extra(evaluation.source) if extra else {}),
     )

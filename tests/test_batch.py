@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from dicomgen import make_series, phi_markers, write_series
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from deid_node import (
     DeidentifyRedactTextMode,
@@ -78,8 +79,15 @@ def test_api_mirrors_encord(corpus, tmp_path):
     assert all(not r["save_condition_series_agg"] and r["url_deid"] is None for r in mixed_reports)
     bad_url = next(r["url"] for r in mixed_reports if not r["save_condition"])
     assert all(r["save_disabling_urls_series_agg"] == [bad_url] for r in mixed_reports)
-    truncated = [r for r in reports if r["url"].endswith("truncated.dcm")]
-    assert len(truncated) == 1 and truncated[0]["error"] and truncated[0]["url_deid"] is None
+    truncated = [r for r in reports if r.get("error")]
+    assert len(truncated) == 1 and truncated[0]["url_deid"] is None
+    # Files found in a given folder are named by the folder as given and a number, never by
+    # their own path (file names are often the patient's).
+    names = {f"{root}#{n}" for n in range(1, 10)}  # 9 files, the .txt skipped
+    assert len({r["url"] for r in reports}) == 8 and {r["url"] for r in reports} <= names
+    # Files held back by policy "all" say so.
+    held = [r for r in mixed_reports if r["save_condition"]]
+    assert len(held) == 2 and all('policy "all"' in r["withheld"] for r in held)
     written = sorted(p for p in out.rglob("*.dcm"))
     assert len(written) == 2
     for path in written:
@@ -142,6 +150,8 @@ def test_cli_writes_files_and_report(corpus, tmp_path):
         '[[save_conditions]]\ntype = "IN"\nvalue = ["CT", "MR"]\ndicom_tag = "Modality"\n'
     )
     out = tmp_path / "out"
+    work = tmp_path / "work"
+    work.mkdir()
     result = run_cli(
         "deidentify",
         str(root),
@@ -153,13 +163,19 @@ def test_cli_writes_files_and_report(corpus, tmp_path):
         "REDACT_NO_TEXT",
         "--workers",
         "2",
+        cwd=work,
     )
     assert result.returncode == 0, result.stderr
     assert (
         "series passed 2, failed 2" in result.stderr
     )  # CT and MR pass; US and the truncated file fail
     assert "non-DICOM skipped 1" in result.stderr
-    reports = json.loads((out / "report.json").read_text())
+    # The report goes to ./deid-report.json by default, readable by its owner only, and never
+    # into the folder that gets shared.
+    report = work / "deid-report.json"
+    assert report.stat().st_mode & 0o777 == 0o600
+    assert not [p for p in out.rglob("*") if p.suffix == ".json"]
+    reports = json.loads(report.read_text())
     assert len(reports) == 8
     written = [r for r in reports if r["url_deid"]]
     assert len(written) == len(passing) + len(mixed)
@@ -173,22 +189,42 @@ def test_cli_writes_files_and_report(corpus, tmp_path):
 def test_cli_bad_arguments(tmp_path):
     assert (
         run_cli(
-            "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--workers", "0"
+            "deidentify",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+            cwd=tmp_path,
         ).returncode
         == 2
     )
     assert (
         run_cli(
-            "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--redact-pixels-mode", "X"
+            "deidentify",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+            "--redact-pixels-mode",
+            "X",
+            cwd=tmp_path,
         ).returncode
         == 2
     )
-    missing = run_cli("deidentify", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    missing = run_cli(
+        "deidentify", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), cwd=tmp_path
+    )
     assert missing.returncode == 1 and "no such file or folder" in missing.stderr
     bad_config = tmp_path / "bad.toml"
     bad_config.write_text("[deid]\nredact_pixels_mode = 'SOME'\n")
     result = run_cli(
-        "deidentify", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(bad_config)
+        "deidentify",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+        "--config",
+        str(bad_config),
+        cwd=tmp_path,
     )
     assert result.returncode == 1 and "deid.redact_pixels_mode" in result.stderr
 
@@ -238,3 +274,173 @@ def test_a_uid_that_would_escape_the_output_folder_is_quarantined(tmp_path):
     assert reports[0]["url_deid"] is None and "malformed" in reports[0]["error"]
     assert not (tmp_path / "escaped").exists()
     assert not list((tmp_path / "o").rglob("*.dcm"))
+
+
+# -- one bad input never takes others down, never overwrites another ---------------------------
+
+
+def write_deeply_nested(path: Path, depth: int) -> None:
+    """A CT file whose ContentSequence nests `depth` items deep (raw bytes: pydicom's own
+    writer would need a raised recursion limit and seconds)."""
+    ds = make_series(1, "CT")[0]
+    item = Dataset()
+    item.TextValue = "PLACEHOLDER"
+    ds.ContentSequence = [item]
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes()
+    start = data.index(struct.pack("<HH", 0x0040, 0xA730) + b"SQ")
+    (length,) = struct.unpack("<I", data[start + 8 : start + 12])
+    header = struct.pack("<HH", 0x0040, 0xA730) + b"SQ\0\0" + b"\xff\xff\xff\xff"
+    item_start = b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    item_end = b"\xfe\xff\x0d\xe0\0\0\0\0"
+    seq_end = b"\xfe\xff\xdd\xe0\0\0\0\0"
+    nested = header + (item_start + header) * depth + (seq_end + item_end) * depth + seq_end
+    path.write_bytes(data[:start] + nested + data[start + 12 + length :])
+
+
+def write_malformed_vr(path: Path) -> None:
+    """PatientName's explicit VR replaced by two bytes that are no VR at all."""
+    make_series(1, "CT")[0].save_as(path, enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x10\x00\x10\x00PN")
+    data[at + 4 : at + 6] = b"\x00\xff"
+    path.write_bytes(bytes(data))
+
+
+def test_a_deeply_nested_or_malformed_file_is_refused_and_the_batch_goes_on(tmp_path):
+    root = tmp_path / "in"
+    good = make_series(2, "CT", image_type="DERIVED\\SECONDARY")
+    write_series(good, root / "good")
+    write_deeply_nested(root / "deep.dcm", 2000)
+    write_malformed_vr(root / "badvr.dcm")
+    with pytest.raises(RecursionError):
+        dcmread(root / "deep.dcm")  # the fault is real: pydicom alone cannot read it
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli(
+        "deidentify", str(root), "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d"),
+        "--workers", "2", cwd=work,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    reports = json.loads((work / "deid-report.json").read_text())
+    assert len(reports) == 4
+    deep = [r for r in reports if r.get("error") and "RecursionError" in r["error"]]
+    assert len(deep) == 1 and deep[0]["url_deid"] is None
+    written = [r for r in reports if r["url_deid"]]
+    assert {r["SeriesInstanceUID"] for r in written} >= {good[0].SeriesInstanceUID}
+    assert len([r for r in written if r["SeriesInstanceUID"] == good[0].SeriesInstanceUID]) == 2
+    # The malformed file is either refused with a reason or de-identified; never a leak.
+    assert len([r for r in reports if r["url_deid"] or r.get("error")]) == 4
+    for path in (tmp_path / "out").rglob("*.dcm"):
+        assert not [m for m in phi_markers() if m in path.read_bytes()]
+
+
+def test_duplicate_sop_instance_uids_never_overwrite_each_other(tmp_path):
+    first = make_series(1, "CT", image_type="DERIVED\\SECONDARY")[0]
+    other = make_series(
+        1, "CT", image_type="DERIVED\\SECONDARY", series_uid=first.SeriesInstanceUID
+    )[0]
+    other.SOPInstanceUID = first.SOPInstanceUID  # same UID, different content
+    other.InstanceNumber = 99
+    root = tmp_path / "in"
+    root.mkdir()
+    first.save_as(root / "a.dcm", enforce_file_format=True)
+    other.save_as(root / "b.dcm", enforce_file_format=True)
+    (root / "c.dcm").write_bytes((root / "a.dcm").read_bytes())  # the same file twice
+    reports = deidentify_dicom_files(
+        dicom_urls=[root], upload_dir=tmp_path / "o", data_dir=tmp_path / "d", workers=2
+    )
+    by_url = {r["url"]: r for r in reports}
+    assert by_url[f"{root}#1"]["url_deid"] and not by_url[f"{root}#1"].get("error")
+    assert by_url[f"{root}#2"]["error"].startswith("duplicate SOPInstanceUID: different content")
+    assert by_url[f"{root}#3"]["error"].startswith("duplicate SOPInstanceUID: the same file")
+    assert by_url[f"{root}#2"]["url_deid"] is None and by_url[f"{root}#3"]["url_deid"] is None
+    # The refusals do not hold the series back, and the one output is the first input's.
+    assert all(r["save_condition_series_agg"] for r in reports)
+    outputs = list((tmp_path / "o").rglob("*"))
+    assert [p for p in outputs if p.is_file()] == [Path(by_url[f"{root}#1"]["url_deid"])]
+    assert dcmread(by_url[f"{root}#1"]["url_deid"]).InstanceNumber == 1
+
+
+def test_a_file_without_preamble_or_file_meta_is_deidentified(tmp_path):
+    from pydicom.filewriter import dcmwrite
+
+    ds = make_series(1, "CT", image_type="DERIVED\\SECONDARY")[0]
+    del ds.file_meta
+    path = tmp_path / "raw_dump"
+    dcmwrite(path, ds, implicit_vr=True, little_endian=True)  # no preamble, no file meta
+    assert path.read_bytes()[128:132] != b"DICM"
+    (tmp_path / "junk.bin").write_bytes(b"\0" * 300)  # parses as nothing: skipped
+    reports = deidentify_dicom_files(
+        dicom_urls=[path, tmp_path / "junk.bin"], upload_dir=tmp_path / "o", data_dir=tmp_path / "d"
+    )
+    assert len(reports) == 1 and reports[0]["url"] == str(path)
+    out = dcmread(reports[0]["url_deid"])  # a Part 10 file now
+    assert out.PatientIdentityRemoved == "YES" and out.file_meta.TransferSyntaxUID
+    assert not [m for m in phi_markers() if m in Path(reports[0]["url_deid"]).read_bytes()]
+
+
+def make_encapsulated_pdf(series: Dataset) -> Dataset:
+    ds = make_series(
+        1, "OT", study_uid=series.StudyInstanceUID, series_uid=series.SeriesInstanceUID
+    )[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    for keyword in (
+        "PixelData",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+    ):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4 Zyxwortha Quilliam discharge letter\n%%EOF\n"
+    return ds
+
+
+@pytest.mark.parametrize("setting", ["quarantine", "remove"])
+def test_encapsulated_documents_are_quarantined_or_removed(tmp_path, setting):
+    from deid_node.config import Config, DeidConfig
+
+    series = make_series(2, "CT", image_type="DERIVED\\SECONDARY")
+    paths = write_series([*series, make_encapsulated_pdf(series[0])], tmp_path / "in")
+    reports = deidentify_dicom_files(
+        dicom_urls=paths,
+        upload_dir=tmp_path / "o",
+        data_dir=tmp_path / "d",
+        config=Config(deid=DeidConfig(encapsulated_documents=setting)),
+    )
+    pdf = reports[2]
+    assert pdf["url_deid"] is None
+    images = reports[:2]
+    if setting == "quarantine":
+        assert pdf["error"] == "encapsulated document"
+        # policy "all": the document holds its series back, and the images say why.
+        assert all(r["url_deid"] is None and 'policy "all"' in r["withheld"] for r in images)
+    else:
+        assert "removed" in pdf["removed"] and not pdf.get("error")
+        assert all(r["url_deid"] for r in images)
+    assert not [p for p in (tmp_path / "o").rglob("*.dcm") if b"%PDF" in p.read_bytes()]
+
+
+def test_the_report_never_goes_into_out_and_names_only_what_was_passed(tmp_path):
+    root = tmp_path / "Zyxwortha_Quilliam"  # folders are often named after the patient
+    write_series(make_series(2, "CT"), root / "Zyxwortha_Quilliam_CT")
+    out = tmp_path / "out"
+    inside = run_cli("deidentify", str(root), "--out", str(out), "--report", str(out / "r.json"))
+    assert inside.returncode == 1 and "inside --out" in inside.stderr
+    assert not out.exists() or not list(out.rglob("*"))
+    report = tmp_path / "private" / "r.json"
+    result = run_cli(
+        "deidentify", str(root), "--out", str(out), "--report", str(report),
+        "--data-dir", str(tmp_path / "d"), "--workers", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert report.stat().st_mode & 0o777 == 0o600
+    text = report.read_text()
+    assert text.count("Zyxwortha_Quilliam_CT") == 0 and f"{root}#1" in text and f"{root}#2" in text
