@@ -230,7 +230,7 @@ def test_private_overlay_curve_group_length_and_unknown_public(
     assert Tag(0x00080000) not in out
     assert Tag(0x0040E0F0) not in out  # unknown public text
     assert Tag(0x0040E0F2) not in out  # unknown public UN
-    assert out[0x0040E0F4].value == 7  # unknown public number: kept by policy
+    assert Tag(0x0040E0F4) not in out  # unknown public number: default deny
 
 
 def test_file_meta_is_rebuilt(basic: tuple[Dataset, Dataset]) -> None:
@@ -455,10 +455,14 @@ def test_residual_scan_finds_leftovers_by_path_only() -> None:
     ds.add_new(0x00111001, "UN", b"..Tenniwell..")
     hits = residual_scan(ds, identifiers)
     assert hits == [
-        "Manufacturer",
-        "AnatomicRegionSequence[0].CodeMeaning",
-        "(0011,1001)",
-        "file_meta.ImplementationVersionName",
+        "Manufacturer (name part)",
+        "AnatomicRegionSequence[0].CodeMeaning (name part)",
+        "(0011,1001) (name part)",
+        "file_meta.ImplementationVersionName (ID)",
+    ]
+    assert [(h.keyword, h.kind) for h in hits][:2] == [
+        ("Manufacturer", "name part"),
+        ("CodeMeaning", "name part"),
     ]
     assert residual_scan(ds, ["Zy", "Ab", ""]) == []  # shorter than 3: ignored
 

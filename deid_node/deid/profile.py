@@ -189,3 +189,89 @@ def load_safe_private() -> SafePrivate:
             raise ValueError(f"{SAFE_PRIVATE_CSV} row {number}: bad tag {raw['tag']!r}")
         keys.add((int(match[1], 16), normalize_creator(raw["private_creator"]), int(match[2], 16)))
     return SafePrivate(keys=frozenset(keys), rows=len(raw_rows))
+
+
+KEEP_CSV = "keep-public.csv"
+REQUIRED_TYPES_CSV = "required-types.csv"
+KeepAction = str  # "keep" | "clean" | "remove"
+_KEEP_ACTIONS = frozenset({"keep", "clean", "remove"})
+
+
+@dataclass(frozen=True)
+class KeepList:
+    """Public attributes that Table E.1-1 does not list and that survive it (default deny).
+
+    `keywords` wins over `vrs`: a keyword row can remove an attribute whose VR is kept, or keep
+    one whose VR is not (pixel data, LUTs). "clean" keeps a text value unless it holds an
+    identifying value of the instance.
+    """
+
+    vrs: dict[str, KeepAction]
+    keywords: dict[str, KeepAction]
+
+    def action(self, keyword: str, vr: str) -> KeepAction | None:
+        """keep, clean, remove, or None: not on the list, so removed."""
+        return self.keywords.get(keyword) or self.vrs.get(vr)
+
+
+@cache
+def load_keep_list() -> KeepList:
+    vrs: dict[str, str] = {}
+    keywords: dict[str, str] = {}
+    for number, raw in enumerate(_read_csv(KEEP_CSV), start=2):
+        match, value, action = raw["match"].strip(), raw["value"].strip(), raw["action"].strip()
+        if action not in _KEEP_ACTIONS or match not in ("vr", "keyword") or not value:
+            raise ValueError(f"{KEEP_CSV} row {number}: bad row {match!r},{value!r},{action!r}")
+        target = vrs if match == "vr" else keywords
+        if value in target:
+            raise ValueError(f"{KEEP_CSV} row {number}: {value} listed twice")
+        target[value] = action
+    return KeepList(vrs=vrs, keywords=keywords)
+
+
+@dataclass(frozen=True)
+class RequiredTypes:
+    """Where an attribute is Type 1 or 2, so that removing it would break the IOD.
+
+    Scopes: `top` (top level of any instance), `enhanced` (top level of an enhanced multi-frame
+    instance), `modality:XX` and `has:Keyword` (top level when Modality is XX or Keyword is
+    present), `in:Parent` (items of the sequence Parent; `in:*` any sequence) and
+    `valuetype:VT` (a content item whose ValueType is VT).
+    """
+
+    by_keyword: dict[str, tuple[tuple[str, str], ...]]  # keyword -> ((scope, type), ...)
+
+    @property
+    def has_keywords(self) -> frozenset[str]:
+        """Keywords whose presence at the top level makes a `has:` scope hold."""
+        return frozenset(
+            scope[4:]
+            for rows in self.by_keyword.values()
+            for scope, _ in rows
+            if scope[:4] == "has:"
+        )
+
+    def top_level(self, keyword: str, scopes: frozenset[str]) -> str | None:
+        types = [t for scope, t in self.by_keyword.get(keyword, ()) if scope in scopes]
+        return min(types) if types else None
+
+    def nested(self, keyword: str, parent: str, value_type: str | None) -> str | None:
+        wanted = {f"in:{parent}", "in:*"}
+        if value_type:
+            wanted.add(f"valuetype:{value_type}")
+        types = [t for scope, t in self.by_keyword.get(keyword, ()) if scope in wanted]
+        return min(types) if types else None
+
+
+_SCOPE = re.compile(r"^(top|enhanced|(modality|has|in|valuetype):[A-Za-z0-9*]+)$")
+
+
+@cache
+def load_required_types() -> RequiredTypes:
+    by_keyword: dict[str, list[tuple[str, str]]] = {}
+    for number, raw in enumerate(_read_csv(REQUIRED_TYPES_CSV), start=2):
+        keyword, kind, scope = raw["keyword"].strip(), raw["type"].strip(), raw["scope"].strip()
+        if kind not in ("1", "2") or not _SCOPE.match(scope) or not keyword:
+            raise ValueError(f"{REQUIRED_TYPES_CSV} row {number}: bad row")
+        by_keyword.setdefault(keyword, []).append((scope, kind))
+    return RequiredTypes({k: tuple(v) for k, v in by_keyword.items()})

@@ -3,53 +3,72 @@
 Actions come from Table E.1-1 (`deid.profile`); this module gives them meaning, in place, at every
 sequence depth and in the file meta. Policy beyond the table, chosen deliberately:
 
-- Compound actions (Z/D, X/Z, X/D, X/Z/D, X/Z/U*) are resolved with `_REQUIRED_TYPE`, a small
-  table of attributes that are Type 1 or 2 in the common IODs (Patient, General Study, General
-  Equipment, General Image, Multi-frame Functional Groups, Enhanced General Equipment). Anything
-  not listed there is treated as Type 3 and removed.
+- Compound actions (Z/D, X/Z, X/D, X/Z/D, X/Z/U*) and removals are resolved with
+  data/required-types.csv: where an attribute is Type 1 (dummy) or Type 2 (empty) in the IOD at
+  hand (top level, enhanced multi-frame, by Modality, inside a given sequence, in a content item
+  of a given ValueType). Anything not listed there is treated as Type 3 and removed.
 - D writes a dummy consistent with the VR (`_DUMMY`); D or C on a sequence keeps the sequence and
-  cleans its items. PatientID and PatientName always get the pseudonym of the original PatientID.
+  cleans its items, where the codes and text that would be kept elsewhere are dummied or removed
+  (a Person Identification Code Sequence keeps its shape, not the employee number).
+  PatientID and PatientName always get the pseudonym of the original PatientID.
 - C on text (Clean Descriptors / Structured Content) keeps the value only if it contains none of
   the instance's identifying values; otherwise the attribute is removed (or emptied / dummied when
   required). C on dates shifts them (Modified Dates); C on times keeps them.
 - Every UI value that is not a well-known DICOM UID or a class / transfer syntax / coding scheme
   reference is replaced by `keys.uid()`, listed in the table or not, unless Retain UIDs.
-- Attributes not in Table E.1-1: private ones are removed unless Retain Safe Private and safe;
-  curves (50xx) and whole overlay groups (60xx) are removed (Clean Graphics included: we cannot
-  clean an overlay bitmap, and removal is the stricter choice); group lengths are removed; public
-  UN is removed; free-text VRs (AE LO LT PN SH ST UC UR UT) are removed unless in
-  `SAFE_TEXT_KEYWORDS`; DA/DT/TM are removed unless a Retain Longitudinal option is selected;
-  everything else (CS, numbers, binary, sequences) is kept, with sequences cleaned.
+- Default deny for what Table E.1-1 does not list: private attributes are removed unless Retain
+  Safe Private and safe; curves (50xx) and whole overlay groups (60xx) are removed (Clean
+  Graphics included: we cannot clean an overlay bitmap); group lengths are removed. A public
+  attribute survives only if data/keep-public.csv keeps it: by VR (codes, numbers, UIDs,
+  sequences, whose items are cleaned by the same rules) or by keyword (pixel data, LUTs, waveform
+  samples, equipment make and model, coded entries, acquisition technique; some only when they
+  hold no identifying value). Everything else, unknown public attributes and binary VRs
+  included, is removed; Encrypted Attributes, Digital Signatures, MAC Parameters and Original
+  Attributes Sequences always are. DA/DT/TM are removed unless a Retain Longitudinal option is
+  selected.
+
+The identifying values and the residual scan live in `deid.residual`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, FileMetaDataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
-from pydicom.valuerep import PersonName
 
 from deid_node.config import PROFILE_OPTIONS, DeidConfig
 from deid_node.deid.profile import (
     BASIC_CODE,
     CLEAN_PIXEL_DATA_CODE,
     OPTIONS,
+    KeepList,
     ProfileTable,
+    RequiredTypes,
     SafePrivate,
+    load_keep_list,
     load_profile_table,
+    load_required_types,
     load_safe_private,
     option_columns,
 )
+from deid_node.deid.residual import (  # identifying_values, residual_scan: the pipeline's
+    Matcher,
+    evidence,
+    identifying_values,
+    residual_scan,
+)
 from deid_node.deid.uids import Pseudonymizer
 from deid_node.errors import InputError
+
+__all__ = ["SAFE_TEXT_KEYWORDS", "TagResult", "deidentify_tags", "identifying_values"]
+__all__ += ["residual_scan"]
 
 FULL_DATES = "Retain Longitudinal Temporal Information Full Dates"
 MODIFIED_DATES = "Retain Longitudinal Temporal Information Modified Dates"
@@ -57,89 +76,25 @@ IMPLEMENTATION_VERSION_NAME = "DEID_NODE_0_1"
 
 FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 DATE_VRS = frozenset({"DA", "DT"})
-# VRs the residual scan reads: text that could carry a name or an ID. UI is produced by the HMAC
-# and numbers cannot hold names; scanning them would only quarantine on digit coincidences.
-SCANNED_VRS = FREE_TEXT_VRS | {"AS", "CS", "DA", "DT", "TM", "UN"}
+TEXT_VRS = FREE_TEXT_VRS | DATE_VRS | {"TM"}
 
-# Public free-text attributes absent from Table E.1-1 that we keep: technical descriptions
-# needed for a usable image and coded entries. Every other unlisted free-text attribute goes.
-SAFE_TEXT_KEYWORDS = frozenset(
-    {
-        # equipment make and model (serial numbers and station names are in E.1-1)
-        "Manufacturer",
-        "ManufacturerModelName",
-        "SoftwareVersions",
-        "SecondaryCaptureDeviceManufacturer",
-        "SecondaryCaptureDeviceManufacturerModelName",
-        "SecondaryCaptureDeviceSoftwareVersions",
-        "DigitalImageFormatAcquired",
-        # coded entries
-        "CodeValue",
-        "LongCodeValue",
-        "URNCodeValue",
-        "CodingSchemeDesignator",
-        "CodingSchemeVersion",
-        "CodeMeaning",
-        "MappingResourceName",
-        "ContextGroupExtensionFlag",
-        # acquisition and display technique
-        "PositionReferenceIndicator",
-        "ConvolutionKernel",
-        "FilterType",
-        "SequenceName",
-        "PulseSequenceName",
-        "ReceiveCoilName",
-        "TransmitCoilName",
-        "ImagedNucleus",
-        "ContrastBolusRoute",
-        "WindowCenterWidthExplanation",
-        "RescaleType",
-        "LUTExplanation",
-        "PixelSpacingCalibrationDescription",
-        "ProcessingFunction",
-        "TransducerData",
-        # written by us
-        "DeidentificationMethod",
-        "ImplementationVersionName",
-    }
-)
+
+def _safe_text_keywords(keep: KeepList) -> frozenset[str]:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    found = set()
+    for keyword, action in keep.keywords.items():
+        tag = tag_for_keyword(keyword)
+        if action == "keep" and tag is not None and dictionary_VR(tag) in FREE_TEXT_VRS:
+            found.add(keyword)
+    return frozenset(found)
+
+
+# Public free-text attributes absent from Table E.1-1 that data/keep-public.csv keeps as they
+# are (equipment make and model, coded entries, technique); reports may show their values.
+SAFE_TEXT_KEYWORDS = _safe_text_keywords(load_keep_list())
 # Text kept under Clean Structured Content when it holds none of the identifying values.
 STRUCTURED_TEXT_KEYWORDS = frozenset({"TextValue"})
-
-# Type 1 or 2 attributes for compound actions: keyword -> type in conventional IODs, in enhanced
-# multi-frame IODs (those with functional groups), and inside a given parent sequence.
-_REQUIRED_TYPE: dict[str, str] = {
-    "PatientName": "2",
-    "PatientID": "2",
-    "PatientBirthDate": "2",
-    "PatientSex": "2",
-    "StudyDate": "2",
-    "StudyTime": "2",
-    "ReferringPhysicianName": "2",
-    "StudyID": "2",
-    "AccessionNumber": "2",
-    "Manufacturer": "2",
-    "ContentDate": "2",  # General Image: 2C, present when the image is temporally related
-    "ContentTime": "2",
-    "ContrastBolusAgent": "2",  # Contrast/Bolus module
-    "AcquisitionContextSequence": "2",  # Acquisition Context module
-    "ContentCreatorName": "2",  # Presentation State / Segmentation content identification
-}
-_REQUIRED_TYPE_ENHANCED: dict[str, str] = {
-    **_REQUIRED_TYPE,
-    "ContentDate": "1",  # Multi-frame Functional Groups module
-    "ContentTime": "1",
-    "AcquisitionDateTime": "1",  # Enhanced CT/MR/XA Image: 1C for ORIGINAL/MIXED
-    "Manufacturer": "1",  # Enhanced General Equipment module
-    "ManufacturerModelName": "1",
-    "DeviceSerialNumber": "1",
-    "SoftwareVersions": "1",
-}
-_REQUIRED_TYPE_NESTED: dict[tuple[str, str], str] = {
-    ("DerivationImageSequence", "SourceImageSequence"): "1",
-    ("FrameContentSequence", "FrameAcquisitionDateTime"): "1",
-    ("FrameContentSequence", "FrameReferenceDateTime"): "1",
-}
 
 _DUMMY: dict[str, Any] = {
     "AE": "ANONYMOUS",
@@ -170,35 +125,9 @@ _DUMMY: dict[str, Any] = {
 }
 # The action for attributes Table E.1-1 does not list and our policy keeps (see module docstring).
 _POLICY_KEEP = "keep-unlisted"
+# Removal that no IOD requirement turns into a dummy (encrypted attributes, unknown tags).
+_REMOVE = "remove"
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-
-# Identifying attributes beyond every PN value; used for the residual scan and OCR matching.
-_IDENTIFYING_KEYWORDS = frozenset(
-    {
-        "PatientID",
-        "OtherPatientIDs",
-        "PatientBirthDate",
-        "PatientAddress",
-        "PatientTelephoneNumbers",
-        "PatientTelecomInformation",
-        "MedicalRecordLocator",
-        "MilitaryRank",
-        "RegionOfResidence",
-        "AccessionNumber",
-        "AdmissionID",
-        "ServiceEpisodeID",
-        "IssuerOfPatientID",
-        "ReferringPhysicianAddress",
-        "ReferringPhysicianTelephoneNumbers",
-        "PersonAddress",
-        "PersonTelephoneNumbers",
-        "ResponsibleOrganization",
-    }
-)
-_INSTITUTION_KEYWORDS = frozenset(
-    {"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName"}
-)
-_DEVICE_KEYWORDS = frozenset({"StationName", "DeviceSerialNumber"})
 
 
 @dataclass
@@ -216,8 +145,10 @@ class _Context:
     options: frozenset[str]
     keys: Pseudonymizer
     patient_key: str
-    enhanced: bool
-    identifiers: list[str]
+    keep: KeepList
+    required: RequiredTypes
+    scopes: frozenset[str]  # required-types scopes that apply at the top level
+    matcher: Matcher  # the instance's identifying values, for C on text
     shift_days: int
     removed: int = 0
     replaced: int = 0
@@ -229,57 +160,6 @@ class _Context:
     @property
     def full_dates(self) -> bool:
         return FULL_DATES in self.options
-
-
-def identifying_values(ds: Dataset, config: DeidConfig | None = None) -> list[str]:
-    """The original's identifying strings: every PN (whole and its name components), patient
-    IDs, birth date, addresses, accession number, institution and device names, at all depths.
-
-    Call before de-identifying. With `config`, values that a selected Retain option keeps
-    (institution, device) are left out so that the residual scan does not flag them.
-    """
-    options = set(config.profile_options) if config else set()
-    keywords = set(_IDENTIFYING_KEYWORDS)
-    if "Retain Institution Identity" not in options:
-        keywords |= _INSTITUTION_KEYWORDS
-    if "Retain Device Identity" not in options:
-        keywords |= _DEVICE_KEYWORDS
-    tags = {tag_for_keyword(k) for k in keywords}
-    found: dict[str, None] = {}
-    _collect_identifiers(ds, tags, found)
-    return list(found)
-
-
-def _collect_identifiers(ds: Dataset, tags: set[int | None], found: dict[str, None]) -> None:
-    """PN values (whole and parts) and the values of `tags`, at every depth.
-
-    Reads the VR from the raw element where it can: converting every element (pixel data
-    included) only to look at its VR costs more than the rest of the header's de-identification.
-    """
-    for tag, raw in ds._dict.items():  # noqa: SLF001 - raw elements, not converted values
-        vr = getattr(raw, "VR", None) or dictionary_vr_or_none(tag)
-        if vr not in ("PN", "SQ", "UN", None) and tag not in tags:
-            continue
-        elem = ds[tag]
-        if elem.VR == "SQ":
-            for item in elem.value or []:
-                _collect_identifiers(item, tags, found)
-        elif elem.VR == "PN":
-            for value in _values(elem):
-                for part in _name_parts(str(value)):
-                    found[part] = None
-        elif tag in tags:
-            for value in _values(elem):
-                text = str(value).strip(" \x00")
-                if text:
-                    found[text] = None
-
-
-def dictionary_vr_or_none(tag: int) -> str | None:
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return None
 
 
 def deidentify_tags(
@@ -305,14 +185,16 @@ def deidentify_tags(
         options=frozenset(options),
         keys=keys,
         patient_key=patient_key,
-        enhanced="PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds,
-        identifiers=_normalized_identifiers(
+        keep=load_keep_list(),
+        required=load_required_types(),
+        scopes=_top_level_scopes(ds),
+        matcher=evidence(
             identifiers if identifiers is not None else identifying_values(ds, config)
         ),
         shift_days=keys.date_shift_days(patient_key),
     )
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    _clean_dataset(ds, ctx, parent="")
+    _clean_dataset(ds, ctx, parent="", restricted=False)
     _mark_deidentified(ds, config, options, pixels_cleaned)
     _rebuild_file_meta(ds, transfer_syntax)
     if getattr(ds, "preamble", None):
@@ -320,32 +202,53 @@ def deidentify_tags(
     return TagResult(options=options, removed=ctx.removed, replaced=ctx.replaced)
 
 
-def residual_scan(ds: Dataset, identifiers: Sequence[str]) -> list[str]:
-    """Paths of text elements (all depths, file meta too) that contain any identifier.
-
-    Matching ignores case, '^' and spaces; identifiers shorter than 3 characters are ignored.
-    Only paths are returned, never values.
-    """
-    needles = _normalized_identifiers(identifiers)
-    if not needles:
-        return []
-    hits: list[str] = []
-    meta = getattr(ds, "file_meta", None)
-    sources = [(ds, "")] + ([(meta, "file_meta.")] if meta is not None else [])
-    for source, prefix in sources:
-        for path, elem in _walk(source, prefix):
-            if elem.VR not in SCANNED_VRS:
-                continue
-            haystack = _normalize(" ".join(_text(v) for v in _values(elem)))
-            if any(needle in haystack for needle in needles):
-                hits.append(path)
-    return hits
-
-
 # --- the walk ------------------------------------------------------------------------------
 
 
-def _clean_dataset(ds: Dataset, ctx: _Context, parent: str) -> None:
+# SOP classes whose IOD uses the Enhanced General Equipment and Multi-frame Functional Groups
+# modules even when a (test) instance carries no functional groups.
+_ENHANCED_SOP_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.2.1",  # Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.2.2",  # Legacy Converted Enhanced CT
+        "1.2.840.10008.5.1.4.1.1.4.1",  # Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.4.2",  # MR Spectroscopy
+        "1.2.840.10008.5.1.4.1.1.4.3",  # Enhanced MR Color
+        "1.2.840.10008.5.1.4.1.1.4.4",  # Legacy Converted Enhanced MR
+        "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+        "1.2.840.10008.5.1.4.1.1.12.1.1",  # Enhanced XA
+        "1.2.840.10008.5.1.4.1.1.12.2.1",  # Enhanced XRF
+        "1.2.840.10008.5.1.4.1.1.13.1.3",  # Breast Tomosynthesis
+        "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+        "1.2.840.10008.5.1.4.1.1.128.1",  # Legacy Converted Enhanced PET
+        "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
+    }
+)
+
+
+def _top_level_scopes(ds: Dataset) -> frozenset[str]:
+    """The required-types scopes that hold at the top level of `ds`."""
+    scopes = {"top"}
+    if (
+        "PerFrameFunctionalGroupsSequence" in ds
+        or "SharedFunctionalGroupsSequence" in ds
+        or str(ds.get("SOPClassUID", "")) in _ENHANCED_SOP_CLASSES
+    ):
+        scopes.add("enhanced")
+    modality = ds.get("Modality")
+    if isinstance(modality, str) and modality:
+        scopes.add(f"modality:{modality.strip()}")
+    for keyword in load_required_types().has_keywords:
+        if keyword in ds:
+            scopes.add(f"has:{keyword}")
+    return frozenset(scopes)
+
+
+def _clean_dataset(ds: Dataset, ctx: _Context, parent: str, restricted: bool) -> None:
+    """`restricted`: ds is an item of a sequence that Table E.1-1 lists for replacement or
+    cleaning (a person's identification codes, observers, content); what the keep list keeps
+    elsewhere (codes, descriptions) is not kept here."""
     kept_private_blocks: set[tuple[int, int]] = set()
     creators: list[int] = []
     for tag in list(ds.keys()):
@@ -359,7 +262,7 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str) -> None:
         elif group & 1:
             if _keep_private(ds, elem, ctx):
                 kept_private_blocks.add((group, element >> 8))
-                _finish_kept(ds, elem, ctx, parent, _POLICY_KEEP)
+                _finish_kept(ds, elem, ctx, parent, _POLICY_KEEP, restricted=False)
             else:
                 _remove(ds, tag, ctx)
         elif 0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E:
@@ -373,49 +276,56 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str) -> None:
             key = ctx.patient_key if parent == "" or sibling is None else str(sibling)
             _replace(elem, ctx.keys.patient_name(key), ctx)
         else:
-            _apply(ds, elem, _action(elem, ctx), ctx, parent)
+            _apply(ds, elem, _action(elem, ctx, restricted), ctx, parent)
     for tag in creators:
         if (tag.group, tag.element) not in kept_private_blocks:
             _remove(ds, tag, ctx)
 
 
-def _action(elem: DataElement, ctx: _Context) -> str:
-    """The Table E.1-1 action, or our policy's for attributes the table does not list."""
+def _action(elem: DataElement, ctx: _Context, restricted: bool) -> str:
+    """The Table E.1-1 action, else the keep list's (default deny: X when not on it)."""
     row = ctx.table.row(elem.tag)
     if row is not None:
         return row.action(ctx.columns)
-    vr = elem.VR
+    keyword, vr = elem.keyword, elem.VR
+    if not keyword or vr == "UN":
+        return _REMOVE  # an unknown public attribute, or one we cannot even type
+    keep = ctx.keep.action(keyword, vr)
+    if keep == "remove":
+        return _REMOVE
     if vr in DATE_VRS or vr == "TM":
         return "C" if ctx.modified_dates or ctx.full_dates else "X"
-    if vr in FREE_TEXT_VRS:
-        if elem.keyword in SAFE_TEXT_KEYWORDS:
-            return _POLICY_KEEP
-        if "Clean Structured Content" in ctx.options and elem.keyword in STRUCTURED_TEXT_KEYWORDS:
-            return "C"
-        return "X"
-    if vr == "UN":
-        return "X"  # a public attribute we cannot even type
+    if "Clean Structured Content" in ctx.options and keyword in STRUCTURED_TEXT_KEYWORDS:
+        return "C"
+    if keep is None or (restricted and vr in TEXT_VRS | _BINARY_VRS):
+        return "X"  # X unless the IOD requires it (then a dummy, or empty)
+    if keep == "clean" and vr in FREE_TEXT_VRS:
+        return "C"
     return _POLICY_KEEP
 
 
 def _apply(ds: Dataset, elem: DataElement, action: str, ctx: _Context, parent: str) -> None:
+    if action == "X":
+        action = "X/Z/D"  # removal must not break the IOD: Type 1 gets a dummy, Type 2 empty
+    elif action == _REMOVE:
+        action = "X"
     if action in ("Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"):
-        action = _resolve_compound(action, _required_type(elem.keyword, parent, ctx))
+        action = _resolve_compound(action, _required_type(ds, elem.keyword, parent, ctx))
     if action == "X":
         _remove(ds, elem.tag, ctx)
     elif action == "Z":
         _empty(elem, ctx)
     elif action == "D":
         if elem.VR == "SQ":
-            _finish_kept(ds, elem, ctx, parent, "K")
+            _finish_kept(ds, elem, ctx, parent, "K", restricted=True)
         elif elem.VR == "UI":
-            _finish_kept(ds, elem, ctx, parent, "U")
+            _finish_kept(ds, elem, ctx, parent, "U", restricted=False)
         else:
             _dummy(elem, ctx)
     elif action == "C":
         _clean(ds, elem, ctx, parent)
     else:  # K, U (and U* resolved to U), and our policy's keep
-        _finish_kept(ds, elem, ctx, parent, action)
+        _finish_kept(ds, elem, ctx, parent, action, restricted=False)
 
 
 def _resolve_compound(action: str, required: str | None) -> str:
@@ -430,20 +340,23 @@ def _resolve_compound(action: str, required: str | None) -> str:
     return {"1": "D", "2": "Z"}.get(required or "", "X")  # X/Z/D
 
 
-def _required_type(keyword: str, parent: str, ctx: _Context) -> str | None:
-    nested = _REQUIRED_TYPE_NESTED.get((parent, keyword))
-    if nested:
-        return nested
+def _required_type(ds: Dataset, keyword: str, parent: str, ctx: _Context) -> str | None:
+    """Type "1" or "2" where the IOD requires the attribute; None: Type 3, or not known to us."""
     if parent:
-        return None  # inside other sequences we do not know the macro; Type 3 is the safe side
-    return (_REQUIRED_TYPE_ENHANCED if ctx.enhanced else _REQUIRED_TYPE).get(keyword)
+        value_type = ds.get("ValueType")
+        return ctx.required.nested(
+            keyword, parent, value_type.strip() if isinstance(value_type, str) else None
+        )
+    return ctx.required.top_level(keyword, ctx.scopes)
 
 
-def _finish_kept(ds: Dataset, elem: DataElement, ctx: _Context, parent: str, action: str) -> None:
+def _finish_kept(
+    ds: Dataset, elem: DataElement, ctx: _Context, parent: str, action: str, restricted: bool
+) -> None:
     """A kept element still gets its sequences cleaned, UIDs mapped and dates shifted."""
     if elem.VR == "SQ":
         for item in elem.value or []:
-            _clean_dataset(item, ctx, parent=elem.keyword or str(elem.tag))
+            _clean_dataset(item, ctx, parent=elem.keyword or str(elem.tag), restricted=restricted)
     elif elem.VR == "UI":
         # The table's U maps and its K (an option's) keeps; UIDs the table does not list map
         # unless Retain UIDs, or they name a class or coding scheme rather than an instance.
@@ -459,16 +372,17 @@ def _finish_kept(ds: Dataset, elem: DataElement, ctx: _Context, parent: str, act
 
 def _clean(ds: Dataset, elem: DataElement, ctx: _Context, parent: str) -> None:
     vr = elem.VR
-    if vr == "SQ" or vr not in FREE_TEXT_VRS | DATE_VRS | {"TM"}:
-        _finish_kept(ds, elem, ctx, parent, "U" if vr == "UI" else "K")
+    if vr == "SQ":
+        _finish_kept(ds, elem, ctx, parent, "K", restricted=True)
+    elif vr not in TEXT_VRS:
+        _finish_kept(ds, elem, ctx, parent, "U" if vr == "UI" else "K", restricted=False)
     elif vr in DATE_VRS:
         if ctx.modified_dates:
             _shift(ds, elem, ctx, parent)
         elif not ctx.full_dates:
             _apply(ds, elem, "X/Z/D", ctx, parent)
     else:
-        text = _normalize(" ".join(_text(v) for v in _values(elem)))
-        if any(needle in text for needle in ctx.identifiers):
+        if any(ctx.matcher.find(_text(v)) for v in _values(elem)):
             _apply(ds, elem, "X/Z/D", ctx, parent)
 
 
@@ -603,16 +517,6 @@ def _rebuild_file_meta(ds: Dataset, transfer_syntax: str | None) -> None:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _walk(ds: Dataset, prefix: str) -> Iterator[tuple[str, DataElement]]:
-    for elem in ds:
-        name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
-        path = f"{prefix}{name}"
-        yield path, elem
-        if elem.VR == "SQ":
-            for index, item in enumerate(elem.value or []):
-                yield from _walk(item, f"{path}[{index}].")
-
-
 def _values(elem: DataElement) -> list[Any]:
     value = elem.value
     if value is None or value == "" or value == b"":
@@ -626,30 +530,3 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("latin-1")
     return str(value)
-
-
-def _name_parts(name: str) -> list[str]:
-    """The whole name and its family, given and middle components, per component group."""
-    parts = []
-    if name.strip():
-        parts.append(name.strip())
-    for group in name.split("="):
-        if group.strip() and group.strip() != name.strip():
-            parts.append(group.strip())
-        pn = PersonName(group) if group else None
-        if pn is None:
-            continue
-        for component in (pn.family_name, pn.given_name, pn.middle_name):
-            component = component.strip()
-            if component:
-                parts.append(component)
-    return parts
-
-
-def _normalize(text: str) -> str:
-    return text.casefold().replace("^", "").replace(" ", "")
-
-
-def _normalized_identifiers(identifiers: Sequence[str]) -> list[str]:
-    normalized = {_normalize(i) for i in identifiers}
-    return sorted(n for n in normalized if len(n) >= 3)
