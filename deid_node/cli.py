@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", required=True, type=Path)
     status.set_defaults(func=cmd_status)
 
-    retry = sub.add_parser("retry", help="send a failed series again")
+    retry = sub.add_parser(
+        "retry",
+        help="send a failed series again; process its failed rounds and quarantined files again",
+    )
     retry.add_argument("--config", required=True, type=Path)
     retry.add_argument("--series", required=True, help="original SeriesInstanceUID")
     retry.set_defaults(func=cmd_retry)
@@ -156,10 +159,20 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from deid_node.store import Store
 
     config = load_config(args.config)
-    count = Store(config.node.data_dir).retry_series(args.series)
-    print(f"re-queued {count} failed deliveries of series {args.series}")
-    get_logger("deid_node.cli").info("retry_requested", series_uid=args.series, deliveries=count)
-    return 0 if count else EXIT_ERROR
+    store = Store(config.node.data_dir)
+    try:
+        processing = store.retry_processing(args.series)
+        deliveries = store.retry_series(args.series)
+    finally:
+        store.close()
+    print(
+        f"re-queued {deliveries} failed deliveries, {processing['batches']} failed processing"
+        f" rounds and {processing['instances']} quarantined instances of series {args.series}"
+    )
+    get_logger("deid_node.cli").info(
+        "retry_requested", series_uid=args.series, deliveries=deliveries, **processing
+    )
+    return 0 if deliveries or processing["batches"] or processing["instances"] else EXIT_ERROR
 
 
 if __name__ == "__main__":

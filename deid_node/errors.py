@@ -12,6 +12,10 @@ class ConfigError(DeidNodeError):
     """The configuration is invalid; the message names the offending key."""
 
 
+class DataDirInUseError(DeidNodeError):
+    """Another process holds the lock on the data folder (a second node on the same folder)."""
+
+
 class InputError(DeidNodeError):
     """An input instance or file cannot be processed (corrupt, missing UIDs, unsupported)."""
 

@@ -39,8 +39,6 @@ from deid_node.store import Store
 
 log = get_logger("deid_node.node")
 
-# Acknowledged instances are recorded in one transaction per this many.
-SENT_COMMIT_EVERY = 16
 # A batch whose processing raised (not a bad file: those are quarantined) is retried this often.
 MAX_PROCESSING_ATTEMPTS = 3
 
@@ -63,7 +61,8 @@ class Node:
         if not config.destinations:
             raise ConfigError("destinations: the node needs at least one [[destinations]] entry")
         self.config = config
-        self.store = Store(config.node.data_dir)
+        # First thing in data_dir: its lock (DataDirInUseError when another node owns it).
+        self.store = Store(config.node.data_dir, exclusive=True)
         self.settings = pipeline_settings(config, load_or_create_secret(config.node.data_dir))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -262,6 +261,8 @@ class Node:
                 "received_at": row["received_at"],
                 "round": batch["round"],
                 "late": batch["round"] > 1 or None,
+                # A new attempt at an instance quarantined before (re-sent or retried).
+                "attempt": row["attempt"] if row["attempt"] > 1 else None,
             }
 
         outcome = run_series(
@@ -277,7 +278,9 @@ class Node:
             if r.state == "quarantined":
                 # Kept for the operator, out of the spool that retention empties. Named now,
                 # moved after the commit: a crash between the two is completed at start.
-                r.report["quarantine"] = str(self.store.quarantine_path_for(r.source.key))
+                r.report["quarantine"] = str(
+                    self.store.quarantine_path_for(r.source.key, r.source.path)
+                )
         results = [
             {
                 "instance_id": r.source.key,
@@ -347,12 +350,9 @@ class Node:
         acknowledged: list[tuple[int, str, str, int]] = []
 
         def on_stored(item: Outgoing, url: str, status: int) -> None:
-            # Committed in groups: a crash between a destination's ack and the commit re-sends
-            # at most one group, which the destination stores under the same (derived) UIDs.
-            acknowledged.append((item.instance_id, dest.name, url, status))
-            if len(acknowledged) >= SENT_COMMIT_EVERY:
-                self.store.mark_sent(acknowledged)
-                acknowledged.clear()
+            # Committed before the next instance is sent: a crash between a destination's ack
+            # and this commit re-sends only that instance (same derived UIDs: overwritten).
+            self.store.mark_sent([(item.instance_id, dest.name, url, status)])
 
         try:
             try:

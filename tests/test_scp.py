@@ -81,7 +81,10 @@ def refused(store: Store) -> list[tuple[int, bool]]:
     """(status, kept in quarantine) of every refused instance."""
     rows = store.query("SELECT status, quarantine_path FROM refused ORDER BY id")
     return [
-        (r["status"], bool(r["quarantine_path"]) and Path(r["quarantine_path"]).exists())
+        (
+            r["status"],
+            bool(r["quarantine_path"]) and (store.data_dir / r["quarantine_path"]).exists(),
+        )
         for r in rows
     ]
 
@@ -95,7 +98,7 @@ def test_echo_and_store_with_dcmtk(scp, tmp_path):
     rows = store.query("SELECT * FROM instances ORDER BY id")
     assert len(rows) == 3
     for row, path in zip(rows, paths, strict=True):
-        spooled = Path(row["spool_path"]).read_bytes()
+        spooled = (store.data_dir / row["spool_path"]).read_bytes()  # relative to data_dir
         original = dcmread(path)
         received = dcmread(io.BytesIO(spooled))
         # Stored as sent: the dataset bytes are identical (file meta is rebuilt by the SCP).

@@ -29,12 +29,17 @@ class QuarantineFiles(StoreBase):
         except OSError:
             return None
 
-    def quarantine_path_for(self, instance_id: int) -> Path:
-        return self.data_dir / "quarantine" / f"instance-{instance_id}.dcm"
+    def quarantine_path_for(self, instance_id: int, current: Path | None = None) -> Path:
+        """Where an instance that failed processing is kept: where it is when it is in the
+        quarantine already (re-queued from there by `retry`), else a name of its own."""
+        folder = self.data_dir / "quarantine"
+        if current is not None and current.parent == folder:
+            return current
+        return folder / f"instance-{instance_id}.dcm"
 
     def move_to_quarantine(self, spooled: Path, target: Path) -> None:
         """Move a spooled original that could not be de-identified; idempotent."""
-        if spooled.exists():
+        if spooled != target and spooled.exists():
             adopt_durably(spooled, target)
 
     def _complete_quarantine_moves(self) -> int:
@@ -44,12 +49,17 @@ class QuarantineFiles(StoreBase):
             "SELECT spool_path, report FROM instances WHERE state = 'quarantined' AND spool_path IS NOT NULL"
         ):
             target = json.loads(row["report"]).get("quarantine")
-            if target and Path(row["spool_path"]).exists() and not Path(target).exists():
-                self.move_to_quarantine(Path(row["spool_path"]), Path(target))
+            if not target:
+                continue
+            spooled, kept = self.absolute(row["spool_path"]), self.absolute(target)
+            if spooled != kept and spooled.exists() and not kept.exists():
+                self.move_to_quarantine(spooled, kept)
                 moved += 1
         return moved
 
     def record_refused(self, **row: Any) -> None:
         """A report row for an instance the SCP refused (with the DIMSE status and why)."""
+        if row.get("quarantine_path"):
+            row["quarantine_path"] = self.relative(row["quarantine_path"])
         with self.transaction():
             self.db["refused"].insert({"received_at": utcnow(), **row})

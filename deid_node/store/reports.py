@@ -41,6 +41,8 @@ class ReportQueries(StoreBase):
         for row in rows:
             report = json.loads(row["report"])
             report["series_state"] = row["batch_state"]
+            if report.get("quarantine"):  # where it is now, wherever data_dir moved
+                report["quarantine"] = str(self.absolute(report["quarantine"]))
             out.append(report)
         if not (study_uid or series_uid):
             out += self._refused_reports(since)
@@ -68,7 +70,9 @@ class ReportQueries(StoreBase):
                 received_at=r["received_at"],
                 error=r["reason"],
                 dimse_status=f"0x{r['status']:04X}",
-                quarantine=r["quarantine_path"],
+                quarantine=str(self.absolute(r["quarantine_path"]))
+                if r["quarantine_path"]
+                else None,
                 series_state="refused",
             )
             for r in rows

@@ -6,9 +6,11 @@ user_version records how many have run. Never edit one that has shipped: add the
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import PurePosixPath
 
 import sqlite_utils
 
@@ -136,12 +138,58 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     )
 
 
+# Where each kind of path lives under data_dir: (first folder, number of path parts from it).
+_LAYOUT = {"spool": 3, "deid": 5, "quarantine": 2}  # spool/ab/x.dcm, deid/7/st/se/x.dcm
+
+
+def relative_to_layout(text: str | None, folder: str) -> str | None:
+    """An absolute path written by an older version, as the path under data_dir its layout
+    says (whatever folder data_dir was then: it may have moved since). Anything else as is."""
+    if not text or not text.startswith("/"):
+        return text
+    parts = PurePosixPath(text).parts
+    depth = _LAYOUT[folder]
+    if len(parts) > depth and parts[-depth] == folder:
+        return "/".join(parts[-depth:])
+    return text
+
+
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Paths relative to data_dir: spool, deid and quarantine paths of instances (also the
+    report's `quarantine`) and the quarantine path of refused instances."""
+    rows = db.execute(
+        "SELECT id, spool_path, deid_path, report FROM instances"
+        " WHERE spool_path LIKE '/%' OR deid_path LIKE '/%' OR report LIKE '%\"quarantine\": \"/%'"
+    ).fetchall()
+    for instance_id, spool_path, deid_path, text in rows:
+        report = json.loads(text) if text else None
+        if report and report.get("quarantine"):
+            report["quarantine"] = relative_to_layout(report["quarantine"], "quarantine")
+        db.execute(
+            "UPDATE instances SET spool_path = ?, deid_path = ?, report = ? WHERE id = ?",
+            (
+                relative_to_layout(spool_path, "spool"),
+                relative_to_layout(deid_path, "deid"),
+                json.dumps(report) if report is not None else text,
+                instance_id,
+            ),
+        )
+    for refused_id, path in db.execute(
+        "SELECT id, quarantine_path FROM refused WHERE quarantine_path LIKE '/%'"
+    ).fetchall():
+        db.execute(
+            "UPDATE refused SET quarantine_path = ? WHERE id = ?",
+            (relative_to_layout(path, "quarantine"), refused_id),
+        )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 
 

@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deid_node.files import adopt_durably
+from deid_node.files import adopt_durably, fsync_dirs
 from deid_node.store.base import StoreBase
 
 
@@ -40,19 +40,26 @@ class SpoolFiles(StoreBase):
                 pass  # adopted or removed meanwhile
         return removed
 
-    def _remove_orphan_spool_files(self) -> int:
+    def _move_orphan_spool_files(self) -> int:
         """Spool files with no row: moved into the spool by a receipt whose commit never
-        happened (so never acknowledged). Only at start, when no receipt is in flight."""
+        happened (so never acknowledged). Only at start, under the data folder's lock, when no
+        receipt is in flight. Moved aside to quarantine/orphans/, never deleted: a file the
+        database does not know may still be someone's only copy."""
         known = {
             r["spool_path"]
             for r in self.query("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")
         }
-        removed = 0
-        for path in (self.data_dir / "spool").rglob("*.dcm"):
-            if str(path) not in known:
-                path.unlink()
-                removed += 1
-        return removed
+        orphans = self.data_dir / "quarantine" / "orphans"
+        moved = 0
+        for path in sorted((self.data_dir / "spool").rglob("*.dcm")):
+            if self.relative(path) in known or str(path) in known:
+                continue
+            orphans.mkdir(mode=0o700, exist_ok=True)
+            adopt_durably(path, orphans / path.name)
+            moved += 1
+        if moved:
+            fsync_dirs([orphans.parent])
+        return moved
 
     def release_originals(self, batch_id: int) -> int:
         """Delete the spool copies (originals) of a batch that reached a final state."""
@@ -61,8 +68,8 @@ class SpoolFiles(StoreBase):
             "SELECT id, spool_path, deid_path FROM instances WHERE batch_id = ?", (batch_id,)
         ):
             for key in ("spool_path", "deid_path"):
-                if row[key] and Path(row[key]).exists():
-                    Path(row[key]).unlink()
+                if row[key] and self.absolute(row[key]).exists():
+                    self.absolute(row[key]).unlink()
                     removed += 1
         return removed
 

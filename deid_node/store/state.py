@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +62,31 @@ class StoredInstance:
 class Store(SpoolFiles, QuarantineFiles, ReportQueries):
     """The node's state in `data_dir`; the only writer of its database."""
 
+    def __init__(self, data_dir: Path, *, readonly: bool = False, exclusive: bool = False) -> None:
+        super().__init__(data_dir, readonly=readonly, exclusive=exclusive)
+        # Receiving batches fed by an association still open (association -> batch ids): not
+        # complete until it closes. In memory: after a restart no association is open.
+        self._held: dict[Hashable, set[int]] = {}
+
     # -- receive --------------------------------------------------------------------------
 
-    def record_instance(self, receipt: Receipt, spool_path: Path, size: int) -> StoredInstance:
+    def record_instance(
+        self,
+        receipt: Receipt,
+        spool_path: Path,
+        size: int,
+        *,
+        association: Hashable | None = None,
+    ) -> StoredInstance:
         """Commit the row of a received instance into its series' open batch.
 
         A SOPInstanceUID already in the open batch is replaced (the modality re-sent it);
         the earlier spool file is deleted after the commit. The same bytes re-sent after their
         batch was processed are acknowledged and dropped (idempotent): nothing is processed or
-        forwarded twice. Different bytes under a known SOPInstanceUID start a late round.
+        forwarded twice, unless that copy was quarantined: then it is a new attempt (the cause
+        was fixed), processed in the next round. Different bytes under a known SOPInstanceUID
+        start a late round. association: the open association that delivered it; its batch is
+        not complete before `association_closed`.
         """
         now = time.time()
         stamp = utcnow()
@@ -79,7 +96,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                 seen = conn.execute(
                     "SELECT i.id, i.batch_id, b.round FROM instances i JOIN batches b ON b.id = i.batch_id"
                     " WHERE i.series_uid = ? AND i.sop_uid = ? AND i.sha256 = ?"
-                    " AND b.state NOT IN ('receiving', 'failed')",
+                    " AND b.state NOT IN ('receiving', 'failed') AND i.state != 'quarantined'",
                     (receipt.series_uid, receipt.sop_uid, receipt.sha256),
                 ).fetchone()
                 if seen is not None:
@@ -121,7 +138,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                 receipt.calling_ae,
                 receipt.peer,
                 f"dicom://{receipt.calling_ae}/{receipt.sop_uid}",
-                str(spool_path),
+                self.relative(spool_path),
                 size,
                 stamp,
                 receipt.sha256,
@@ -142,15 +159,44 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                     (*fields, batch_id, receipt.sop_uid),
                 )
                 instance_id = cursor.lastrowid
-        if old_path and old_path != str(spool_path):
-            Path(old_path).unlink(missing_ok=True)
+            if association is not None:
+                self._held.setdefault(association, set()).add(batch_id)
+        if old_path and old_path != self.relative(spool_path):
+            self.absolute(old_path).unlink(missing_ok=True)
         return StoredInstance(instance_id, batch_id, round_, duplicate=existing is not None)
 
     # -- series state ---------------------------------------------------------------------
 
+    def association_closed(self, association: Hashable) -> list[int]:
+        """The association was released, aborted or lost: the batches it fed become stable
+        `stable_seconds` from now (unless another open association holds them too)."""
+        with self._lock:
+            ids = self._held.pop(association, set())
+            if ids:
+                self._restart_stable_clock(ids)
+        return sorted(ids)
+
+    def _restart_stable_clock(self, ids: set[int]) -> None:
+        marks = ",".join("?" * len(ids))
+        with self.transaction() as conn:
+            conn.execute(
+                f"UPDATE batches SET last_received_at = ? WHERE state = 'receiving' AND id IN ({marks})",
+                (time.time(), *sorted(ids)),
+            )
+
+    def _held_batches(self) -> set[int]:
+        """Batch ids an open association holds. An association whose thread ended without a
+        close event reaching us (it cannot hold a batch forever) is let go here."""
+        with self._lock:
+            for association in [a for a in self._held if _ended(a)]:
+                self.association_closed(association)
+            return set().union(*self._held.values()) if self._held else set()
+
     def complete_stable_batches(self, stable_seconds: float) -> list[int]:
-        """Move batches with no instance for `stable_seconds` from receiving to complete."""
+        """Move batches with no instance for `stable_seconds`, and no open association that
+        delivered to them, from receiving to complete."""
         cutoff = time.time() - stable_seconds
+        held = self._held_batches()
         with self.transaction() as conn:
             ids = [
                 r[0]
@@ -158,6 +204,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                     "SELECT id FROM batches WHERE state = 'receiving' AND last_received_at <= ?",
                     (cutoff,),
                 )
+                if r[0] not in held
             ]
             for batch_id in ids:
                 conn.execute(
@@ -167,11 +214,12 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         return ids
 
     def oldest_receiving(self) -> float | None:
-        """When the least recently fed receiving batch got its last instance (time.time())."""
-        rows = self.query(
-            "SELECT MIN(last_received_at) AS t FROM batches WHERE state = 'receiving'"
-        )
-        return rows[0]["t"]
+        """When the least recently fed receiving batch that no open association holds got its
+        last instance, or its association closed (time.time())."""
+        held = self._held_batches()
+        rows = self.query("SELECT id, last_received_at FROM batches WHERE state = 'receiving'")
+        times = [r["last_received_at"] for r in rows if r["id"] not in held]
+        return min(times) if times else None
 
     def claim_batch(self) -> int | None:
         """Take the oldest complete batch for processing (complete -> processing)."""
@@ -223,7 +271,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
             "requeued_processing": processing,
             "quarantine_moves_completed": self._complete_quarantine_moves(),
             "partial_files_removed": self.remove_stale_tmp(0),
-            "orphan_spool_files_removed": self._remove_orphan_spool_files(),
+            "orphan_spool_files_moved": self._move_orphan_spool_files(),
         }
 
     # -- processing -----------------------------------------------------------------------
@@ -232,7 +280,21 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         return self.query("SELECT * FROM batches WHERE id = ?", (batch_id,))[0]
 
     def batch_instances(self, batch_id: int) -> list[dict[str, Any]]:
-        return self.query("SELECT * FROM instances WHERE batch_id = ? ORDER BY id", (batch_id,))
+        """The instances of a batch, paths absolute; `attempt` counts this SOP Instance's
+        earlier copies that were quarantined, plus one (2: re-sent or retried once)."""
+        rows = self.query(
+            "SELECT i.*, 1 + (SELECT COUNT(*) FROM instances p WHERE p.series_uid = i.series_uid"
+            " AND p.sop_uid = i.sop_uid AND p.id < i.id AND p.state = 'quarantined') AS attempt"
+            " FROM instances i WHERE i.batch_id = ? ORDER BY i.id",
+            (batch_id,),
+        )
+        return [self._with_absolute_paths(row) for row in rows]
+
+    def _with_absolute_paths(self, row: dict[str, Any]) -> dict[str, Any]:
+        for key in ("spool_path", "deid_path"):
+            if row.get(key):
+                row[key] = str(self.absolute(row[key]))
+        return row
 
     def earlier_reports(self, series_uid: str, before_round: int) -> list[dict[str, Any]]:
         """Reports of this series from earlier rounds (a series is judged as a whole)."""
@@ -267,12 +329,15 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         now = utcnow()
         with self.transaction() as conn:
             for r in results:
+                report = r["report"]
+                if report.get("quarantine"):
+                    report = {**report, "quarantine": self.relative(report["quarantine"])}
                 conn.execute(
                     "UPDATE instances SET state=?, report=?, deid_path=?, sop_uid_deid=?, error=? WHERE id=?",
                     (
                         r["state"],
-                        json.dumps(r["report"]),
-                        r.get("deid_path"),
+                        json.dumps(report),
+                        self.relative(r["deid_path"]) if r.get("deid_path") else None,
                         r.get("sop_uid_deid"),
                         r.get("error"),
                         r["instance_id"],
@@ -302,14 +367,20 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         )
 
     def unsent_instances(self, batch_id: int, destination: str) -> list[dict[str, Any]]:
-        return self.query(f"SELECT i.* FROM {_UNSENT} ORDER BY i.id", (batch_id, destination))
+        rows = self.query(f"SELECT i.* FROM {_UNSENT} ORDER BY i.id", (batch_id, destination))
+        return [self._with_absolute_paths(row) for row in rows]
 
     def mark_sent(self, acknowledged: list[tuple[int, str, str, int]]) -> None:
         """Record instances a destination acknowledged: (instance_id, destination, url_deid,
-        status), one transaction for the lot. The first success sets the report's url_deid."""
+        status), one transaction for the lot. The first success sets the report's url_deid.
+
+        Called once per acknowledgement, before the next instance is sent: a kill -9 then
+        re-sends at most the one instance in flight. The commit survives a crash of the
+        process without an fsync (cheap); only a power loss may cost re-sends, never a loss.
+        """
         if not acknowledged:
             return
-        with self.transaction() as conn:
+        with self.transaction(power_safe=False) as conn:
             for instance_id, destination, url_deid, status in acknowledged:
                 conn.execute(
                     "INSERT OR REPLACE INTO sent (instance_id, destination, url_deid, status, at)"
@@ -453,6 +524,74 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
             self.delivery_attempt_failed(delivery_id, "destination no longer in the config", None)
         return len(ids)
 
+    def retry_processing(self, series_uid: str) -> dict[str, int]:
+        """Re-queue what failed processing in a series (operator's `deid-node retry`, after
+        fixing the cause): batches whose processing raised until they failed go back to
+        complete; every quarantined instance whose original is still kept gets a new attempt,
+        in a new round (its earlier report stays, as the first attempt's)."""
+        now, stamp = time.time(), utcnow()
+        with self.transaction() as conn:
+            batches = conn.execute(
+                "UPDATE batches SET state = 'complete', processing_attempts = 0, summary = NULL,"
+                " finished_at = NULL, completed_at = ? WHERE series_uid = ? AND state = 'failed'"
+                " AND processed_at IS NULL",
+                (stamp, series_uid),
+            ).rowcount
+            # The latest copy of each quarantined SOP Instance (an earlier retry's is history).
+            quarantined = conn.execute(
+                "SELECT i.* FROM instances i WHERE i.series_uid = ? AND i.state = 'quarantined'"
+                " AND NOT EXISTS (SELECT 1 FROM instances n WHERE n.series_uid = i.series_uid"
+                " AND n.sop_uid = i.sop_uid AND n.id > i.id) ORDER BY i.id",
+                (series_uid,),
+            ).fetchall()
+            columns = [d[0] for d in conn.execute("SELECT * FROM instances LIMIT 0").description]
+            kept: list[tuple[dict[str, Any], str]] = []
+            for values in quarantined:
+                row = dict(zip(columns, values, strict=True))
+                target = json.loads(row["report"] or "{}").get("quarantine")
+                # Kept in the quarantine, or still in the spool when the move never happened.
+                for candidate in (target, row["spool_path"]):
+                    if candidate and self.absolute(candidate).exists():
+                        kept.append((row, candidate))
+                        break
+            if kept:
+                last = conn.execute(
+                    "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?",
+                    (series_uid,),
+                ).fetchone()[0]
+                batch_id = conn.execute(
+                    "INSERT INTO batches (series_uid, round, state, calling_ae, created_at,"
+                    " completed_at, last_received_at) VALUES (?, ?, 'complete', ?, ?, ?, ?)",
+                    (series_uid, last + 1, kept[0][0]["calling_ae"], stamp, stamp, now),
+                ).lastrowid
+                for row, path in kept:
+                    conn.execute(
+                        "INSERT INTO instances (batch_id, series_uid, study_uid, sop_uid,"
+                        " sop_class_uid, transfer_syntax, calling_ae, peer, url, spool_path, size,"
+                        " received_at, sha256, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+                        " ?, 'received')",
+                        (
+                            batch_id,
+                            row["series_uid"],
+                            row["study_uid"],
+                            row["sop_uid"],
+                            row["sop_class_uid"],
+                            row["transfer_syntax"],
+                            row["calling_ae"],
+                            row["peer"],
+                            row["url"],
+                            path,
+                            row["size"],
+                            stamp,
+                            row["sha256"],
+                        ),
+                    )
+                    # The new attempt owns the file: the old row's clean-up must not delete it.
+                    conn.execute(
+                        "UPDATE instances SET spool_path = NULL WHERE id = ?", (row["id"],)
+                    )
+        return {"batches": batches, "instances": len(kept)}
+
     def retry_series(self, series_uid: str) -> int:
         """Re-queue the failed deliveries of a series (operator's `deid-node retry`); instances a
         destination refused for good are offered again (the operator fixed the cause)."""
@@ -475,3 +614,9 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                 (series_uid,),
             )
         return count
+
+
+def _ended(association: Hashable) -> bool:
+    """A pynetdicom association is a thread; anything else (a test's key) never ends here."""
+    is_alive = getattr(association, "is_alive", None)
+    return is_alive is not None and not is_alive()
