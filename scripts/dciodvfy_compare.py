@@ -31,7 +31,7 @@ from deid_node.deid.uids import Pseudonymizer
 
 # dciodvfy quotes values and prints UIDs; a new Error is compared by its
 # message with those parts masked, so that a changed value does not count twice.
-_VALUE = re.compile(r"\"[^\"]*\"|\b\d+(?:\.\d+)+\b")
+_VALUE = re.compile(r"\"[^\"]*\"|\b\d+(?:\.\d+)+\b|(?<=UID )\d+\b")
 
 
 def corpus() -> list[Path]:

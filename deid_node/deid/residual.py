@@ -269,10 +269,19 @@ def _collect(
             and not listed
             and elem.VR in TEXT_VRS
             and (elem.VR == "CS" or keep.keywords.get(keyword) == "keep")
+            and (keyword not in _CODE_KEYWORDS or _standard_scheme(ds))
         ):
             # Values kept as technical (not those kept only when clean) are no evidence.
             for value in values:
                 technical[value] = None
+
+
+def _standard_scheme(item: Dataset) -> bool:
+    """A code from a published scheme (DCM, SCT, LN, UCUM ...) names a concept; a local one
+    (99xxx, L) may name anything, so its meaning stays evidence."""
+    scheme = item.get("CodingSchemeDesignator")
+    scheme = scheme.strip().upper() if isinstance(scheme, str) else ""
+    return bool(scheme) and not scheme.startswith("99") and scheme != "L"
 
 
 def _dictionary_vr(tag: int) -> str | None:
@@ -423,7 +432,7 @@ def _date_pattern(yyyymmdd: str) -> re.Pattern[str] | None:
         rf"{dd}[-/. ]?{names}[-/., ]*{y}",
         rf"{names}[-/. ]?{dd}(?:st|nd|rd|th)?[,.]?[-/ ]*{y}",
     ]
-    return re.compile(rf"(?<![\d])(?:{'|'.join(alternatives)})(?![\d])")
+    return re.compile(rf"(?<!\d)(?<!\d[.,])(?:{'|'.join(alternatives)})(?!\d)(?![.,]\d)")
 
 
 # --- scanning -----------------------------------------------------------------------------------
