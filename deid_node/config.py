@@ -122,6 +122,9 @@ class DestinationConfig:
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
     timeout_seconds: float = 30.0
+    # While down, the destination is asked C-ECHO at most this far apart (0.5 s, doubling up
+    # to it); its first answer makes every waiting delivery due at once.
+    probe_max_seconds: float = 5.0
 
     def url(self) -> str:
         if self.type == "folder":
@@ -321,6 +324,8 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
         raise ConfigError(f"{label}.tls_ca: required with tls_cert (TLS needs the CA)")
     if dest.max_attempts < 1:
         raise ConfigError(f"{label}.max_attempts: must be >= 1")
+    if dest.probe_max_seconds <= 0:
+        raise ConfigError(f"{label}.probe_max_seconds: must be > 0")
     return dest
 
 

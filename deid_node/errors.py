@@ -40,5 +40,9 @@ class ForwardError(DeidNodeError):
     """A destination refused, failed or could not be reached."""
 
 
+class DestinationUnreachableError(ForwardError):
+    """No connection, an abort or no answer: the destination (or the way to it) is down."""
+
+
 class UnsupportedSchemeError(InputError):
     """A dicom_url uses a scheme the API cannot read (s3://, gs://, ...)."""

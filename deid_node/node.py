@@ -23,8 +23,8 @@ from pynetdicom.fsm import TRANSITION_TABLE
 
 from deid_node.config import Config, DestinationConfig
 from deid_node.deid.uids import load_or_create_secret
-from deid_node.errors import ConfigError
-from deid_node.forward import Outgoing, backoff_seconds, send_batch
+from deid_node.errors import ConfigError, DestinationUnreachableError
+from deid_node.forward import DestinationLink, Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
 from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
 from deid_node.scp import (
@@ -326,13 +326,37 @@ class Node:
     # -- forwarding -------------------------------------------------------------------------
 
     def _forward_loop(self, dest: DestinationConfig) -> None:
+        link = DestinationLink(dest)
+        if dest.type == "dicom":
+            # Unknown until asked: deliveries a previous run left waiting out a backoff go as
+            # soon as the first probe is answered.
+            link.mark_down()
         while not self._stop.is_set():
+            if link.down and dest.type == "dicom":
+                down_for = time.monotonic() - (link.down_since or 0.0)
+                if link.probe():
+                    # It answers again: what waits out a backoff goes now, not at its next try.
+                    due = self.store.make_deliveries_due(dest.name)
+                    if due:
+                        log.info(
+                            "destination_back",
+                            destination=dest.name,
+                            down_s=round(down_for, 1),
+                            deliveries=due,
+                        )
             for delivery in self.store.due_deliveries():
                 if delivery["destination"] == dest.name and not self._stop.is_set():
-                    self.forward_delivery(dest, delivery)
-            self._wake(self._forward_wake[dest.name], self.config.node.poll_seconds)
+                    if self.forward_delivery(dest, delivery):
+                        link.mark_up()
+                    else:
+                        link.mark_down()
+            probe_in = link.seconds_until_probe()
+            poll = self.config.node.poll_seconds
+            wait = poll if probe_in is None else min(poll, probe_in)
+            self._wake(self._forward_wake[dest.name], wait)
 
-    def forward_delivery(self, dest: DestinationConfig, delivery: dict[str, Any]) -> None:
+    def forward_delivery(self, dest: DestinationConfig, delivery: dict[str, Any]) -> bool:
+        """One attempt at a delivery; False when the destination could not be reached."""
         batch = self.store.batch(delivery["batch_id"])
         rows = self.store.unsent_instances(delivery["batch_id"], dest.name)
         items = []
@@ -354,11 +378,38 @@ class Node:
             # and this commit re-sends only that instance (same derived UIDs: overwritten).
             self.store.mark_sent([(item.instance_id, dest.name, url, status)])
 
+        def on_refused(item: Outgoing, status: int | None, reason: str) -> None:
+            # For good: reported, never offered again (a retry cannot change the answer).
+            self.store.mark_refused_by_destination(item.instance_id, dest.name, status, reason)
+            bound.warning(
+                "instance_refused",
+                sop_uid_deid=item.sop_uid,
+                status=None if status is None else f"0x{status:04X}",
+                error=reason,
+            )
+
         try:
             try:
-                send_batch(dest, items, on_stored)
+                send_batch(
+                    dest,
+                    items,
+                    on_stored,
+                    on_refused,
+                    max_decoded_bytes=self.config.node.max_instance_mb * 2**20,
+                )
             finally:
                 self.store.mark_sent(acknowledged)
+            refused = self.store.refused_by_destination(batch["id"], dest.name)
+            if refused:
+                # Everything else arrived; the refused ones fail the delivery without a retry.
+                reasons = sorted({r["reason"] for r in refused})
+                error = f"{dest.name}: {len(refused)} instance(s) refused for good: " + "; ".join(
+                    reasons[:3] + ([f"{len(reasons) - 3} more reasons"] if len(reasons) > 3 else [])
+                )
+                self.store.delivery_attempt_failed(delivery["id"], error, None)
+                attempt = delivery["attempts"] + 1
+                bound.warning("forward_failed", attempt=attempt, error=error, will_retry=False)
+                return True
         except Exception as exc:
             # Any failure counts as an attempt (pynetdicom raises ValueError when the peer
             # accepted no context for a file, RuntimeError after an abort): an exception that
@@ -375,8 +426,9 @@ class Node:
             bound.warning(
                 "forward_failed", attempt=attempts, error=error, will_retry=retry_at is not None
             )
-            return
+            return not isinstance(exc, DestinationUnreachableError)
         self.store.delivery_done(delivery["id"])
         bound.info(
             "series_forwarded", files=len(items), duration_s=round(time.monotonic() - started, 3)
         )
+        return True

@@ -33,6 +33,8 @@ class Received:
 
     sop_uid: str
     status: int
+    transfer_syntax: str = ""  # of the presentation context it arrived on
+    dataset: Any = None  # the decoded dataset, when the SCP keeps them (keep_datasets)
 
 
 @dataclass
@@ -41,7 +43,8 @@ class FaultySCP:
 
     status_for(n, sop_uid) picks the status of the n-th C-STORE (1-based, over the SCP's life);
     delay holds every answer for that many seconds; hang never answers (until stop());
-    abort_on lists C-STORE numbers on which the SCP aborts the association instead.
+    abort_on lists C-STORE numbers on which the SCP aborts the association instead;
+    transfer_syntaxes and sop_classes (None: all storage classes) restrict what it accepts.
     """
 
     ae_title: str = "RESEARCH"
@@ -51,6 +54,9 @@ class FaultySCP:
     status_for: Callable[[int, str], int] | None = None
     abort_on: frozenset[int] = frozenset()
     ssl_context: ssl.SSLContext | None = None
+    transfer_syntaxes: list[str] = field(default_factory=lambda: list(ALL_TRANSFER_SYNTAXES))
+    sop_classes: frozenset[str] | None = None
+    keep_datasets: bool = False
     received: list[Received] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,7 +68,8 @@ class FaultySCP:
     def start(self) -> FaultySCP:
         ae = AE(ae_title=self.ae_title)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            if self.sop_classes is None or context.abstract_syntax in self.sop_classes:
+                ae.add_supported_context(context.abstract_syntax, self.transfer_syntaxes)
         ae.add_supported_context(Verification)
         ae.require_called_aet = True
         ae.maximum_associations = 16
@@ -102,8 +109,10 @@ class FaultySCP:
         if self.delay:
             self._release.wait(self.delay)
         status = self.status_for(number, sop_uid) if self.status_for else 0x0000
+        syntax = str(event.context.transfer_syntax)
+        dataset = event.dataset if self.keep_datasets else None
         with self._lock:
-            self.received.append(Received(sop_uid, status))
+            self.received.append(Received(sop_uid, status, syntax, dataset))
         return status
 
     # What the archive holds: instances answered with a "stored" status.

@@ -1,23 +1,34 @@
 """Destination faults: down, association refused, failure and warning statuses per instance,
-an abort mid-series, a destination that never answers. Retries back off exponentially up to a
-cap; a series that still fails after max_attempts is kept as 'failed' and `deid-node retry`
-sends it again. The node runs in-process (a real SCP, a real SQLite file) against FaultySCP.
+an abort mid-series, a destination that never answers, one that takes only Explicit VR Little
+Endian or not every SOP class, an outage and the recovery after it. Transient failures are
+retried with exponential backoff up to a cap; a refusal for good (0xA9xx, 0xCxxx, 0x0122, no
+presentation context) is reported and not retried, and the rest of the series still goes. A
+series that still fails after max_attempts is kept as 'failed' and `deid-node retry` sends it
+again. The node runs in-process (a real SCP, a real SQLite file) against FaultySCP.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
-from dicomgen import make_series, write_series
-from faultpeers import FaultySCP, dicom_destination, node_raw, write_config
+from dicomgen import make_instance, make_series, write_series
+from faultpeers import FaultySCP, dicom_destination, node_raw, send_raw, write_config
 from peers import free_port, storescu, wait_until
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
 
 from deid_node.cli import main as cli_main
 from deid_node.config import parse_config
+from deid_node.forward import is_permanent
 from deid_node.node import Node
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 pytestmark = [pytest.mark.network]
 
@@ -229,3 +240,140 @@ def test_destination_that_never_answers_times_out_and_does_not_hold_up_others(tm
             assert settled(node)[0]["state"] == "failed"
         finally:
             node.stop()
+
+
+# -- per-instance outcomes: decompression, refusals for good, recovery after an outage ----------
+
+
+def mixed_syntax_series(folder: Path) -> tuple[list[Path], dict[int, np.ndarray]]:
+    """One series in three syntaxes: Explicit VR LE (CT), JPEG 2000 lossless (CT, encoded here)
+    and JPEG Baseline (pydicom's SC_rgb_jpeg_dcmtk.dcm moved into the series). Returns the
+    files and, by InstanceNumber, the pixels each must decode to."""
+    study_uid, series_uid = generate_uid(), generate_uid()
+    plain = make_instance("CT", study_uid=study_uid, series_uid=series_uid, instance_number=1)
+    j2k = make_instance("CT", study_uid=study_uid, series_uid=series_uid, instance_number=2)
+    j2k.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    jpeg = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    assert jpeg.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    jpeg.StudyInstanceUID, jpeg.SeriesInstanceUID = study_uid, series_uid
+    jpeg.SOPInstanceUID = jpeg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    jpeg.InstanceNumber = 3
+    expected = {1: plain.pixel_array, 2: j2k.pixel_array, 3: jpeg.pixel_array}
+    return write_series([plain, j2k, jpeg], folder), expected
+
+
+def test_mixed_syntax_series_arrives_decompressed_at_an_explicit_vr_only_destination(tmp_path):
+    scp = FaultySCP(transfer_syntaxes=[ExplicitVRLittleEndian], keep_datasets=True)
+    with scp:
+        node = start(node_raw(tmp_path / "data", [dicom_destination(scp, max_attempts=3)]))
+        try:
+            paths, expected = mixed_syntax_series(tmp_path / "in")
+            assert send_raw(node.port, paths) == [0, 0, 0]
+            wait_until(lambda: settled(node), 30, what="series settled")
+            assert settled(node)[0]["state"] == "forwarded"
+            assert delivery(node)["attempts"] == 1
+            deid_uids = {r["sop_uid_deid"] for r in node.store.query("SELECT * FROM instances")}
+        finally:
+            node.stop()
+    assert len(scp.received) == 3 and {r.status for r in scp.received} == {0}
+    assert {r.transfer_syntax for r in scp.received} == {ExplicitVRLittleEndian}
+    for r in scp.received:
+        ds = r.dataset
+        assert "PixelData" in ds and str(ds.SOPInstanceUID) == r.sop_uid
+        # The de-identified UID is kept (pydicom's decompress would make a new one by default).
+        assert r.sop_uid in deid_uids
+        assert np.array_equal(ds.pixel_array, expected[int(ds.InstanceNumber)])
+
+
+def test_sop_class_the_destination_does_not_take_is_refused_for_good_and_the_rest_arrives(
+    tmp_path,
+):
+    with FaultySCP(sop_classes=frozenset({CT_IMAGE_STORAGE})) as scp:
+        node = start(node_raw(tmp_path / "data", [dicom_destination(scp, max_attempts=3)]))
+        try:
+            series = make_series(3, "CT")
+            series.append(
+                make_instance(
+                    "OT",  # Secondary Capture: the destination takes CT only
+                    study_uid=series[0].StudyInstanceUID,
+                    series_uid=series[0].SeriesInstanceUID,
+                    instance_number=4,
+                )
+            )
+            assert send_raw(node.port, write_series(series, tmp_path / "in")) == [0] * 4
+            wait_until(lambda: settled(node), 30, what="series settled")
+            row = delivery(node)
+            # Not retried: no attempt can create a presentation context the peer refuses.
+            assert (row["state"], row["attempts"]) == ("failed", 1)
+            assert "refused for good" in row["last_error"]
+            assert "no accepted presentation context for Secondary Capture" in row["last_error"]
+            assert settled(node)[0]["state"] == "failed"
+            states = sorted(r["destinations"]["research"]["state"] for r in node.store.reports())
+            assert states == ["refused", "sent", "sent", "sent"]
+        finally:
+            node.stop()
+    assert len(scp.stored()) == len(set(scp.stored())) == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "permanent"),
+    [(0xA900, True), (0xA9FF, True), (0xC000, True), (0xCFFF, True), (0x0122, True)]
+    + [(0xA700, False), (0xA7FF, False), (0x0110, False), (0x0001, False)],
+)
+def test_failure_statuses_are_sorted_into_permanent_and_transient(status, permanent):
+    assert is_permanent(status) is permanent
+
+
+def test_permanent_failure_status_is_not_retried_and_the_others_arrive(tmp_path):
+    with FaultySCP(status_for=lambda n, _uid: 0xA900 if n == 2 else 0x0000) as scp:
+        node = start(node_raw(tmp_path / "data", [dicom_destination(scp, max_attempts=3)]))
+        try:
+            send_series(node, tmp_path, 4)
+            wait_until(lambda: settled(node), 30, what="series settled")
+            row = delivery(node)
+            assert (row["state"], row["attempts"]) == ("failed", 1)
+            assert "0xA900" in row["last_error"]
+            assert settled(node)[0]["state"] == "failed"
+            refused = [
+                r["destinations"]["research"]
+                for r in node.store.reports()
+                if r["destinations"]["research"]["state"] == "refused"
+            ]
+            assert [r["status"] for r in refused] == [0xA900]
+        finally:
+            node.stop()
+    assert scp.calls == 4, "the refused instance was offered once"
+    assert len(scp.stored()) == len(set(scp.stored())) == 3
+
+
+def test_delivery_resumes_within_seconds_of_the_destination_coming_back(tmp_path):
+    scp = FaultySCP()  # down: its port is free until start()
+    # Attempts fail at t, t + 10 s (backoff 10 s), and the next one is due at t + 30 s; the SCP
+    # comes back just after the second failure, so without the C-ECHO probe delivery would
+    # wait about 20 s more.
+    dest = dicom_destination(
+        scp, max_attempts=5, backoff_initial_seconds=10, backoff_max_seconds=60
+    )
+    node = start(node_raw(tmp_path / "data", [dest]))
+    try:
+        send_series(node, tmp_path, 3)
+        second = wait_until(
+            lambda: node.store.query("SELECT * FROM deliveries WHERE attempts >= 2"),
+            30,
+            interval=0.05,
+            what="second attempt failed",
+        )[0]
+        assert "cannot connect" in second["last_error"]
+        time.sleep(0.5)
+        with scp:
+            back = time.monotonic()
+            assert delivery(node)["next_attempt_at"] - time.time() > 15, "backoff alone: late"
+            wait_until(lambda: len(scp.stored()) == 3, 15, interval=0.05, what="delivered")
+            resumed_after = time.monotonic() - back
+            print(f"delivery resumed {resumed_after:.2f} s after the destination came back")
+            assert resumed_after < 10
+            wait_until(lambda: settled(node), 10, what="series settled")
+        row = delivery(node)
+        assert (row["state"], row["attempts"]) == ("done", 3)
+    finally:
+        node.stop()
