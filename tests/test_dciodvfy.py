@@ -1,8 +1,11 @@
-"""dciodvfy (dicom3tools) finds no new Error after de-identification of valid CT, MR, US, SC and
-multi-frame SC instances."""
+"""dciodvfy (dicom3tools) finds no new Error after de-identification: valid generated CT, MR, US,
+SC and multi-frame SC instances, and real files of other IODs (SR, waveform, SEG, RT, enhanced CT
+and MR, PET, presentation state) that pydicom ships. scripts/dciodvfy_compare.py runs the same
+comparison over every file pydicom and pydicom-data ship."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,8 +14,10 @@ import numpy as np
 import pytest
 from dicomgen import make_instance
 from pydicom import Dataset, dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from deid_node.config import PROFILE_OPTIONS, DeidConfig
 from deid_node.deid.tags import deidentify_tags
@@ -97,3 +102,103 @@ def test_no_new_dciodvfy_errors(tmp_path: Path, kind: str, options: tuple[str, .
     output = tmp_path / "deid.dcm"
     ds.save_as(output, enforce_file_format=True)
     assert _errors(output) == set()
+
+
+# dciodvfy quotes values and prints UIDs: an Error is the same Error with those masked.
+_VALUE = re.compile(r"\"[^\"]*\"|\b\d+(?:\.\d+)+\b|(?<=UID )\d+\b")
+
+
+def _new_errors(before: Path, after: Path) -> list[str]:
+    known = [_VALUE.sub("<>", line) for line in _errors_list(before)]
+    new = []
+    for line in _errors_list(after):
+        masked = _VALUE.sub("<>", line)
+        if masked in known:
+            known.remove(masked)
+        else:
+            new.append(line)
+    return new
+
+
+def _errors_list(path: Path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+def _pet() -> Dataset:
+    """CT_small as a PET image: Series Date and Time are Type 1 in the PET Series module."""
+    ds = dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.128"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.Modality = "PT"
+    ds.SeriesDate, ds.SeriesTime = "20240102", "101010"
+    ds.Units, ds.DecayCorrection, ds.CorrectedImage = "BQML", "START", ["DECY", "ATTN"]
+    return ds
+
+
+def _presentation_state() -> Dataset:
+    """A Grayscale Softcopy Presentation State referencing CT_small, with its identification."""
+    ct = dcmread(get_testdata_file("CT_small.dcm"))
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.11.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "PR"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate"):
+        setattr(ds, keyword, ct.get(keyword, ""))
+    ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "", "1", ""
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = ct.StudyInstanceUID, generate_uid()
+    ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, 1, "ACME"
+    ds.ContentLabel, ds.ContentDescription = "ANNOTATIONS", "arrows for Dr Pemberly"
+    ds.ContentCreatorName = "Pemberly^Ada"
+    ds.PresentationCreationDate, ds.PresentationCreationTime = "20240102", "101010"
+    series = Dataset()
+    series.SeriesInstanceUID = ct.SeriesInstanceUID
+    image = Dataset()
+    image.ReferencedSOPClassUID = ct.SOPClassUID
+    image.ReferencedSOPInstanceUID = ct.SOPInstanceUID
+    series.ReferencedImageSequence = Sequence([image])
+    ds.ReferencedSeriesSequence = Sequence([series])
+    ds.PresentationLUTShape = "IDENTITY"
+    area = Dataset()
+    area.PixelOriginInterpretation = "FRAME"
+    area.DisplayedAreaTopLeftHandCorner = [1, 1]
+    area.DisplayedAreaBottomRightHandCorner = [128, 128]
+    area.PresentationSizeMode = "SCALE TO FIT"
+    area.PresentationPixelAspectRatio = [1, 1]
+    ds.DisplayedAreaSelectionSequence = Sequence([area])
+    ds.ImageRotation = 0
+    ds.ImageHorizontalFlip = "N"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+REAL_FILES = [
+    "waveform_ecg.dcm",  # 12-lead ECG waveform
+    "reportsi.dcm",  # Basic Text SR
+    "test-SR.dcm",  # Comprehensive SR
+    "liver.dcm",  # Segmentation
+    "eCT_Supplemental.dcm",  # Enhanced CT
+    "emri_small.dcm",  # Enhanced MR
+    "rtplan.dcm",
+    "rtdose.dcm",
+    "CT_small.dcm",
+    "MR_small.dcm",
+]
+
+
+@pytest.mark.parametrize("name", [*REAL_FILES, "PET", "PR"])
+def test_no_new_dciodvfy_errors_on_other_iods(tmp_path: Path, name: str) -> None:
+    if name == "PET":
+        ds = _pet()
+    elif name == "PR":
+        ds = _presentation_state()
+    else:
+        ds = dcmread(get_testdata_file(name))
+    original = tmp_path / "original.dcm"
+    ds.save_as(original, enforce_file_format=True)
+    ds = dcmread(original)
+    deidentify_tags(ds, DeidConfig(), Pseudonymizer(b"s" * 32))
+    output = tmp_path / "deid.dcm"
+    ds.save_as(output, enforce_file_format=True)
+    assert _new_errors(original, output) == []

@@ -5,13 +5,17 @@ from __future__ import annotations
 import csv
 from importlib import resources
 
+from pydicom.datadict import tag_for_keyword
+
 from deid_node.config import PROFILE_OPTIONS
 from deid_node.deid.profile import (
     ACTIONS,
     OPTIONS,
     PROFILE_CSV,
     SAFE_PRIVATE_CSV,
+    load_keep_list,
     load_profile_table,
+    load_required_types,
     load_safe_private,
     option_columns,
 )
@@ -72,3 +76,32 @@ def test_option_column_overrides_basic_and_keep_wins_a_conflict() -> None:
     assert study_date.action(["retain_long_full_dates"]) == "K"
     assert study_date.action(["retain_long_modified_dates", "retain_long_full_dates"]) == "K"
     assert study_date.action(["retain_uids"]) == "Z"
+
+
+def test_keep_list_and_required_types_name_real_attributes_outside_table_e11() -> None:
+    """The keep list only decides what Table E.1-1 does not list (its removals excepted), and
+    both data files name attributes pydicom knows, so a typo cannot silently keep nothing."""
+    table = load_profile_table()
+    keep = load_keep_list()
+    assert {"CS", "DS", "SQ", "UI"} <= set(keep.vrs)
+    assert not {"OB", "OW", "UN", "LO", "LT", "UT", "PN"} & set(keep.vrs)
+    for keyword, action in keep.keywords.items():
+        tag = tag_for_keyword(keyword)
+        assert tag is not None, keyword
+        assert action == "remove" or table.row(tag) is None, keyword
+    for keyword in (
+        "EncryptedAttributesSequence",
+        "DigitalSignaturesSequence",
+        "MACParametersSequence",
+        "OriginalAttributesSequence",
+    ):
+        assert keep.action(keyword, "SQ") == "remove"
+    assert keep.action("PixelData", "OW") == "keep"
+    assert keep.action("SelectorOBValue", "OB") is None  # binary, not listed: removed
+    required = load_required_types()
+    assert all(tag_for_keyword(k) is not None for k in required.by_keyword)
+    assert required.top_level("SeriesDate", frozenset({"top", "modality:PT"})) == "1"
+    assert required.top_level("SeriesDate", frozenset({"top"})) is None
+    assert required.top_level("ContentDate", frozenset({"top", "enhanced"})) == "1"
+    assert required.nested("TextValue", "ContentSequence", "TEXT") == "1"
+    assert required.nested("CodeMeaning", "AnyCodeSequence", None) == "1"
