@@ -102,12 +102,12 @@ def main() -> int:
             if why:
                 skipped[why] += 1
                 continue
-            checked += 1
             before = errors(src)
             after = errors(out)
             if any("read failed" in line for line in before):
                 truncated.append(src.name)
                 continue
+            checked += 1
             before_total += len(before)
             after_total += len(after)
             known = Counter(masked(line) for line in before)

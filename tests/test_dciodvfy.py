@@ -202,3 +202,20 @@ def test_no_new_dciodvfy_errors_on_other_iods(tmp_path: Path, name: str) -> None
     output = tmp_path / "deid.dcm"
     ds.save_as(output, enforce_file_format=True)
     assert _new_errors(original, output) == []
+
+
+@pytest.mark.parametrize("options", ["basic", "all-options"])
+def test_no_new_dciodvfy_errors_on_every_table_e11_attribute(tmp_path: Path, options: str) -> None:
+    """test_tags' corpus: every Table E.1-1 attribute at three depths, private, overlay, curve
+    and unknown attributes, each holding a marker value."""
+    from test_tags import everything
+
+    chosen = () if options == "basic" else PROFILE_OPTIONS[:5] + PROFILE_OPTIONS[6:]
+    ds, _ = everything()
+    original = tmp_path / "original.dcm"
+    ds.save_as(original, enforce_file_format=True)
+    ds = dcmread(original)
+    deidentify_tags(ds, DeidConfig(profile_options=chosen), Pseudonymizer(b"s" * 32))
+    output = tmp_path / "deid.dcm"
+    ds.save_as(output, enforce_file_format=True)
+    assert _new_errors(original, output) == []

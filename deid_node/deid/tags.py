@@ -227,6 +227,13 @@ _ENHANCED_SOP_CLASSES = frozenset(
 )
 
 
+# Type 1C attributes that may be present only with another one: Table E.1-1 keeps (D) the first
+# and removes (X) the second, which would leave an Error.
+_PRESENT_ONLY_WITH = {
+    "ClinicalTrialProtocolEthicsCommitteeName": "ClinicalTrialProtocolEthicsCommitteeApprovalNumber"
+}
+
+
 def _top_level_scopes(ds: Dataset) -> frozenset[str]:
     """The required-types scopes that hold at the top level of `ds`."""
     scopes = {"top"}
@@ -280,6 +287,9 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str, restricted: bool) ->
     for tag in creators:
         if (tag.group, tag.element) not in kept_private_blocks:
             _remove(ds, tag, ctx)
+    for keyword, condition in _PRESENT_ONLY_WITH.items():
+        if keyword in ds and condition not in ds:
+            _remove(ds, ds.data_element(keyword).tag, ctx)  # type: ignore[union-attr]
 
 
 def _action(elem: DataElement, ctx: _Context, restricted: bool) -> str:
