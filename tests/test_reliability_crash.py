@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +30,7 @@ from faultpeers import (
     node_raw,
     write_config,
 )
-from peers import NODELAY_ENV, require, storescu, wait_until
+from peers import NODELAY_ENV, REPO, require, storescu, wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -208,3 +211,120 @@ def test_sigterm_exits_promptly_after_a_bare_tcp_probe(tmp_path):
         finally:
             node.stop()
     assert code == 0, "still running 8 s after SIGTERM"
+
+
+# -- kill -9 at five points of forwarding -------------------------------------------------------
+
+
+def test_kill_at_five_points_of_forwarding_resends_at_most_the_instance_in_flight(tmp_path):
+    """Each acknowledgement is committed before the next instance goes: after each kill the
+    destination sees at most one C-STORE again (the one in flight), never a group."""
+    count = 24
+    files = write_series(make_series(count, "CT"), tmp_path / "in")
+    # C-STORE numbers (at the destination, over all restarts) at which the node is killed:
+    # "hold" kills it while the destination holds the request (stored, not yet answered);
+    # "answer" kills it as soon as the answer is sent (before or after its commit).
+    points = {3: "hold", 8: "answer", 13: "hold", 18: "answer", 23: "hold"}
+    kill_now, killed = threading.Event(), [threading.Event()]
+
+    def status_for(number: int, _sop_uid: str) -> int:
+        if points.get(number) == "hold":
+            dead = killed[-1]
+            kill_now.set()
+            dead.wait(20)  # answered only once the node is dead: nobody reads it
+        elif points.get(number) == "answer":
+            kill_now.set()
+        return 0x0000
+
+    with FaultySCP(delay=0.05, status_for=status_for) as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
+        node = start_node(tmp_path, raw)
+        try:
+            assert storescu(node.port, files).returncode == 0
+            for _ in points:
+                assert kill_now.wait(60), "forwarding did not reach the next kill point"
+                kill_now.clear()
+                node.kill9()
+                killed[-1].set()
+                killed.append(threading.Event())
+                node = start_node(tmp_path, raw)
+            wait_until(lambda: all_forwarded(tmp_path), 90, what="series forwarded")
+        finally:
+            killed[-1].set()
+            node.stop()
+        stored = scp.stored()
+    assert len(set(stored)) == count
+    resent = len(stored) - count
+    assert resent <= len(points), f"{resent} instances sent again after {len(points)} kills"
+    assert max(stored.count(uid) for uid in set(stored)) <= 2
+    assert len(db_rows(db(tmp_path), "SELECT instance_id FROM sent")) == count
+
+
+# -- one process per data folder, and a folder that moves ---------------------------------------
+
+
+def test_second_node_on_the_same_folder_is_refused_while_the_first_receives(tmp_path):
+    series = make_series(80, "CT")
+    files = write_series(series, tmp_path / "in")
+    with FaultySCP() as scp:
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
+        node = start_node(tmp_path, raw)
+        try:
+            with storescu_in_background(node.port, files, tmp_path) as sender:
+                second = node_raw(tmp_path / "data", [dicom_destination(scp)])
+                config = write_config(tmp_path / "second.toml", second)
+                refused = subprocess.run(
+                    [sys.executable, "-m", "deid_node.cli", "serve", "--config", str(config)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    cwd=REPO,
+                    env=NODELAY_ENV,
+                )
+                output, _ = sender.communicate(timeout=60)
+            assert refused.returncode == 1, refused.stderr
+            assert "in use by another deid-node process" in refused.stderr
+            assert f"pid {node.proc.pid}" in refused.stderr
+            assert sender.returncode == 0, output
+            wait_until(lambda: all_forwarded(tmp_path), 90, what="series forwarded")
+        finally:
+            node.stop()
+        stored = scp.stored()
+    assert len(set(stored)) == len(series), "an acknowledged instance was lost"
+    assert len(stored) == len(series), "an instance was forwarded twice"
+    assert not (tmp_path / "data" / "quarantine" / "orphans").exists()
+
+
+def test_data_folder_moved_to_a_new_path_then_restarted_loses_nothing(tmp_path):
+    count = 12
+    files = write_series(make_series(count, "CT"), tmp_path / "in")
+    scp = FaultySCP()  # not started yet: the destination is down at first
+    raw = node_raw(tmp_path / "data", [dicom_destination(scp)], stable_seconds=1)
+    node = start_node(tmp_path, raw)
+    try:
+        assert storescu(node.port, files).returncode == 0
+        wait_until(
+            lambda: db_rows(db(tmp_path), "SELECT id FROM deliveries WHERE attempts >= 1"),
+            60,
+            what="a failed delivery attempt",
+        )
+        node.kill9()
+    finally:
+        node.stop()
+    shutil.move(tmp_path / "data", tmp_path / "new disk")
+    raw["node"]["data_dir"] = str(tmp_path / "new disk")
+    with scp:
+        node = start_node(tmp_path, raw)
+        try:
+            moved_db = tmp_path / "new disk" / "deid-node.sqlite"
+            wait_until(
+                lambda: db_rows(moved_db, "SELECT state FROM batches") == [{"state": "forwarded"}],
+                90,
+                what="series forwarded from the moved folder",
+            )
+        finally:
+            node.stop()
+        stored = scp.stored()
+    assert len(stored) == len(set(stored)) == count
+    assert not (tmp_path / "new disk" / "quarantine" / "orphans").exists(), "files moved aside"
+    assert 'orphan_spool_files_moved": 0' in (tmp_path / "node.log").read_text()
