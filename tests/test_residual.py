@@ -203,3 +203,14 @@ def test_plain_strings_still_work_and_hits_never_hold_the_value() -> None:
     assert hits == ["SeriesDescription (name part)"]
     assert residual_scan(out, ["19800102"]) == ["SeriesDescription (date)"]
     assert all("Pemberly" not in hit and "1980" not in hit for hit in hits)
+
+
+def test_numbers_joined_across_decimal_points_are_no_device_value() -> None:
+    """MR_small's StationName is 000000000; its ImageOrientationPatient 1.0000\\0.0000\\... ."""
+    identifiers = identifying_values(_instance(StationName="000000000", DeviceSerialNumber="0200"))
+    out = _instance(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    out.ImageOrientationPatient = ["1.0000", "0.0000", "0.0000", "0.0000", "1.0000", "0.0000"]
+    assert residual_scan(out, identifiers) == []
+    identifiers = identifying_values(_instance(StationName="SCANNER 20417"))
+    out.ImageComments = "from scanner 20417"
+    assert [h.kind for h in residual_scan(out, identifiers)] == ["device"]

@@ -356,7 +356,9 @@ class Matcher:
         if not tokens or not _long_enough(tokens):
             return
         compact = "".join(tokens)
-        if kind in (ID, PHONE) and any(c.isdigit() for c in compact):
+        if len(set(compact)) == 1:
+            return  # a placeholder ("000000000", "XXX"), not a person's value
+        if compact.isdigit() or (kind in (ID, PHONE) and any(c.isdigit() for c in compact)):
             if compact.isdigit():
                 guarded = rf"(?<![\d])(?<!\d[.,]){compact}(?![\d])(?![.,]\d)"
                 self._digits.append((re.compile(guarded), kind, len(compact) < 5))
