@@ -51,6 +51,8 @@ def test_whole_names_match_with_separators_ignored() -> None:
     ("text", "found"),
     [
         ("MRN 12345678", True),
+        ("MRN 1234-5678", True),
+        ("12 345 678", True),
         ("12345678", True),
         ("id:12345678;", True),
         ("912345678", False),  # a longer number is another number

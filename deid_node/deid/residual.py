@@ -360,7 +360,9 @@ class Matcher:
             return  # a placeholder ("000000000", "XXX"), not a person's value
         if compact.isdigit() or (kind in (ID, PHONE) and any(c.isdigit() for c in compact)):
             if compact.isdigit():
-                guarded = rf"(?<![\d])(?<!\d[.,]){compact}(?![\d])(?![.,]\d)"
+                # long numbers also as people write them: 123 456 78, 123-456-78
+                body = "[ -]?".join(compact) if len(compact) >= 5 else compact
+                guarded = rf"(?<![\d])(?<!\d[.,]){body}(?![\d])(?![.,]\d)"
                 self._digits.append((re.compile(guarded), kind, len(compact) < 5))
             else:
                 self._compact[compact] = kind
