@@ -274,6 +274,10 @@ class Node:
             url_for_output=lambda _path: None,  # set once a destination acknowledges it
             extra=extra,
         )
+        # A worker died under this series or another one: the pipeline ran the files it took
+        # down again alone (no series is charged for it); the next series get a new pool.
+        if getattr(self._pool, "_broken", False):
+            self._replace_broken_pool()
         for r in outcome.results:
             if r.state == "quarantined":
                 # Kept for the operator, out of the spool that retention empties. Named now,

@@ -15,7 +15,8 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,17 +507,53 @@ def _map(
     # instance in memory (one 1 GiB multi-frame would cost it 2 GiB for its whole life).
     # One future per file: a worker that dies (a decoder crash, the kernel's OOM killer) fails
     # the files it had, with a reason, instead of raising out of the series.
-    futures = [executor.submit(fn, job) for job in jobs]
-    return (_outcome_of(future) for future in futures)
+    futures: list[Future | None] = []
+    for job in jobs:
+        try:
+            futures.append(executor.submit(fn, job))
+        except BrokenProcessPool:
+            futures.append(None)  # broken before this file: it runs alone below
+    return _outcomes(fn, jobs, futures)
 
 
-def _outcome_of(future: Any) -> DeidOutcome:
+def _outcomes(
+    fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], futures: list[Future | None]
+) -> Iterable[DeidOutcome]:
+    """Each file's outcome. A worker that dies breaks the whole shared pool: every file in
+    flight, of every series, fails with BrokenProcessPool, though at most one caused it. Those
+    files run again one at a time in a pool of their own, so that only a file that kills that
+    worker too is failed; the others (and their series) are processed as if nothing happened.
+    The caller replaces the broken shared pool."""
+    alone: Executor | None = None
     try:
-        return future.result()
-    except Exception as exc:  # noqa: BLE001 - BrokenProcessPool, pickling errors...
-        return DeidOutcome(
-            None, "", "", "", {}, error=f"worker process failed: {type(exc).__name__}"
-        )
+        for job, future in zip(jobs, futures, strict=True):
+            if future is not None:
+                try:
+                    yield future.result()
+                    continue
+                except BrokenProcessPool:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - pickling errors...
+                    yield _worker_failed(exc)
+                    continue
+            alone = alone or make_process_pool(1)
+            try:
+                yield alone.submit(fn, job).result()
+            except BrokenProcessPool:
+                alone.shutdown(wait=False, cancel_futures=True)
+                alone = None
+                yield DeidOutcome(
+                    None, "", "", "", {}, error="worker process died on this file (crash or memory)"
+                )
+            except Exception as exc:  # noqa: BLE001
+                yield _worker_failed(exc)
+    finally:
+        if alone is not None:
+            alone.shutdown(wait=False)
+
+
+def _worker_failed(exc: Exception) -> DeidOutcome:
+    return DeidOutcome(None, "", "", "", {}, error=f"worker process failed: {type(exc).__name__}")
 
 
 def _file_result(
