@@ -120,12 +120,18 @@ def test_person_identification_codes_are_replaced_not_kept_as_codes(tmp_path: Pa
     operator.PersonIdentificationCodeSequence = Sequence([code])
     operator.InstitutionName = "Quillhaven Hospital"
     ds.OperatorIdentificationSequence = Sequence([operator])  # Table E.1-1: X/D
+    ds.RequestingPhysicianIdentificationSequence = Sequence([operator])  # not in E.1-1
+    author = Dataset()
+    author.CodeValue, author.CodingSchemeDesignator, author.CodeMeaning = EMPLOYEE, "99Q", NAME
+    ds.DocumentAuthorIdentifierCodeSequenceTrial = Sequence([author])  # not in E.1-1
     outcome, output = _run(ds, tmp_path)
     assert outcome.error is None
     out = dcmread(outcome.path)
     item = out.PersonIdentificationCodeSequence[0]  # the shape stays (Type 1 code macro) ...
     assert item.CodeValue == item.CodeMeaning == "ANONYMOUS"  # ... the person goes
     assert "OperatorIdentificationSequence" not in out
+    assert "RequestingPhysicianIdentificationSequence" not in out
+    assert "DocumentAuthorIdentifierCodeSequenceTrial" not in out
     assert _leaks(ds, output, (EMPLOYEE, NAME, "99QHOSP", "Quillhaven")) == []
 
 
