@@ -216,3 +216,10 @@ def test_numbers_joined_across_decimal_points_are_no_device_value() -> None:
     identifiers = identifying_values(_instance(StationName="SCANNER 20417"))
     out.ImageComments = "from scanner 20417"
     assert [h.kind for h in residual_scan(out, identifiers)] == ["device"]
+
+
+def test_every_dummy_the_profile_writes_is_known_to_the_scan() -> None:
+    from deid_node.deid.residual import DUMMY_TEXT
+    from deid_node.deid.tags import _DUMMY
+
+    assert {v for v in _DUMMY.values() if isinstance(v, str) and len(v) >= 3} <= set(DUMMY_TEXT)

@@ -76,7 +76,7 @@ IMPLEMENTATION_VERSION_NAME = "DEID_NODE_0_1"
 
 FREE_TEXT_VRS = frozenset({"AE", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 DATE_VRS = frozenset({"DA", "DT"})
-TEXT_VRS = FREE_TEXT_VRS | DATE_VRS | {"TM"}
+_TEXT_AND_DATE_VRS = FREE_TEXT_VRS | DATE_VRS | {"TM"}
 
 
 def _safe_text_keywords(keep: KeepList) -> frozenset[str]:
@@ -307,7 +307,7 @@ def _action(elem: DataElement, ctx: _Context, restricted: bool) -> str:
         return "C" if ctx.modified_dates or ctx.full_dates else "X"
     if "Clean Structured Content" in ctx.options and keyword in STRUCTURED_TEXT_KEYWORDS:
         return "C"
-    if keep is None or (restricted and vr in TEXT_VRS | _BINARY_VRS):
+    if keep is None or (restricted and vr in _TEXT_AND_DATE_VRS | _BINARY_VRS):
         return "X"  # X unless the IOD requires it (then a dummy, or empty)
     if keep == "clean" and vr in FREE_TEXT_VRS:
         return "C"
@@ -384,7 +384,7 @@ def _clean(ds: Dataset, elem: DataElement, ctx: _Context, parent: str) -> None:
     vr = elem.VR
     if vr == "SQ":
         _finish_kept(ds, elem, ctx, parent, "K", restricted=True)
-    elif vr not in TEXT_VRS:
+    elif vr not in _TEXT_AND_DATE_VRS:
         _finish_kept(ds, elem, ctx, parent, "U" if vr == "UI" else "K", restricted=False)
     elif vr in DATE_VRS:
         if ctx.modified_dates:
