@@ -322,3 +322,110 @@ def test_destination_that_accepts_only_implicit_vr_gets_converted_files(tmp_path
     finally:
         node.stop()
         server.shutdown()
+
+
+# -- an open association holds its series; failed processing can be tried again ---------------
+
+
+def test_series_of_a_slow_association_is_judged_in_one_round_after_its_release(tmp_path):
+    """Instances 1.5 s apart with stable_seconds = 1: the series waits for the release."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(tmp_path / "out")})
+    series = make_series(4, "CT")
+    paths = write_series(series, tmp_path / "in")
+    node = start(raw)
+    try:
+        modality = AE(ae_title="MODALITY")
+        modality.add_requested_context(
+            series[0].SOPClassUID, str(dcmread(paths[0]).file_meta.TransferSyntaxUID)
+        )
+        assoc = modality.associate("127.0.0.1", node.port, ae_title="DEID_NODE")
+        assert assoc.is_established
+        try:
+            for path in paths:
+                assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+                time.sleep(1.5)  # longer than stable_seconds, association still open
+            assert [(r["round"], r["state"]) for r in batches(node)] == [(1, "receiving")]
+            assert not (tmp_path / "out").exists(), "forwarded while the association was open"
+        finally:
+            assoc.release()
+        rows = wait_until(lambda: settled(node, 1), 60, what="series forwarded")
+        assert [(r["round"], r["state"]) for r in rows] == [(1, "forwarded")]
+        reports = node.store.reports()
+        assert len(reports) == 4 and not any(r.get("late") for r in reports)
+    finally:
+        node.stop()
+
+
+def _quarantine_one_by_an_unreadable_spool_file(tmp_path: Path, raw: dict, paths: list[Path]):
+    """Receive the series with the node, make one spooled original unreadable while the node
+    is down (as a failing disk would), and let a new node process the series: that instance
+    is quarantined, the others go. Returns (node, the unreadable spool file, its hidden copy)."""
+    from deid_node.store import Store
+
+    raw["series"]["stable_seconds"] = 60  # not processed by this node
+    node = start(raw)
+    try:
+        assert storescu(node.port, paths).returncode == 0
+    finally:
+        node.stop()
+    store = Store(tmp_path / "data", readonly=True)
+    spooled = Path(store.batch_instances(1)[1]["spool_path"])
+    store.close()
+    hidden = spooled.with_suffix(".away")
+    spooled.rename(hidden)
+    raw["series"]["stable_seconds"] = 1
+    node = start(raw)
+    wait_until(lambda: settled(node, 1), 60, what="first round processed")
+    states = [r["state"] for r in node.store.batch_instances(1)]
+    assert states.count("quarantined") == 1, states
+    return node, spooled, hidden
+
+
+def test_retry_processes_a_quarantined_instance_again_once_the_cause_is_fixed(tmp_path, capsys):
+    out = tmp_path / "out"
+    raw = node_config(
+        tmp_path, {"name": "out", "type": "folder", "path": str(out)}, policy="per_instance"
+    )
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(_toml({**raw, "series": {**raw["series"], "stable_seconds": 1}}))
+    series = make_series(3, "CT")
+    paths = write_series(series, tmp_path / "in")
+    node, spooled, hidden = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
+    try:
+        assert len(list(out.rglob("*.dcm"))) == 2
+        hidden.rename(spooled)  # the operator fixed the disk
+        uid = series[0].SeriesInstanceUID
+        assert cli_main(["retry", "--config", str(config_path), "--series", uid]) == 0
+        assert "1 quarantined instances" in capsys.readouterr().out
+        rows = wait_until(lambda: settled(node, 2), 60, what="second attempt processed")
+        assert [(r["round"], r["state"]) for r in rows] == [(1, "forwarded"), (2, "forwarded")]
+        assert len(list(out.rglob("*.dcm"))) == 3
+        second = node.store.reports(series_uid=uid)[-1]
+        assert second["attempt"] == 2 and second["url_deid"] and not second.get("error")
+    finally:
+        node.stop()
+
+
+def test_re_sent_instance_that_was_quarantined_is_processed_again(tmp_path):
+    out = tmp_path / "out"
+    raw = node_config(
+        tmp_path, {"name": "out", "type": "folder", "path": str(out)}, policy="per_instance"
+    )
+    series = make_series(3, "CT")
+    paths = write_series(series, tmp_path / "in")
+    node, _spooled, _hidden = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
+    try:
+        # The modality sends the whole series again, same bytes: only the quarantined one is
+        # new work; the two forwarded ones are acknowledged and dropped.
+        assert storescu(node.port, paths).returncode == 0
+        rows = wait_until(lambda: settled(node, 2), 60, what="re-sent instance processed")
+        assert [r["state"] for r in rows] == ["forwarded", "forwarded"]
+        assert len(node.store.batch_instances(rows[1]["id"])) == 1
+        assert len(list(out.rglob("*.dcm"))) == 3
+        report = node.store.reports(series_uid=series[0].SeriesInstanceUID)[-1]
+        assert report["attempt"] == 2 and report["round"] == 2 and report["url_deid"]
+    finally:
+        node.stop()
