@@ -173,6 +173,139 @@ def _presentation_state() -> Dataset:
     return ds
 
 
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    c = Dataset()
+    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
+    return c
+
+
+def _microscopy_common(ds: Dataset, modality: str) -> None:
+    """Patient, study, series, equipment, slide and specimen, with identifying values."""
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        "Quill^Ada",
+        "MRN77881",
+        "19700101",
+        "F",
+    )
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        generate_uid(),
+    )
+    ds.StudyDate, ds.StudyTime, ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = (
+        "20240102",
+        "101010",
+        "Doc^Who",
+        "S1",
+        "ACC778",
+    )
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = modality, 1, 1
+    ds.Manufacturer, ds.ManufacturerModelName, ds.DeviceSerialNumber, ds.SoftwareVersions = (
+        "ACME",
+        "Scope 1",
+        "SN123",
+        "1.0",
+    )
+    ds.InstitutionName = "Quill Hospital"
+    ds.ContentDate, ds.ContentTime = "20240102", "101010"
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.PositionReferenceIndicator = "SLIDE_CORNER"
+    ds.ContainerIdentifier = "SLIDE-778"
+    ds.IssuerOfTheContainerIdentifierSequence = Sequence([])
+    ds.ContainerTypeCodeSequence = Sequence([_code("433466003", "SCT", "Microscope slide")])
+    spec = Dataset()
+    spec.SpecimenIdentifier = "SPEC-778"
+    spec.SpecimenUID = generate_uid()
+    spec.IssuerOfTheSpecimenIdentifierSequence = Sequence([])
+    spec.SpecimenPreparationSequence = Sequence([])
+    spec.SpecimenShortDescription = "biopsy of Quill"
+    ds.SpecimenDescriptionSequence = Sequence([spec])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def _microscopy_slide() -> Dataset:
+    """A small VL Whole Slide Microscopy image."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    _microscopy_common(ds, "SM")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.AcquisitionDateTime = "20240102101010"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.NumberOfFrames = 1
+    ds.TotalPixelMatrixColumns = ds.TotalPixelMatrixRows = 16
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.ImagedVolumeWidth = ds.ImagedVolumeHeight = 1.0
+    ds.ImagedVolumeDepth = 0.01
+    ds.BurnedInAnnotation, ds.SpecimenLabelInImage, ds.FocusMethod, ds.ExtendedDepthOfField = (
+        "NO",
+        "NO",
+        "AUTO",
+        "NO",
+    )
+    ds.LossyImageCompression = "00"
+    ds.VolumetricProperties = "VOLUME"
+    ds.PixelData = np.zeros((16, 16, 3), np.uint8).tobytes()
+    op = Dataset()
+    op.OpticalPathIdentifier = "1"
+    op.OpticalPathDescription = "brightfield"
+    op.IlluminationColorCodeSequence = Sequence([_code("414298005", "SCT", "Full Spectrum")])
+    op.IlluminationTypeCodeSequence = Sequence([_code("111744", "DCM", "Brightfield illumination")])
+    ds.OpticalPathSequence = Sequence([op])
+    ds.NumberOfOpticalPaths = 1
+    ds.DimensionOrganizationSequence = Sequence([])
+    ds.ContentQualification = "RESEARCH"
+    origin = Dataset()
+    origin.XOffsetInSlideCoordinateSystem = 0
+    origin.YOffsetInSlideCoordinateSystem = 0
+    ds.TotalPixelMatrixOriginSequence = Sequence([origin])
+    sh = Dataset()
+    pm = Dataset()
+    pm.PixelSpacing = [0.001, 0.001]
+    pm.SliceThickness = 0.01
+    sh.PixelMeasuresSequence = Sequence([pm])
+    ds.SharedFunctionalGroupsSequence = Sequence([sh])
+    return ds
+
+
+def _microscopy_annotations() -> Dataset:
+    """Microscopy Bulk Simple Annotations on a slide."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.91.1"
+    _microscopy_common(ds, "ANN")
+    ds.ContentLabel, ds.ContentDescription, ds.ContentCreatorName = (
+        "ANN",
+        "marks by Dr Who",
+        "Who^Doc",
+    )
+    ds.AnnotationCoordinateType = "2D"
+    ds.PixelOriginInterpretation = "VOLUME"
+    g = Dataset()
+    g.AnnotationGroupNumber = 1
+    g.AnnotationGroupUID = generate_uid()
+    g.AnnotationGroupLabel = "nuclei"
+    g.AnnotationGroupGenerationType = "MANUAL"
+    g.AnnotationPropertyCategoryCodeSequence = Sequence(
+        [_code("91723000", "SCT", "Anatomical structure")]
+    )
+    g.AnnotationPropertyTypeCodeSequence = Sequence([_code("84640000", "SCT", "Nucleus")])
+    g.NumberOfAnnotations = 1
+    g.AnnotationAppliesToAllOpticalPaths = "YES"
+    g.GraphicType = "POINT"
+    g.PointCoordinatesData = np.array([1.0, 2.0], np.float32).tobytes()
+    ds.AnnotationGroupSequence = Sequence([g])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    ref.ReferencedSOPInstanceUID = generate_uid()
+    ds.ReferencedImageSequence = Sequence([ref])
+    return ds
+
+
 REAL_FILES = [
     "waveform_ecg.dcm",  # 12-lead ECG waveform
     "reportsi.dcm",  # Basic Text SR
@@ -187,12 +320,16 @@ REAL_FILES = [
 ]
 
 
-@pytest.mark.parametrize("name", [*REAL_FILES, "PET", "PR"])
+@pytest.mark.parametrize("name", [*REAL_FILES, "PET", "PR", "SM", "ANN"])
 def test_no_new_dciodvfy_errors_on_other_iods(tmp_path: Path, name: str) -> None:
     if name == "PET":
         ds = _pet()
     elif name == "PR":
         ds = _presentation_state()
+    elif name == "SM":
+        ds = _microscopy_slide()
+    elif name == "ANN":
+        ds = _microscopy_annotations()
     else:
         ds = dcmread(get_testdata_file(name))
     original = tmp_path / "original.dcm"
