@@ -375,7 +375,6 @@ class Node:
         bound = log.bind(
             series_uid=batch["series_uid"], batch_id=batch["id"], destination=dest.name
         )
-        acknowledged: list[tuple[int, str, str, int]] = []
 
         def on_stored(item: Outgoing, url: str, status: int) -> None:
             # Committed before the next instance is sent: a crash between a destination's ack
@@ -393,16 +392,13 @@ class Node:
             )
 
         try:
-            try:
-                send_batch(
-                    dest,
-                    items,
-                    on_stored,
-                    on_refused,
-                    max_decoded_bytes=self.config.node.max_instance_mb * 2**20,
-                )
-            finally:
-                self.store.mark_sent(acknowledged)
+            send_batch(
+                dest,
+                items,
+                on_stored,
+                on_refused,
+                max_decoded_bytes=self.config.node.max_instance_mb * 2**20,
+            )
             refused = self.store.refused_by_destination(batch["id"], dest.name)
             if refused:
                 # Everything else arrived; the refused ones fail the delivery without a retry.
