@@ -280,7 +280,10 @@ def test_duplicate_in_the_same_round_is_stored_and_forwarded_once(node, tmp_path
         10,
         what="originals released",
     )
-    referenced = {r["spool_path"] for r in node.rows("SELECT spool_path FROM instances")}
+    referenced = {  # paths in the database are relative to data_dir
+        str(node.data_dir / r["spool_path"])
+        for r in node.rows("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")
+    }
     orphans = {str(p) for p in (node.data_dir / "spool").rglob("*.dcm")} - referenced
     assert not orphans, "a replaced duplicate left its spool file behind"
 
