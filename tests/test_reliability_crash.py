@@ -91,7 +91,7 @@ def test_kill_mid_receive_loses_nothing_acknowledged(tmp_path):
             held = {r["sop_uid"]: r["spool_path"] for r in rows}
             for ds in series[:acked]:
                 assert ds.SOPInstanceUID in held, "an acknowledged instance was lost"
-                assert Path(held[ds.SOPInstanceUID]).stat().st_size > 0
+                assert (tmp_path / "data" / held[ds.SOPInstanceUID]).stat().st_size > 0
 
             # The modality re-sends the whole series, as it would after a failed association.
             node = start_node(tmp_path, raw)
