@@ -3,15 +3,17 @@
 A node runs in-process with a destination's default backoff (5 s doubling, capped at 600 s) and
 probe (C-ECHO, 0.5 s doubling, capped at probe_max_seconds); the destination (FaultySCP from
 tests/faultpeers.py) is down when a 3-instance series arrives, stays down for --outage seconds
-after the first failed attempt, then comes back. Prints, per run, the seconds from its return to
+after the first failed attempt (plus a random 0-5 s, so that the return falls anywhere between
+two probes), then comes back. Prints, per run, the outage and the seconds from the return to
 the last instance stored. A measurement, not a test:
 
-    .venv/bin/python scripts/outage_recovery.py --outage 30 45 --runs 2
+    .venv/bin/python scripts/outage_recovery.py --outage 30 45 --runs 3
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import tempfile
 import time
@@ -28,7 +30,8 @@ from deid_node.config import parse_config  # noqa: E402
 from deid_node.node import Node  # noqa: E402
 
 
-def one_run(outage: float, probe_max: float) -> float:
+def one_run(outage: float, probe_max: float, base: Path) -> tuple[float, float]:
+    """Returns (seconds down after the first failed attempt, seconds from return to stored)."""
     scp = FaultySCP()
     dest = {
         "name": "research",
@@ -38,7 +41,8 @@ def one_run(outage: float, probe_max: float) -> float:
         "port": scp.port,
         "probe_max_seconds": probe_max,
     }
-    with tempfile.TemporaryDirectory() as tmp:
+    # `base`, not the default temporary folder: the node points tempfile at its own data_dir.
+    with tempfile.TemporaryDirectory(dir=base) as tmp:
         node = Node(parse_config(node_raw(Path(tmp) / "data", [dest])))
         node.start()
         try:
@@ -50,11 +54,12 @@ def one_run(outage: float, probe_max: float) -> float:
                 interval=0.05,
                 what="first failed attempt",
             )
-            time.sleep(outage)
+            failed = time.monotonic()
+            time.sleep(outage + random.uniform(0, 5))
             with scp:
                 back = time.monotonic()
                 wait_until(lambda: len(scp.stored()) == 3, 700, interval=0.05, what="stored")
-                return time.monotonic() - back
+                return back - failed, time.monotonic() - back
         finally:
             node.stop()
 
@@ -65,10 +70,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--probe-max", type=float, default=5.0)
     args = parser.parse_args()
-    for outage in args.outage:
-        for run in range(1, args.runs + 1):
-            seconds = one_run(outage, args.probe_max)
-            print(f"outage {outage:.0f} s, run {run}: resumed {seconds:.2f} s after the return")
+    with tempfile.TemporaryDirectory() as base:
+        for outage in args.outage:
+            for run in range(1, args.runs + 1):
+                down, seconds = one_run(outage, args.probe_max, Path(base))
+                print(
+                    f"outage {down:.1f} s (run {run}): resumed {seconds:.2f} s after the return",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -324,11 +324,13 @@ def test_failure_statuses_are_sorted_into_permanent_and_transient(status, perman
     assert is_permanent(status) is permanent
 
 
-def test_permanent_failure_status_is_not_retried_and_the_others_arrive(tmp_path):
+def test_permanent_failure_status_is_not_retried_and_the_others_arrive(tmp_path, capsys):
     with FaultySCP(status_for=lambda n, _uid: 0xA900 if n == 2 else 0x0000) as scp:
-        node = start(node_raw(tmp_path / "data", [dicom_destination(scp, max_attempts=3)]))
+        raw = node_raw(tmp_path / "data", [dicom_destination(scp, max_attempts=3)])
+        config = write_config(tmp_path / "node.toml", raw)
+        node = start(raw)
         try:
-            send_series(node, tmp_path, 4)
+            series = send_series(node, tmp_path, 4)
             wait_until(lambda: settled(node), 30, what="series settled")
             row = delivery(node)
             assert (row["state"], row["attempts"]) == ("failed", 1)
@@ -340,10 +342,22 @@ def test_permanent_failure_status_is_not_retried_and_the_others_arrive(tmp_path)
                 if r["destinations"]["research"]["state"] == "refused"
             ]
             assert [r["status"] for r in refused] == [0xA900]
+            assert scp.calls == 4, "the refused instance was offered once"
+            assert len(scp.stored()) == len(set(scp.stored())) == 3
+
+            # The operator fixed the cause: `retry` offers the refused instance again, only it.
+            uid = series[0].SeriesInstanceUID
+            assert cli_main(["retry", "--config", str(config), "--series", uid]) == 0
+            capsys.readouterr()
+            wait_until(
+                lambda: settled(node) and settled(node)[0]["state"] == "forwarded",
+                30,
+                what="forwarded after retry",
+            )
         finally:
             node.stop()
-    assert scp.calls == 4, "the refused instance was offered once"
-    assert len(scp.stored()) == len(set(scp.stored())) == 3
+    assert scp.calls == 5
+    assert len(scp.stored()) == len(set(scp.stored())) == 4
 
 
 def test_delivery_resumes_within_seconds_of_the_destination_coming_back(tmp_path):
