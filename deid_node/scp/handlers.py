@@ -194,7 +194,7 @@ def _accept_file(
         sha256=digest,
     )
     try:
-        stored = store.record_instance(receipt, path, size, association=event.assoc)
+        stored = store.record_instance(receipt, path, size)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -232,25 +232,8 @@ def handle_association_event(event: evt.Event) -> None:
     )
 
 
-def make_close_handler(store: Store) -> Callable[[evt.Event], None]:
-    """Released, aborted or connection closed: the series this association fed may now
-    become stable (stable_seconds counts from here)."""
-
-    def handle_close(event: evt.Event) -> None:
-        try:
-            store.association_closed(event.assoc)
-        except Exception as exc:  # never let an exception reach the association
-            log.error("association_close_failed", error_type=type(exc).__name__)
-
-    return handle_close
-
-
 def handlers(store: Store, limits: StoreLimits) -> list[tuple[Any, Callable[..., Any]]]:
-    on_close = make_close_handler(store)
     return [
-        (evt.EVT_RELEASED, on_close),
-        (evt.EVT_ABORTED, on_close),
-        (evt.EVT_CONN_CLOSE, on_close),
         (evt.EVT_C_STORE, make_store_handler(store, limits)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_association_event),
