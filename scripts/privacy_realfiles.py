@@ -84,8 +84,10 @@ def _package_dir(name: str) -> Path | None:
 
 def source_files(source: str, work: Path) -> list[Path]:
     """The files of one source, sorted; gzip and zip members unpacked into `work`."""
+    roots: list[Path] = []
     if source == "pydicom":
-        root: Path | None = Path(pydicom.data.__file__).parent / "test_files"
+        data = Path(pydicom.data.__file__).parent
+        roots = [data / "test_files", data / "charset_files"]
     elif source == "pydicom-data":
         try:
             files = importlib.metadata.files("pydicom-data") or []
@@ -98,35 +100,37 @@ def source_files(source: str, work: Path) -> list[Path]:
         )
     elif source == "nibabel":
         base = _package_dir("nibabel")
-        root = base / "nicom" / "tests" / "data" if base else None
+        roots = [base / "nicom" / "tests" / "data"] if base else []
     elif source == "deid-data":
         base = _package_dir("deid_data")
-        root = base / "data" if base else None
+        roots = [base / "data"] if base else []
     else:
         raise SystemExit(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
-    if root is None or not root.is_dir():
-        return []
     out: list[Path] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.suffix in (".py", ".pyc", ".md", ".txt", ".bin", ".json"):
-            continue
-        if path.suffix == ".gz":
-            target = work / source / path.relative_to(root).with_suffix("")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(gzip.decompress(path.read_bytes()))
-            out.append(target)
-        elif path.suffix == ".zip":
-            with zipfile.ZipFile(path) as archive:
-                for member in sorted(archive.namelist()):
-                    if member.endswith("/"):
-                        continue
-                    target = work / source / path.relative_to(root).with_suffix("") / member
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(archive.read(member))
-                    out.append(target)
-        else:
-            out.append(path)
+    for root in (r for r in roots if r.is_dir()):
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            out.extend(_unpacked(path, root, work / source))
     return out
+
+
+def _unpacked(path: Path, root: Path, work: Path) -> list[Path]:
+    if path.suffix in (".py", ".pyc", ".md", ".txt", ".bin", ".json", ".dump", ".icc"):
+        return []
+    target = work / root.name / path.relative_to(root).with_suffix("")
+    if path.suffix == ".gz":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(gzip.decompress(path.read_bytes()))
+        return [target]
+    if path.suffix == ".zip":
+        members = []
+        with zipfile.ZipFile(path) as archive:
+            for member in sorted(archive.namelist()):
+                if not member.endswith("/"):
+                    (target / member).parent.mkdir(parents=True, exist_ok=True)
+                    (target / member).write_bytes(archive.read(member))
+                    members.append(target / member)
+        return members
+    return [path]
 
 
 # -- identifying values of an input -------------------------------------------------------------
