@@ -353,7 +353,10 @@ class Node:
                     if self.forward_delivery(dest, delivery):
                         link.mark_up()
                     else:
+                        # Unreachable: the others would wait out the same connect timeout one
+                        # after the other; the probe makes them due once it answers again.
                         link.mark_down()
+                        break
             probe_in = link.seconds_until_probe()
             poll = self.config.node.poll_seconds
             wait = poll if probe_in is None else min(poll, probe_in)

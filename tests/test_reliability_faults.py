@@ -362,32 +362,41 @@ def test_permanent_failure_status_is_not_retried_and_the_others_arrive(tmp_path,
 
 def test_delivery_resumes_within_seconds_of_the_destination_coming_back(tmp_path):
     scp = FaultySCP()  # down: its port is free until start()
-    # Attempts fail at t, t + 10 s (backoff 10 s), and the next one is due at t + 30 s; the SCP
+    # Attempts fail at t, t + 8 s (backoff 8 s), and the next one is due at t + 24 s; the SCP
     # comes back just after the second failure, so without the C-ECHO probe delivery would
-    # wait about 20 s more.
-    dest = dicom_destination(
-        scp, max_attempts=5, backoff_initial_seconds=10, backoff_max_seconds=60
-    )
+    # wait about 15 s more.
+    dest = dicom_destination(scp, max_attempts=5, backoff_initial_seconds=8, backoff_max_seconds=60)
     node = start(node_raw(tmp_path / "data", [dest]))
     try:
         send_series(node, tmp_path, 3)
-        second = wait_until(
-            lambda: node.store.query("SELECT * FROM deliveries WHERE attempts >= 2"),
-            30,
+        send_series(node, tmp_path, 2)  # a second series waits for the same destination
+        waiting = wait_until(
+            lambda: [
+                d
+                for d in node.store.query("SELECT * FROM deliveries WHERE attempts >= 2")
+                if len(node.store.query("SELECT id FROM deliveries")) == 2
+            ][1:],
+            40,
             interval=0.05,
-            what="second attempt failed",
-        )[0]
-        assert "cannot connect" in second["last_error"]
+            what="second attempt of both series failed",
+        )
+        assert "cannot connect" in waiting[0]["last_error"]
         time.sleep(0.5)
         with scp:
             back = time.monotonic()
-            assert delivery(node)["next_attempt_at"] - time.time() > 15, "backoff alone: late"
-            wait_until(lambda: len(scp.stored()) == 3, 15, interval=0.05, what="delivered")
+            rows = node.store.query("SELECT * FROM deliveries")
+            assert min(r["next_attempt_at"] for r in rows) - time.time() > 12, "backoff: later"
+            wait_until(lambda: len(scp.stored()) == 5, 15, interval=0.05, what="delivered")
             resumed_after = time.monotonic() - back
             print(f"delivery resumed {resumed_after:.2f} s after the destination came back")
             assert resumed_after < 10
-            wait_until(lambda: settled(node), 10, what="series settled")
-        row = delivery(node)
-        assert (row["state"], row["attempts"]) == ("done", 3)
+            wait_until(
+                lambda: [b for b in settled(node) or [] if b["state"] == "forwarded"][1:],
+                10,
+                what="both series forwarded",
+            )
+        rows = node.store.query("SELECT * FROM deliveries")
+        assert [(r["state"], r["attempts"]) for r in rows] == [("done", 3), ("done", 3)]
     finally:
         node.stop()
+    assert len(set(scp.stored())) == 5
