@@ -79,8 +79,9 @@ def send_batch(
     """Send every item; on_stored for each one stored, on_refused for each refused for good.
 
     Returns when every item was stored or refused for good. Raises DestinationUnreachableError
-    when the destination cannot be reached or the association is lost (aborted, timed out), and
-    ForwardError when it was rejected or an instance was refused with a transient status;
+    when no association could be opened (no connection, aborted while opening), and
+    ForwardError when it was rejected, lost during the series (abort, DIMSE timeout) or an
+    instance was refused with a transient status;
     what was stored or refused stays recorded. max_decoded_bytes bounds the size of a
     compressed instance decompressed for a destination that takes only uncompressed syntaxes.
     """
@@ -193,7 +194,7 @@ def _c_store(
                 status = assoc.send_c_store(payload)
             except (RuntimeError, ValueError, AttributeError) as exc:
                 if not assoc.is_established:  # pynetdicom raises when the association went away
-                    raise DestinationUnreachableError(
+                    raise ForwardError(
                         f"{dest.name}: association lost during C-STORE ({type(exc).__name__})"
                     ) from None
                 # Still up: this dataset could not be encoded for the context; sending it
@@ -202,9 +203,9 @@ def _c_store(
                 continue
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
-                raise DestinationUnreachableError(
-                    f"{dest.name}: no response to C-STORE (timeout or abort)"
-                )
+                # Transient, but not "down": it took the association (and would answer a
+                # C-ECHO), so the retry waits out the backoff rather than the probe.
+                raise ForwardError(f"{dest.name}: no response to C-STORE (timeout or abort)")
             if code in _STORED:
                 url = f"dicom://{dest.ae_title}@{dest.host}:{dest.port}/{item.sop_uid}"
                 on_stored(item, url, code)
