@@ -316,6 +316,58 @@ def test_collected_ids_are_found(tmp_path: Path) -> None:
     assert _left(outcome, "ADMQX1234", "ACCQX99103") == []
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="leak: institution names and addresses are matched only whole; their distinctive "
+    "words alone (Quarvington, Brumblewick Lane) leave (residual.Matcher._add)",
+)
+@pytest.mark.parametrize(
+    ("written", "needle"),
+    [("Quarvington oncology", "Quarvington"), ("Brumblewick Lane clinic", "Brumblewick")],
+)
+def test_distinctive_part_of_institution_name_or_address_leaves(
+    tmp_path: Path, written: str, needle: str
+) -> None:
+    ds = make_instance(
+        "CT"
+    )  # InstitutionName/Address: Saint Quarvington Hospital, 17 Brumblewick ...
+    _segment(ds, description=written)
+    outcome = _run(ds, tmp_path)
+    assert _left(outcome, needle) == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="leak: a telephone number written with a trunk prefix instead of the country code "
+    "is not matched (residual.Matcher._add needs all digits)",
+)
+def test_telephone_number_in_national_format_leaves(tmp_path: Path) -> None:
+    ds = make_instance("CT")
+    ds.PatientTelephoneNumbers = "+44 20 7946 0958"
+    _segment(ds, description="call 020 7946 0958")
+    outcome = _run(ds, tmp_path)
+    assert _left(outcome, "7946 0958") == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="leak: with Clean Descriptors the same matcher gaps reach the fields people really "
+    "type into (StudyDescription, SeriesDescription, ImageComments): tags._clean keeps them",
+)
+def test_matcher_gaps_reach_descriptions_under_clean_descriptors(tmp_path: Path) -> None:
+    ds = make_instance("CT")
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Yamada^Tarou=山田^太郎"
+    ds.StudyDescription = "CT胸部 山田太郎様"
+    ds.SeriesDescription = "born 07.11.43"
+    ds.ImageComments = "ref SIDQX4410"  # the StudyID
+    outcome = _run(ds, tmp_path, ("Clean Descriptors",))
+    assert _left(outcome, "山田太郎", "07.11.43", "SIDQX4410") == []
+
+
 # --- leaks: the technical exclusion launders values (residual.evidence) -----------------------
 
 
