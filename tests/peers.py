@@ -125,9 +125,12 @@ def echoscu(
 class Orthanc:
     """A real Orthanc on loopback with its own temporary config and storage."""
 
-    def __init__(self, workdir: Path, aet: str = "RESEARCH_PACS") -> None:
+    def __init__(
+        self, workdir: Path, aet: str = "RESEARCH_PACS", extra_config: dict | None = None
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
+        self.extra_config = extra_config or {}  # e.g. AcceptedTransferSyntaxes
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -150,6 +153,7 @@ class Orthanc:
             "Plugins": [],
             "HttpServerEnabled": True,
             "StableAge": 1,
+            **self.extra_config,
         }
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))

@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 from dicomgen import make_instance, make_series, write_series
 from faultpeers import FaultySCP, dicom_destination, node_raw, send_raw, write_config
-from peers import free_port, storescu, wait_until
+from peers import Orthanc, free_port, storescu, wait_until
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
+from pynetdicom import AE
 
 from deid_node.cli import main as cli_main
 from deid_node.config import parse_config
@@ -29,6 +31,7 @@ from deid_node.forward import is_permanent
 from deid_node.node import Node
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 pytestmark = [pytest.mark.network]
 
@@ -283,6 +286,47 @@ def test_mixed_syntax_series_arrives_decompressed_at_an_explicit_vr_only_destina
         # The de-identified UID is kept (pydicom's decompress would make a new one by default).
         assert r.sop_uid in deid_uids
         assert np.array_equal(ds.pixel_array, expected[int(ds.InstanceNumber)])
+
+
+def test_mixed_syntax_series_arrives_decompressed_at_an_orthanc_taking_explicit_vr_only(tmp_path):
+    orthanc = Orthanc(
+        tmp_path / "orthanc", extra_config={"AcceptedTransferSyntaxes": [ExplicitVRLittleEndian]}
+    ).start()
+    node = None
+    try:
+        # The restriction is real: Orthanc refuses a JPEG Baseline context.
+        ae = AE(ae_title="PROBE")
+        ae.add_requested_context(SECONDARY_CAPTURE, [JPEGBaseline8Bit])
+        ae.add_requested_context(SECONDARY_CAPTURE, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
+        assert assoc.is_established
+        accepted = {str(c.transfer_syntax[0]) for c in assoc.accepted_contexts}
+        assoc.release()
+        assert accepted == {ExplicitVRLittleEndian}
+        dest = {
+            "name": "research",
+            "type": "dicom",
+            "ae_title": orthanc.aet,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "max_attempts": 2,
+            "backoff_initial_seconds": 0.2,
+        }
+        node = start(node_raw(tmp_path / "data", [dest]))
+        paths, expected = mixed_syntax_series(tmp_path / "in")
+        assert send_raw(node.port, paths) == [0, 0, 0]
+        wait_until(lambda: settled(node), 30, what="series settled")
+        assert settled(node)[0]["state"] == "forwarded"
+        assert delivery(node)["attempts"] == 1
+        stored = [dcmread(BytesIO(orthanc.instance_file(i))) for i in orthanc.instances()]
+        assert len(stored) == 3
+        for ds in stored:
+            assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert np.array_equal(ds.pixel_array, expected[int(ds.InstanceNumber)])
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
 
 
 def test_sop_class_the_destination_does_not_take_is_refused_for_good_and_the_rest_arrives(
