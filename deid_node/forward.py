@@ -250,8 +250,8 @@ def _payload(
     decoded = _decoded_size(ds)
     if max_decoded_bytes is not None and decoded > max_decoded_bytes:
         raise ForwardError(
-            f"{item.sop_uid}: would be {decoded // 2**20} MiB decompressed, over the"
-            f" {max_decoded_bytes // 2**20} MiB limit"
+            f"{item.sop_uid}: would be {decoded / 2**20:.1f} MiB decompressed, over the"
+            f" {max_decoded_bytes / 2**20:.1f} MiB limit"
         )
     try:
         # The de-identified UIDs stay: the instance is the same, only its encoding changes.

@@ -27,7 +27,7 @@ from pynetdicom import AE
 
 from deid_node.cli import main as cli_main
 from deid_node.config import parse_config
-from deid_node.forward import is_permanent
+from deid_node.forward import Outgoing, is_permanent, send_batch
 from deid_node.node import Node
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -444,3 +444,39 @@ def test_delivery_resumes_within_seconds_of_the_destination_coming_back(tmp_path
     finally:
         node.stop()
     assert len(set(scp.stored())) == 5
+
+
+def test_instance_that_cannot_be_decompressed_is_refused_for_good_and_the_rest_arrives(tmp_path):
+    """send_batch on its own: one JPEG 2000 instance over the decoded-size bound, one whose
+    codestream is cut, one Explicit VR LE; the destination takes only Explicit VR LE."""
+    paths, _ = mixed_syntax_series(tmp_path / "in")
+    plain, j2k, _jpeg = (dcmread(p) for p in paths)
+    big = make_instance("CT", rows=256, columns=256, instance_number=4)
+    big.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")  # 128 KiB decoded
+    cut = j2k
+    cut.SOPInstanceUID = cut.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    frame = cut.PixelData
+    cut.PixelData = frame[: len(frame) // 3] + b"\0" * (len(frame) % 2)
+    files = write_series([plain, big, cut], tmp_path / "out")
+    items = [
+        Outgoing(n, path, str(dcmread(path, stop_before_pixels=True).SOPInstanceUID), "st", "se")
+        for n, path in enumerate(files)
+    ]
+    stored: list[str] = []
+    refused: list[tuple[str, int | None, str]] = []
+    with FaultySCP(transfer_syntaxes=[ExplicitVRLittleEndian]) as scp:
+        dest = parse_config(node_raw(tmp_path / "data", [dicom_destination(scp)])).destinations[0]
+        send_batch(
+            dest,
+            items,
+            lambda item, _url, _status: stored.append(item.sop_uid),
+            lambda item, status, reason: refused.append((item.sop_uid, status, reason)),
+            max_decoded_bytes=64 * 1024,
+        )
+    assert stored == [items[0].sop_uid] == scp.stored()
+    assert [(uid, status) for uid, status, _ in refused] == [
+        (items[1].sop_uid, None),
+        (items[2].sop_uid, None),
+    ]
+    assert "would be 0.1 MiB decompressed, over the 0.1 MiB limit" in refused[0][2]
+    assert "cannot decompress JPEG 2000" in refused[1][2]
