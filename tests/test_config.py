@@ -88,6 +88,14 @@ def test_issue_example_parses(tmp_path):
         ({"destinations": [{"name": "x", "type": "s3", "path": "p"}]}, "destinations[0].type"),
         ({"destinations": [{"type": "folder", "path": "p"}]}, "destinations[0].name"),
         (
+            {
+                "destinations": [
+                    {"name": "x", "type": "folder", "path": "p", "probe_max_seconds": 0}
+                ]
+            },
+            "destinations[0].probe_max_seconds",
+        ),
+        (
             {"save_conditions": [{"type": "IN", "value": ["CT"], "dicom_tag": "NoSuchTag"}]},
             "save_conditions[0]",
         ),
