@@ -246,7 +246,9 @@ def _payload(
         return dcmread(item.path)
     ds = dcmread(item.path)
     if "PixelData" not in ds:
-        raise _no_context(name, syntax)
+        # Nothing encapsulated (a deflated SR, say): the data set itself is re-encoded.
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
     decoded = _decoded_size(ds)
     if max_decoded_bytes is not None and decoded > max_decoded_bytes:
         raise ForwardError(

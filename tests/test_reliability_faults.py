@@ -22,7 +22,13 @@ from faultpeers import FaultySCP, dicom_destination, node_raw, send_raw, write_c
 from peers import Orthanc, free_port, storescu, wait_until
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    generate_uid,
+)
 from pynetdicom import AE
 
 from deid_node.cli import main as cli_main
@@ -448,7 +454,8 @@ def test_delivery_resumes_within_seconds_of_the_destination_coming_back(tmp_path
 
 def test_instance_that_cannot_be_decompressed_is_refused_for_good_and_the_rest_arrives(tmp_path):
     """send_batch on its own: one JPEG 2000 instance over the decoded-size bound, one whose
-    codestream is cut, one Explicit VR LE; the destination takes only Explicit VR LE."""
+    codestream is cut, one Explicit VR LE and one deflated without pixel data (re-encoded);
+    the destination takes only Explicit VR LE."""
     paths, _ = mixed_syntax_series(tmp_path / "in")
     plain, j2k, _jpeg = (dcmread(p) for p in paths)
     big = make_instance("CT", rows=256, columns=256, instance_number=4)
@@ -457,7 +464,10 @@ def test_instance_that_cannot_be_decompressed_is_refused_for_good_and_the_rest_a
     cut.SOPInstanceUID = cut.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     frame = cut.PixelData
     cut.PixelData = frame[: len(frame) // 3] + b"\0" * (len(frame) % 2)
-    files = write_series([plain, big, cut], tmp_path / "out")
+    deflated = make_instance("CT", instance_number=5)
+    del deflated.PixelData
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    files = write_series([plain, big, cut, deflated], tmp_path / "out")
     items = [
         Outgoing(n, path, str(dcmread(path, stop_before_pixels=True).SOPInstanceUID), "st", "se")
         for n, path in enumerate(files)
@@ -473,7 +483,7 @@ def test_instance_that_cannot_be_decompressed_is_refused_for_good_and_the_rest_a
             lambda item, status, reason: refused.append((item.sop_uid, status, reason)),
             max_decoded_bytes=64 * 1024,
         )
-    assert stored == [items[0].sop_uid] == scp.stored()
+    assert stored == [items[0].sop_uid, items[3].sop_uid] == scp.stored()
     assert [(uid, status) for uid, status, _ in refused] == [
         (items[1].sop_uid, None),
         (items[2].sop_uid, None),
