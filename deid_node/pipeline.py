@@ -285,7 +285,8 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     The output path is `dst_root/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` with the new UIDs.
     Never raises for a bad file: the outcome carries an error without patient values.
     """
-    from deid_node.deid.pixels import redact_pixels
+    from deid_node.deid.pixelcodec import unused_bits_possible
+    from deid_node.deid.pixels import RedactionLimitError, redact_pixels
     from deid_node.deid.tags import deidentify_tags, identifying_values, residual_scan
 
     no_text = settings.deid.redact_pixels_mode is DeidentifyRedactTextMode.REDACT_NO_TEXT
@@ -303,7 +304,8 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         str(ds.get("SOPInstanceUID", "")),
     )
     try:
-        streamed = _detach_pixel_data(ds) if no_text else None
+        # Unused high bits may hold an overlay to clear: such pixel data is read, not streamed.
+        streamed = _detach_pixel_data(ds) if no_text and not unused_bits_possible(ds) else None
         identifiers = identifying_values(ds, settings.deid)
         pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
         if settings.deid.redact_dicom_tags:
@@ -338,6 +340,8 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
             fsync=settings.durable,
         )
         return DeidOutcome(path, *new, pixels=_pixel_summary(pixels))
+    except RedactionLimitError as exc:
+        return DeidOutcome(None, *uids, pixels=_pixel_summary(exc.outcome), error=str(exc))
     except DeidentificationError as exc:
         return DeidOutcome(None, *uids, pixels={}, error=str(exc))
     except Exception as exc:  # library errors can quote values: keep only the type
@@ -407,6 +411,8 @@ def _pixel_summary(outcome: Any) -> dict[str, Any]:
         "boxes": outcome.boxes,
         "engine": outcome.engine,
         "reasons": list(outcome.reasons),
+        "changed_fraction": outcome.changed_fraction,
+        "unused_bits_cleared": outcome.unused_bits_cleared,
     }
 
 
@@ -585,6 +591,7 @@ def _file_result(
     elif outcome is not None:
         if outcome.error:
             error, state = outcome.error, "quarantined"
+            pixels = outcome.pixels or None  # what the redaction would have changed
         else:
             state, deid_path = "processed", outcome.path
             study_deid, series_deid, sop_deid = (

@@ -199,3 +199,76 @@ def found_strings(read: str, planted: list[Planted]) -> list[str]:
         if any(len(normalise(part)) >= 4 and normalise(part) in haystack for part in parts):
             hits.append(p.text)
     return hits
+
+
+# Header names for the harder draws, and the ways a device or a person writes them on screen.
+HEADER_NAMES = ("Smith^Mary", "Zyxwortha^Quilliam", "O'Brien^Sean", "Nakamura^Keiko")
+
+
+def name_variants(header_name: str) -> tuple[str, ...]:
+    """A PN value as burned-in text: other orders, cases and initials ("Mary Smith",
+    "SMITH, MARY", "M. Smith", "smith mary")."""
+    family, _, given = header_name.partition("^")
+    given = given.split("^")[0]
+    return (
+        f"{given} {family}",
+        f"{family.upper()}, {given.upper()}",
+        f"{given[:1]}. {family}",
+        f"{family.lower()} {given.lower()}",
+        f"{family.upper()}^{given.upper()}",
+    )
+
+
+def hard_text_image(
+    seed: int, height: int = 600, width: int = 800
+) -> tuple[np.ndarray, list[Planted], str]:
+    """Harder draws than text_image: small (6-14 px) and low-contrast text, the header's own
+    name written in another order or case; returns the image, the planted strings and the
+    header PatientName the image belongs to."""
+    rng = np.random.default_rng(10_000 + seed)
+    header = HEADER_NAMES[seed % len(HEADER_NAMES)]
+    variants = name_variants(header)
+    grey = background(rng, height, width)
+    colour = bool(seed % 2)
+    image = np.repeat(grey[:, :, None], 3, axis=2) if colour else grey.copy()
+    texts = [
+        str(rng.choice(variants)),
+        str(rng.choice(variants)),
+        *rng.choice(PHI_TEXTS, 2, replace=False),
+    ]
+    anchors = [(0.02, 0.05), (0.55, 0.05), (0.02, 0.96), (0.55, 0.96)]
+    planted: list[Planted] = []
+    for index, text in enumerate(texts):
+        fx, fy = anchors[index]
+        font = FONTS[int(rng.integers(len(FONTS)))]
+        small = index % 2 == 0
+        scale = float(rng.uniform(0.32, 0.45) if small else rng.uniform(0.45, 0.8))
+        if font == cv2.FONT_HERSHEY_PLAIN:
+            scale *= 1.6
+        # Low contrast: text 50-80 grey levels above the local background mean.
+        x, y = int(fx * width), int(fy * height)
+        local = float(grey[max(0, y - 20) : y + 5, x : x + 120].mean())
+        level = int(min(255, local + rng.uniform(50, 80)))
+        planted.append(
+            draw_text(
+                image,
+                text,
+                (x, y),
+                font=font,
+                scale=scale,
+                colour=(level, level, level),
+                thickness=1,
+            )  # fmt: skip
+        )
+    planted.append(
+        draw_text(
+            image,
+            "DEPTH 16cm",
+            (int(0.80 * width), int(0.50 * height)),
+            scale=0.5,
+            colour=(200, 200, 200),
+            thickness=1,
+            clinical=True,
+        )  # fmt: skip
+    )
+    return image, planted, header

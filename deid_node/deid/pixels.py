@@ -1,21 +1,22 @@
-"""Burned-in text in pixel data: decode every frame, find text, blank it, write pixels back.
+"""Burned-in text in pixel data: find text, blank it, and only text; say how much changed.
 
-REDACT_NO_TEXT never decodes. Otherwise every frame is decoded (any transfer syntax pydicom
-and pylibjpeg read), turned into an 8-bit display image for the OCR engine, and text boxes are
-filled with the image's display-black value in stored-value space. Pixels are written back only
-when something was blanked: uncompressed, Explicit VR Little Endian when the source was
-compressed or big endian, YBR decoded to RGB, lossy history kept truthful, icon removed.
-OCR engines (torch, onnxruntime) are imported only when a scan runs.
+REDACT_NO_TEXT never decodes; it only clears unused high bits of native pixel data, where old
+devices drew overlays. Otherwise every frame is decoded (pixelcodec), mapped to the 8-bit image
+a viewer would show, and read by the OCR engine. A box is text only when the recognizer reads
+characters in it with confidence (or it continues a line that was read, or a template names
+it): detectors take vessels, vertebrae, sulci and CT edges for strokes, and the recognizer reads
+them as one or two glyphs with a low score. Text boxes are filled with display-black;
+REDACT_SENSITIVE_TEXT fills only those the classifier calls identifying (and line parts it
+could not read). Pixels are written back when something was blanked or unused bits were set.
 
-Fail closed: when a scan is asked for but the image cannot be scanned (float or 1-bit pixel
-data, an undecodable or unsupported encoding), PixelError is raised and the instance is
-quarantined; it is never passed on as if it had been scanned.
+Fail closed, exactly: PixelError (the instance is quarantined, never forwarded) when the image
+cannot be scanned (float or 1-bit data, an encoding we cannot decode, named in the reason), when
+blanking would change more than `max_redacted_fraction` of a frame (anatomy taken for text,
+or a screen of text: a person decides), and when the header says BurnedInAnnotation YES but
+neither OCR nor a template finds any text in ALL or SENSITIVE mode.
 
-BurnedInAnnotation: after REDACT_ALL_TEXT has scanned every frame and blanked what it found, it
-is set to "NO" -- that mode leaves no text the detector can see. When that scan finds nothing
-on an image whose header says "YES", the header is left as it is and the reasons say so: the
-device knows better than a detector that came up empty. REDACT_SENSITIVE_TEXT leaves it alone,
-since clinical text stays burned in by design; REDACT_NO_TEXT leaves it alone too.
+BurnedInAnnotation: after REDACT_ALL_TEXT it is set to "NO" -- that mode leaves no text the
+recognizer can read. REDACT_SENSITIVE_TEXT and REDACT_NO_TEXT leave it alone.
 """
 
 from __future__ import annotations
@@ -26,31 +27,25 @@ from math import ceil
 
 import cv2
 import numpy as np
-from pydicom import Dataset, FileMetaDataset
-from pydicom.pixels import apply_color_lut, get_decoder
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLSNearLossless,
-)
+from pydicom import Dataset
 
 from deid_node.config import PixelsConfig, RegionTemplate
+from deid_node.deid.pixelcodec import (
+    Decoded,
+    DisplayMapper,
+    clear_unused_bits,
+    decode,
+    fill_value,
+    frame_count,
+    has_float_pixels,
+    unused_bits_set,
+    write_back,
+)
 from deid_node.deid.sensitive import SensitiveTextClassifier
 from deid_node.errors import PixelError
 from deid_node.modes import DeidentifyRedactTextMode
 from deid_node.ocr import OcrEngine, TextBox, get_engine
 
-# Lossy transfer syntaxes and the method name PS3.3 C.7.6.1.1.5 gives each.
-_LOSSY_METHODS = {
-    JPEGBaseline8Bit: "ISO_10918_1",
-    JPEGExtended12Bit: "ISO_10918_1",
-    JPEGLSNearLossless: "ISO_14495_1",
-    JPEG2000: "ISO_15444_1",
-}
 # Frames are diffed against the previous one; changed regions smaller than this share of the
 # frame are re-scanned alone, larger ones as a whole frame.
 _CROP_MAX_SHARE = 0.5
@@ -59,23 +54,50 @@ _CROP_MIN_SIDE = 160
 # Detector boxes can stop short of a line's first or last glyph (low contrast, cut by the
 # edge); a line's ends are padded by this share of its height, its top and bottom by the margin.
 _LINE_END_PAD = 0.75
+# A pixel counts as changed when its displayed value moved by more than this (of 255): blanking
+# near-black background (JPEG noise around US text) changes nothing anyone can see.
+_VISIBLE_CHANGE = 24
+_RING = 3
+
+
+@dataclass(frozen=True)
+class TextRule:
+    """When a recognized box counts as text: at least `min_chars` ASCII letters or digits read
+    with a score of at least `min_score`, or 1-2 of them with at least `short_score`."""
+
+    min_chars: int
+    min_score: float
+    short_score: float
+
+
+# Tuned on real CT/MR/NM/CR images without text (pydicom's and pydicom-data's test files) and
+# on generated burned-in text (docs/benchmarks-pixels.md): on anatomy RapidOCR reads 0-3 glyphs
+# with scores up to 0.67, on text >= 0.8 even for 6 px low-contrast lines.
+TEXT_RULES = {
+    "rapidocr": TextRule(min_chars=3, min_score=0.5, short_score=0.8),
+    "easyocr": TextRule(min_chars=3, min_score=0.5, short_score=0.9),
+}
+_DEFAULT_RULE = TextRule(min_chars=3, min_score=0.5, short_score=0.8)
 
 
 @dataclass
 class PixelOutcome:
-    changed: bool  # pixel data modified
+    changed: bool  # text blanked in the pixel data
     frames: int
     boxes: int
     engine: str | None
     mode: str
     reasons: list[str] = field(default_factory=list)  # categories only, never patient values
+    changed_fraction: float = 0.0  # of a frame's pixels visibly changed; max over frames
+    unused_bits_cleared: bool = False  # bits above BitsStored were set and are now clear
 
 
-@dataclass
-class _Decoded:
-    frames: np.ndarray  # (N, H, W) or (N, H, W, 3), stored values (palette: indices)
-    photometric: str  # of `frames`, after any YBR -> RGB conversion
-    source_photometric: str
+class RedactionLimitError(PixelError):
+    """Blanking would change more of a frame than `pixels.max_redacted_fraction` allows."""
+
+    def __init__(self, message: str, outcome: PixelOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 def redact_pixels(
@@ -85,19 +107,27 @@ def redact_pixels(
     identifiers: Sequence[str] = (),
 ) -> PixelOutcome:
     """Find and blank burned-in text in `ds` in place, as `mode` asks; raise PixelError if the
-    pixel data cannot be decoded or written back (the instance must then not be forwarded)."""
+    pixel data cannot be decoded or written back, or must be reviewed by a person (the
+    instance must then not be forwarded)."""
     mode = DeidentifyRedactTextMode(mode)
     reasons: list[str] = []
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+    burned_in = str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
+    if burned_in:
         reasons.append("burned_in_annotation=YES")
     if mode is DeidentifyRedactTextMode.REDACT_NO_TEXT:
-        return PixelOutcome(False, _frame_count(ds), 0, None, mode.value, reasons)
-    if _has_float_pixels(ds):
+        cleared = clear_unused_bits(ds) > 0
+        if cleared:
+            reasons.append("unused_bits_cleared")
+        return PixelOutcome(
+            False, frame_count(ds), 0, None, mode.value, reasons, unused_bits_cleared=cleared
+        )
+    if has_float_pixels(ds):
         raise PixelError("float pixel data cannot be scanned for burned-in text")
     if "PixelData" not in ds:
         return PixelOutcome(False, 0, 0, None, mode.value, [*reasons, "no_pixel_data"])
 
-    decoded = _decode(ds)
+    dirty_bits = unused_bits_set(ds) > 0
+    decoded = decode(ds)  # unused bits masked by the decoder
     count = decoded.frames.shape[0]
     template_boxes: list[TextBox] = []
     for template in _matching_templates(ds, config.templates):
@@ -110,48 +140,114 @@ def redact_pixels(
         if mode is DeidentifyRedactTextMode.REDACT_SENSITIVE_TEXT
         else None
     )
-    display = _DisplayMapper(ds, decoded)
-    fill = _fill_value(ds, decoded)
-    frame_boxes, scanned = _scan_frames(decoded, display, engine, classifier, config)
+    display = DisplayMapper(ds, decoded)
+    fill = fill_value(ds, decoded)
+    frame_boxes, scanned, read = _scan_frames(decoded, display, engine, classifier, config)
     if scanned < count:
         reasons.append(f"frames_reused={count - scanned}")
     if classifier is not None:
         categories = sorted({b.text for boxes in frame_boxes for b in boxes if b.text})
         reasons.extend(f"sensitive:{c}" for c in categories)
+    if burned_in and read == 0 and not template_boxes:
+        raise PixelError(
+            "BurnedInAnnotation is YES but OCR read no text and no template matches: "
+            "held for review"
+        )
 
+    total, fraction = _blank(decoded, display, frame_boxes, template_boxes, fill, config.margin_px)
+    outcome = PixelOutcome(
+        total > 0, count, total, engine.name, mode.value, reasons, round(fraction, 6)
+    )
+    if fraction > config.max_redacted_fraction:
+        raise RedactionLimitError(
+            f"redaction would change {fraction:.1%} of a frame's pixels, more than "
+            f"pixels.max_redacted_fraction {config.max_redacted_fraction:.1%}: held for review",
+            outcome,
+        )
+    if dirty_bits:
+        reasons.append("unused_bits_cleared")
+        outcome.unused_bits_cleared = True
+    if total == 0 and not dirty_bits:
+        return outcome
+    write_back(ds, decoded)
+    if total and mode is DeidentifyRedactTextMode.REDACT_ALL_TEXT:
+        ds.BurnedInAnnotation = "NO"
+    return outcome
+
+
+def _blank(
+    decoded: Decoded,
+    display: DisplayMapper,
+    frame_boxes: list[list[TextBox]],
+    template_boxes: list[TextBox],
+    fill: np.ndarray | int,
+    margin: int,
+) -> tuple[int, float]:
+    """Fill every box in place; (boxes filled, largest share of a frame's pixels whose
+    displayed value changed visibly).
+
+    A text box is filled with the colour around it (the median of a ring just outside it), so
+    text on a flat bar or on black leaves no black rectangle and changes only its glyphs'
+    pixels; a template region, or a box with nothing around it, with display-black.
+    """
     total = 0
-    height, width = decoded.frames.shape[1:3]
-    for index in range(count):
-        regions = [(b, 0, 0) for b in template_boxes]
-        regions += [
-            (b, max(config.margin_px, ceil(_LINE_END_PAD * b.h)), config.margin_px)
-            for b in frame_boxes[index]
-        ]
-        for box, mx, my in regions:
+    worst = 0.0
+    frames = decoded.frames
+    palette = decoded.photometric == "PALETTE COLOR"
+    height, width = frames.shape[1:3]
+    for index in range(frames.shape[0]):
+        # Template regions last: display-black wins over a ring fill that overlaps them.
+        regions = [(b, max(margin, ceil(_LINE_END_PAD * b.h)), margin) for b in frame_boxes[index]]
+        regions += [(b, 0, 0) for b in template_boxes]
+        templated = [False] * len(frame_boxes[index]) + [True] * len(template_boxes)
+        if not regions:
+            continue
+        before = display.image(index).astype(np.int16)  # a copy: the mapper may return a view
+        frame = frames[index]
+        source = frame.copy()  # rings are read from the original, not from earlier fills
+        for (box, mx, my), template in zip(regions, templated, strict=True):
             x0, y0 = max(0, box.x - mx), max(0, box.y - my)
             x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
             if x1 > x0 and y1 > y0:
-                decoded.frames[index, y0:y1, x0:x1] = fill
+                ring = None if template else _ring_value(source, x0, y0, x1, y1, palette)
+                frame[y0:y1, x0:x1] = fill if ring is None else ring
+        diff = np.abs(display.image(index).astype(np.int16) - before) > _VISIBLE_CHANGE
+        if diff.ndim == 3:
+            diff = diff.any(axis=2)
+        worst = max(worst, float(diff.mean()))
         total += len(regions)
-    all_text = mode is DeidentifyRedactTextMode.REDACT_ALL_TEXT
-    if total == 0:
-        if all_text and "burned_in_annotation=YES" in reasons:
-            reasons.append("no_text_found_despite_burned_in_annotation=YES")
-        return PixelOutcome(False, count, 0, engine.name, mode.value, reasons)
-    _write_back(ds, decoded)
-    if all_text:
-        ds.BurnedInAnnotation = "NO"
-    return PixelOutcome(True, count, total, engine.name, mode.value, reasons)
+    return total, worst
+
+
+def _ring_value(
+    frame: np.ndarray, x0: int, y0: int, x1: int, y1: int, palette: bool
+) -> np.ndarray | None:
+    """The median (palette: the most common index) of a ring _RING px wide around the box;
+    None when the box leaves no ring."""
+    height, width = frame.shape[:2]
+    ox0, oy0 = max(0, x0 - _RING), max(0, y0 - _RING)
+    ox1, oy1 = min(width, x1 + _RING), min(height, y1 + _RING)
+    outer = frame[oy0:oy1, ox0:ox1]
+    mask = np.ones(outer.shape[:2], bool)
+    mask[y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = False
+    if not mask.any():
+        return None
+    values = outer[mask]
+    if palette:
+        indices, counts = np.unique(values, return_counts=True)
+        return indices[int(np.argmax(counts))]
+    return np.median(values, axis=0).astype(frame.dtype)
 
 
 def _scan_frames(
-    decoded: _Decoded,
-    display: _DisplayMapper,
+    decoded: Decoded,
+    display: DisplayMapper,
     engine: OcrEngine,
     classifier: SensitiveTextClassifier | None,
     config: PixelsConfig,
-) -> tuple[list[list[TextBox]], int]:
-    """Boxes to blank per frame (text replaced by the sensitive category) and frames OCR'd.
+) -> tuple[list[list[TextBox]], int, int]:
+    """Boxes to blank per frame (text replaced by the sensitive category), frames OCR'd, and
+    text boxes read (identifying or not).
 
     A frame equal to the previous one reuses its boxes; a frame that differs only in a region
     (US cine: the sector moves, the overlay stays) is re-scanned only in that region.
@@ -160,7 +256,7 @@ def _scan_frames(
     height, width = frames.shape[1:3]
     result: list[list[TextBox]] = []
     previous: np.ndarray | None = None
-    scanned = 0
+    scanned = read = 0
     for index in range(frames.shape[0]):
         frame = frames[index]
         region = None if previous is None else _changed_region(previous, frame)
@@ -170,20 +266,23 @@ def _scan_frames(
             continue
         scanned += 1
         if region is None:
-            boxes = _find(display.image(index), engine, classifier, config.max_detect_side)
+            boxes, seen = _find(display.image(index), engine, classifier, config.max_detect_side)
         else:
             x0, y0, x1, y1 = _expand_over_boxes(region, result[-1], height, width)
             if (x1 - x0) * (y1 - y0) > _CROP_MAX_SHARE * height * width:
-                boxes = _find(display.image(index), engine, classifier, config.max_detect_side)
+                boxes, seen = _find(
+                    display.image(index), engine, classifier, config.max_detect_side
+                )
             else:
                 crop = display.image(index)[y0:y1, x0:x1]
-                found = _find(crop, engine, classifier, config.max_detect_side)
+                found, seen = _find(crop, engine, classifier, config.max_detect_side)
                 inside = TextBox(x0, y0, x1 - x0, y1 - y0)
                 kept = [b for b in result[-1] if not b.intersects(inside)]
                 boxes = kept + [b.shifted(x0, y0) for b in found]
+        read += seen
         result.append(boxes)
         previous = frame
-    return result, scanned
+    return result, scanned, read
 
 
 def _find(
@@ -191,25 +290,65 @@ def _find(
     engine: OcrEngine,
     classifier: SensitiveTextClassifier | None,
     max_side: int,
-) -> list[TextBox]:
-    """Boxes in `image` coordinates; with a classifier only the identifying ones, text=category."""
+) -> tuple[list[TextBox], int]:
+    """Boxes to blank in `image` coordinates (with a classifier only the identifying ones,
+    text = category) and the number of text boxes read."""
     height, width = image.shape[:2]
     scale = 1.0
     if max(height, width) > max_side:
         scale = max_side / max(height, width)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    text, parts = text_boxes(engine.recognize(image), TEXT_RULES.get(engine.name, _DEFAULT_RULE))
     if classifier is None:
-        boxes = engine.detect(image)
+        boxes = text + parts
     else:
         boxes = []
-        for box in engine.recognize(image):
+        for box in text:
             category = classifier.reason(box.text)
             if category is not None:
                 boxes.append(TextBox(box.x, box.y, box.w, box.h, category, box.score))
+        # A part of a line the recognizer could not read may hold a name: blank it.
+        boxes += [TextBox(b.x, b.y, b.w, b.h, "unread_line_part", b.score) for b in parts]
     if scale != 1.0:
         boxes = [b.scaled(1 / scale) for b in boxes]
-    return boxes
+    return boxes, len(text)
+
+
+def text_boxes(read: Sequence[TextBox], rule: TextRule) -> tuple[list[TextBox], list[TextBox]]:
+    """(boxes read as text, unread boxes that continue a text line) of one recognition."""
+    text = [b for b in read if _reads_as_text(b, rule)]
+    unsure = [b for b in read if not _reads_as_text(b, rule)]
+    parts: list[TextBox] = []
+    grown = True
+    while grown and unsure:
+        grown = False
+        for box in list(unsure):
+            if any(_same_line(box, t) for t in (*text, *parts)):
+                parts.append(box)
+                unsure.remove(box)
+                grown = True
+    return text, parts
+
+
+def _reads_as_text(box: TextBox, rule: TextRule) -> bool:
+    chars = sum(c.isascii() and c.isalnum() for c in box.text or "")
+    if chars >= rule.min_chars:
+        return box.score >= rule.min_score
+    return chars >= 1 and box.score >= rule.short_score
+
+
+def _same_line(box: TextBox, line: TextBox) -> bool:
+    """`box` sits on `line`'s text line, next to it: similar height, mostly the same rows, a gap
+    of at most two line heights."""
+    low, high = sorted((box.h, line.h))
+    if high > 2 * low:
+        return False
+    overlap = min(box.y + box.h, line.y + line.h) - max(box.y, line.y)
+    if overlap < 0.6 * low:
+        return False
+    gap = max(box.x - (line.x + line.w), line.x - (box.x + box.w))
+    return gap <= 2 * line.h
 
 
 def _changed_region(previous: np.ndarray, frame: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -249,189 +388,6 @@ def _expand_over_boxes(
     return x0, y0, x1, y1
 
 
-def _decode(ds: Dataset) -> _Decoded:
-    meta = getattr(ds, "file_meta", None)
-    syntax = UID(
-        meta.get("TransferSyntaxUID", ExplicitVRLittleEndian) if meta else ExplicitVRLittleEndian
-    )
-    source_pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if int(ds.get("BitsAllocated", 0)) not in (8, 16, 32):
-        raise PixelError(f"unsupported BitsAllocated {ds.get('BitsAllocated')} for text redaction")
-    try:
-        decoder = get_decoder(syntax)
-    except NotImplementedError:
-        raise PixelError(f"no pixel data decoder for transfer syntax {syntax}") from None
-    if not decoder.is_available:
-        raise PixelError(f"decoder for transfer syntax {syntax} is missing its plugins")
-    try:
-        array, info = decoder.as_array(ds, as_rgb=True)
-    except Exception as exc:  # a library's message may quote values: keep only its type
-        raise PixelError(
-            f"cannot decode pixel data ({syntax.name}): {type(exc).__name__}"
-        ) from None
-    photometric = str(info.get("photometric_interpretation", source_pi)).upper()
-    samples = int(ds.get("SamplesPerPixel", 1))
-    if samples not in (1, 3):
-        raise PixelError(f"unsupported SamplesPerPixel {samples} for text redaction")
-    single_ndim = 2 if samples == 1 else 3
-    if array.ndim == single_ndim:
-        array = array[np.newaxis]
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:
-        array = array.copy()
-    return _Decoded(array, photometric, source_pi)
-
-
-class _DisplayMapper:
-    """Stored values -> the 8-bit image a viewer would show, with one mapping for all frames so
-    equal stored regions stay equal after mapping."""
-
-    def __init__(self, ds: Dataset, decoded: _Decoded) -> None:
-        self._frames = decoded.frames
-        self._pi = decoded.photometric
-        self._lut: np.ndarray | None = None
-        self._low, self._high = 0.0, 255.0
-        self._slope = float(ds.get("RescaleSlope", 1) or 1)
-        self._intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        if self._pi == "PALETTE COLOR":
-            self._palette_ds = ds
-        elif self._pi in ("MONOCHROME1", "MONOCHROME2"):
-            window = _first_window(ds)
-            if window is not None:
-                center, width = window
-                self._low, self._high = (
-                    center - 0.5 - (width - 1) / 2,
-                    center - 0.5 + (width - 1) / 2,
-                )
-            else:
-                # Rescale is linear: map the stored extremes, not a float copy of every frame.
-                ends = sorted(float(v) * self._slope + self._intercept
-                              for v in (self._frames.min(), self._frames.max()))  # fmt: skip
-                self._low, self._high = ends[0], ends[1]
-        elif self._frames.dtype != np.uint8:
-            self._low, self._high = float(self._frames.min()), float(self._frames.max())
-
-    def image(self, index: int) -> np.ndarray:
-        frame = self._frames[index]
-        if self._pi == "PALETTE COLOR":
-            rgb = apply_color_lut(frame, self._palette_ds)
-            top = float(rgb.max()) or 1.0
-            return np.ascontiguousarray(
-                rgb if rgb.dtype == np.uint8 else (rgb * (255.0 / top)).astype(np.uint8)
-            )
-        if self._pi in ("MONOCHROME1", "MONOCHROME2"):
-            values = frame.astype(np.float32) * self._slope + self._intercept
-            image = _stretch(values, self._low, self._high)
-            return 255 - image if self._pi == "MONOCHROME1" else image
-        if frame.dtype == np.uint8:
-            return frame
-        return _stretch(frame.astype(np.float32), self._low, self._high)
-
-
-def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    span = high - low
-    if span <= 0:
-        return np.zeros(values.shape, np.uint8)
-    scaled = (values - low) * (255.0 / span)
-    return np.clip(scaled, 0, 255).astype(np.uint8)
-
-
-def _first_window(ds: Dataset) -> tuple[float, float] | None:
-    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
-    if center is None or width is None:
-        return None
-    try:
-        center = float(center[0] if _is_multi(center) else center)
-        width = float(width[0] if _is_multi(width) else width)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return (center, width) if width >= 1 else None
-
-
-def _is_multi(value: object) -> bool:
-    return isinstance(value, list | tuple) or type(value).__name__ == "MultiValue"
-
-
-def _fill_value(ds: Dataset, decoded: _Decoded) -> np.ndarray | int:
-    """Display-black in stored values: min for MONOCHROME2, max for MONOCHROME1 (inverted),
-    per-channel min for colour, the darkest palette entry in use for PALETTE COLOR."""
-    frames = decoded.frames
-    if decoded.photometric == "MONOCHROME1":
-        return frames.max()
-    if decoded.photometric == "PALETTE COLOR":
-        used = np.unique(frames)
-        rgb = apply_color_lut(used, ds).astype(np.float64)
-        luminance = rgb @ np.array([0.299, 0.587, 0.114])
-        return used[int(np.argmin(luminance))]
-    if frames.ndim == 4:
-        return frames.min(axis=(0, 1, 2))
-    return frames.min()
-
-
-def _write_back(ds: Dataset, decoded: _Decoded) -> None:
-    if getattr(ds, "file_meta", None) is None:
-        ds.file_meta = FileMetaDataset()
-    meta = ds.file_meta
-    syntax = UID(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))
-    compressed_size = _encapsulated_size(ds) if syntax.is_compressed else 0
-    lossy_method = _lossy_method(ds, syntax)
-    multi = "NumberOfFrames" in ds
-    array = decoded.frames if multi else decoded.frames[0]
-    bits_stored = int(ds.get("BitsStored", array.dtype.itemsize * 8))
-    try:
-        ds.set_pixel_data(array, decoded.photometric, bits_stored, generate_instance_uid=False)
-    except ValueError as exc:
-        raise PixelError(f"cannot write redacted pixel data back: {type(exc).__name__}") from None
-    if syntax == ExplicitVRBigEndian:
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if lossy_method:
-        _record_lossy(ds, lossy_method, array.nbytes / compressed_size if compressed_size else None)
-    if "IconImageSequence" in ds:
-        del ds.IconImageSequence  # a thumbnail of the unredacted pixels
-
-
-def _lossy_method(ds: Dataset, syntax: UID) -> str | None:
-    method = _LOSSY_METHODS.get(syntax)
-    if syntax == JPEG2000 and _j2k_is_reversible(ds):
-        return None
-    return method
-
-
-def _j2k_is_reversible(ds: Dataset) -> bool:
-    """JPEG 2000 (.4.91) may be lossless: the COD marker's transform byte says 5-3 reversible."""
-    from pydicom.encaps import generate_fragments
-
-    try:
-        first = next(generate_fragments(ds.PixelData))
-    except (StopIteration, ValueError):
-        return False
-    cod = first.find(b"\xff\x52")
-    return cod >= 0 and len(first) > cod + 13 and first[cod + 13] == 1
-
-
-def _record_lossy(ds: Dataset, method: str, ratio: float | None) -> None:
-    ds.LossyImageCompression = "01"
-    methods = list(_as_list(ds.get("LossyImageCompressionMethod")))
-    ratios = list(_as_list(ds.get("LossyImageCompressionRatio")))
-    if method not in methods or len(ratios) != len(methods):
-        methods.append(method)
-        if ratio is not None and len(ratios) == len(methods) - 1:
-            ratios.append(f"{ratio:.2f}"[:16])
-        ds.LossyImageCompressionMethod = methods
-        if ratios and len(ratios) == len(methods):
-            ds.LossyImageCompressionRatio = ratios
-
-
-def _as_list(value: object) -> list[str]:
-    if value is None or value == "":
-        return []
-    return [str(v) for v in value] if _is_multi(value) else [str(value)]
-
-
-def _encapsulated_size(ds: Dataset) -> int:
-    return len(ds.PixelData)
-
-
 def _matching_templates(ds: Dataset, templates: Sequence[RegionTemplate]) -> list[RegionTemplate]:
     manufacturer = str(ds.get("Manufacturer", "")).strip().upper()
     model = str(ds.get("ManufacturerModelName", "")).strip().upper()
@@ -444,16 +400,3 @@ def _matching_templates(ds: Dataset, templates: Sequence[RegionTemplate]) -> lis
         and (t.rows is None or t.rows == rows)
         and (t.columns is None or t.columns == columns)
     ]
-
-
-def _frame_count(ds: Dataset) -> int:
-    if "PixelData" not in ds:
-        return 0
-    try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _has_float_pixels(ds: Dataset) -> bool:
-    return "FloatPixelData" in ds or "DoubleFloatPixelData" in ds

@@ -33,7 +33,7 @@ class RapidOcrEngine:
             det_limit_type="min",
             det_limit_side_len=32,
             max_side_len=_DETECT_LONG_SIDE_MAX * 2,
-            text_score=0.3,
+            text_score=0.0,  # every detected box comes back with its score: callers judge
         )
         self._lock = threading.Lock()
 
