@@ -54,11 +54,11 @@ from pydicom.uid import UID_dictionary
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from deid_node.api import build_settings  # noqa: E402
 from deid_node.batch import run_batch  # noqa: E402
 from deid_node.config import DeidConfig, PixelsConfig  # noqa: E402
 from deid_node.log import configure_logging  # noqa: E402
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy  # noqa: E402
+from deid_node.pipeline import PipelineSettings  # noqa: E402
 
 TABLE = REPO / "deid_node" / "deid" / "data" / "ps3.15-table-e.1-1.csv"
 # What the node writes itself (D dummies): found in an output, they are not the input's.
@@ -70,6 +70,7 @@ EXPECTED_QUARANTINES = ("encapsulated document",)
 INVALID_INPUT = ("missing SeriesInstanceUID or SOPInstanceUID",)
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 SOURCES = ("pydicom", "pydicom-data", "nibabel", "deid-data")
+SECRET = b"privacy_realfiles fixed secret 1"
 
 
 # -- the corpus ---------------------------------------------------------------------------------
@@ -388,22 +389,30 @@ def measure_file(
         stats.details.append(detail)
 
 
+def measurement_settings(redact_tags: bool = True) -> PipelineSettings:
+    """Header only (REDACT_NO_TEXT), each file judged alone, no save conditions. A fixed secret:
+    the same pseudonyms and UIDs on every run, so that an input value matching inside a
+    pseudonym cannot come and go between runs."""
+    return PipelineSettings(
+        DeidConfig(
+            redact_dicom_tags=redact_tags,
+            redact_pixels_mode=DeidentifyRedactTextMode.REDACT_NO_TEXT,
+        ),
+        PixelsConfig(),
+        (),
+        SeriesPolicy.PER_INSTANCE,
+        SECRET,
+        durable=False,
+    )
+
+
 def measure(
     sources: Iterable[str], *, dciodvfy: bool, limit: int | None = None, redact_tags: bool = True
 ) -> dict[str, SourceStats]:
     results: dict[str, SourceStats] = {}
     with tempfile.TemporaryDirectory(prefix="privacy-realfiles-") as tmp:
         work = Path(tmp)
-        settings = build_settings(
-            deid=DeidConfig(
-                redact_dicom_tags=redact_tags,
-                redact_pixels_mode=DeidentifyRedactTextMode.REDACT_NO_TEXT,
-            ),
-            pixels=PixelsConfig(),
-            conditions=(),
-            policy=SeriesPolicy.PER_INSTANCE,
-            data_dir=work / "data",
-        )
+        settings = measurement_settings(redact_tags)
         for source in sources:
             stats = results[source] = SourceStats()
             files = source_files(source, work / "unpacked")

@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 
 from deid_node import deidentify_dicom_files
-from deid_node.api import build_settings
-from deid_node.config import DeidConfig, PixelsConfig
-from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "privacy_realfiles.py"
 
@@ -96,14 +93,8 @@ def corpus(tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory):
-    return build_settings(
-        deid=DeidConfig(redact_pixels_mode=DeidentifyRedactTextMode.REDACT_NO_TEXT),
-        pixels=PixelsConfig(),
-        conditions=(),
-        policy=SeriesPolicy.PER_INSTANCE,
-        data_dir=tmp_path_factory.mktemp("data"),
-    )
+def settings():
+    return pr.measurement_settings()
 
 
 def _measure(corpus, settings, tmp_path, source, name, *, dciodvfy=False):
@@ -136,15 +127,7 @@ def test_no_new_dciodvfy_error(corpus, settings, tmp_path, source, name):
 def test_the_search_finds_what_is_left(corpus, settings, tmp_path):
     """The measurement can fail: with the header untouched it finds the identifying values."""
     path = corpus[("pydicom", "CT_small.dcm")]
-    untouched = build_settings(
-        deid=DeidConfig(
-            redact_dicom_tags=False, redact_pixels_mode=DeidentifyRedactTextMode.REDACT_NO_TEXT
-        ),
-        pixels=PixelsConfig(),
-        conditions=(),
-        policy=SeriesPolicy.PER_INSTANCE,
-        data_dir=tmp_path / "d",
-    )
+    untouched = pr.measurement_settings(redact_tags=False)
     stats = pr.SourceStats()
     pr.measure_file(path, pr.classify(path), tmp_path / "o", untouched, stats, False, "CT_small")
     assert stats.leaks >= 5
