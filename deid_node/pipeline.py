@@ -160,7 +160,11 @@ def read_dicom(path: Path, **kwargs: Any) -> Dataset:
     try:
         return dcmread(path, **kwargs)
     except InvalidDicomError:
-        pass
+        if not _starts_like_a_data_set(path):
+            raise
+    # Forced parsing of a file that only starts like a data set: large values stay on disk
+    # (a garbage length must not become a gigabyte read).
+    kwargs["defer_size"] = kwargs.get("defer_size") or STREAM_VALUES_ABOVE
     ds = dcmread(path, force=True, **kwargs)
     sop_class = str(ds.get("SOPClassUID", "") or "")
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
@@ -180,6 +184,21 @@ def read_dicom(path: Path, **kwargs: Any) -> Dataset:
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     return ds
+
+
+def _starts_like_a_data_set(path: Path) -> bool:
+    """A raw data set starts with a tag of a low group (0002 file meta, 0008 identification...),
+    little or big endian: anything else (a PDF, a video, a text) is not parsed by force."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return False
+    if len(head) < 4:
+        return False
+    return min(struct.unpack("<H", head[:2])[0], struct.unpack(">H", head[:2])[0]) <= 0x0020 and (
+        head[:2] != b"\0\0"
+    )
 
 
 def read_header(path: Path) -> Dataset:
