@@ -231,8 +231,8 @@ def run_batch(
             if on_series:
                 on_series(reports)
             if executor is not None and _pool_is_broken(executor):
-                # A worker died (a decoder crash, the OOM killer): its files are reported
-                # failed; the next series get a fresh pool.
+                # A worker died (a decoder crash, the OOM killer): run_series ran the files it
+                # took down again one at a time; the next series get a fresh pool.
                 executor = _fresh_pool_like(executor)
                 owned.append(executor)
     finally:
