@@ -293,13 +293,15 @@ def echo(dest: DestinationConfig, timeout: float = PROBE_TIMEOUT_SECONDS) -> boo
     ae.add_requested_context(Verification)
     try:
         assoc = _associate(dest, ae)
-    except (OSError, ssl.SSLError, RuntimeError):
+    except (OSError, ssl.SSLError, RuntimeError, ValueError):
         return False
     if not assoc.is_established:
         return bool(assoc.is_rejected)
     try:
         if any(c.abstract_syntax == Verification for c in assoc.accepted_contexts):
             assoc.send_c_echo()
+    except (RuntimeError, ValueError):
+        pass  # it took the association: up, whatever became of the C-ECHO
     finally:
         if assoc.is_established:
             assoc.release()
