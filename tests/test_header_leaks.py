@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from dicomgen import PHI, make_instance
+from dicomgen import make_instance
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_file
 from pydicom.sequence import Sequence
@@ -196,17 +196,13 @@ def test_a_real_leak_left_in_a_kept_field_still_quarantines_with_keyword_and_kin
 ) -> None:
     ds = make_instance("CT")
     ds.PatientID = "20240917"
-    ds.SeriesNumber = "20240917"  # IS: kept, and here a patient number
-    local = Dataset()
-    local.CodeValue = "Q1"
-    local.CodingSchemeDesignator = "99QHOSP"
-    local.CodeMeaning = f"knee of {PHI['PatientName'].split('^')[0]}"  # a local code's meaning
-    ds.AnatomicRegionSequence = Sequence([local])
+    ds.ScanOptions = "MRN20240917"  # CS: kept, and here a patient number
+    ds.BodyPartExamined = "ZYXWORTHA QUILLIAM"  # CS: kept, and here the whole name
     outcome, _ = _run(ds, tmp_path)
     assert outcome.path is None
     assert outcome.error is not None
-    assert "SeriesNumber (ID)" in outcome.error
-    assert "AnatomicRegionSequence[0].CodeMeaning (name part)" in outcome.error
+    assert "ScanOptions (ID)" in outcome.error
+    assert "BodyPartExamined (name part)" in outcome.error
     assert "20240917" not in outcome.error and "Zyxwortha" not in outcome.error
 
 

@@ -8,6 +8,7 @@ from pydicom.sequence import Sequence
 
 from deid_node.config import DeidConfig
 from deid_node.deid.residual import (
+    BIRTH_DATE,
     DATE,
     ID,
     NAME,
@@ -17,6 +18,8 @@ from deid_node.deid.residual import (
     identifying_values,
     residual_scan,
 )
+from deid_node.deid.tags import deidentify_tags
+from deid_node.deid.uids import Pseudonymizer
 
 
 def _matcher(*values: tuple[str, str]) -> Matcher:
@@ -146,27 +149,58 @@ def test_bulk_sample_data_is_not_read() -> None:
 
 def test_values_the_input_keeps_as_technical_are_no_evidence() -> None:
     original = _instance(
-        Manufacturer="TOSHIBA_MEC",
-        InstitutionName="TOSHIBA",
         ManufacturerModelName="Aquilion ONE",
-        StationName="AQUILION ONE",
-        ContentCreatorName="DEEPVENDOR^AI",
-        SoftwareVersions="DeepVendor 2.1",
+        StationName="AQUILION ONE",  # a device name equal to the model
         ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
-        PatientName="AXIAL^Quorra",
+        PatientName="AXIAL^Quorra",  # a name word equal to a defined term
+        PatientID="120000",
+        ExposureInuAs=120000,  # a numeric ID equal to a kept number
     )
     identifiers = identifying_values(original)
     out = _instance(
-        Manufacturer="TOSHIBA_MEC",
         ManufacturerModelName="Aquilion ONE",
-        SoftwareVersions="DeepVendor 2.1",
         ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
+        ExposureInuAs=120000,
     )
     assert residual_scan(out, identifiers) == []
     out.SeriesDescription = "Quorra"  # the name part that is no defined term still counts
     assert [(h.keyword, h.kind) for h in residual_scan(out, identifiers)] == [
         ("SeriesDescription", NAME)
     ]
+
+
+def test_identifying_values_in_kept_technical_text_are_cleaned_not_quarantined() -> None:
+    """An in-house device whose Manufacturer names the hospital, an AI vendor recorded as
+    ContentCreatorName: the kept technical text holding them is emptied, nothing quarantines."""
+    ds = _instance(
+        Manufacturer="Quarvington Medical Physics",
+        InstitutionName="Quarvington Royal Infirmary",
+        ManufacturerModelName="Aquilion ONE",
+        ContentCreatorName="DEEPVENDOR^AI",
+        SoftwareVersions="DeepVendor 2.1",
+        ConvolutionKernel="FC13",
+    )
+    identifiers = identifying_values(ds)
+    deidentify_tags(ds, DeidConfig(), Pseudonymizer(b"k" * 32), identifiers=identifiers)
+    assert residual_scan(ds, identifiers) == []
+    assert ds.Manufacturer == ""  # Type 2
+    assert "SoftwareVersions" not in ds  # Type 3
+    assert (ds.ManufacturerModelName, ds.ConvolutionKernel) == ("Aquilion ONE", "FC13")
+
+
+@pytest.mark.parametrize(
+    ("institution", "manufacturer"),
+    [("TOSHIBA", "TOSHIBA_MEC"), ("GE MEDICAL SYSTEMS", "G.E. Medical Systems")],
+)
+def test_a_vendor_recorded_as_institution_keeps_its_manufacturer(
+    institution: str, manufacturer: str
+) -> None:
+    ds = _instance(InstitutionName=institution, Manufacturer=manufacturer)
+    identifiers = identifying_values(ds)
+    deidentify_tags(ds, DeidConfig(), Pseudonymizer(b"k" * 32), identifiers=identifiers)
+    assert residual_scan(ds, identifiers) == []
+    assert ds.Manufacturer == manufacturer
+    assert "InstitutionName" not in ds
 
 
 def test_the_nodes_own_dummies_and_pseudonyms_are_no_evidence() -> None:
@@ -223,3 +257,50 @@ def test_every_dummy_the_profile_writes_is_known_to_the_scan() -> None:
     from deid_node.deid.tags import _DUMMY
 
     assert {v for v in _DUMMY.values() if isinstance(v, str) and len(v) >= 3} <= set(DUMMY_TEXT)
+
+
+def test_matcher_folds_letters_nfkd_keeps_and_finds_cjk_names_inside_words() -> None:
+    assert _matcher(("Bjørnstad", NAME)).find("BJORNSTAD") == NAME
+    assert _matcher(("Łukaszewska", NAME)).find("lukaszewska") == NAME
+    assert _matcher(("Straße", NAME)).find("STRASSE") == NAME
+    assert _matcher(("山田", NAME)).find("CT胸部 山田太郎様") == NAME
+    assert _matcher(("山田", NAME)).find("CT胸部") is None
+
+
+def test_numbers_written_with_dots_or_without_leading_zeros_but_not_decimals() -> None:
+    matcher = _matcher(("12345678909", ID), ("00123456", ID))
+    assert matcher.find("CPF 123.456.789-09") == ID
+    assert matcher.find("MRN 123456") == ID
+    assert matcher.find("123/456/789/09") == ID
+    assert matcher.find("1234.56", coded=True) is None  # a decimal is no ID written with dots
+    assert matcher.find("1123456") is None
+
+
+def test_telephone_numbers_by_their_last_seven_digits_and_birth_dates_with_two_digit_years() -> (
+    None
+):
+    phone = _matcher(("+44 20 7946 0958", "telephone"))
+    assert phone.find("call 020 7946 0958") == "telephone"
+    assert phone.find("20 7946 0958") == "telephone"
+    assert phone.find("7946 0957") is None
+    birth = Matcher([IdentifyingValue("19431107", BIRTH_DATE)])
+    other = _matcher(("19431107", DATE))
+    for written in ("07.11.43", "11/7/43", "7 Nov 43", "1943-Nov-07", "1943年11月7日"):
+        assert birth.find(f"born {written}") == DATE, written
+    assert other.find("07.11.43") is None  # a 2-digit year only for the birth date
+    assert other.find("1943年11月7日") == DATE
+
+
+def test_name_words_equal_to_a_whole_defined_term_only_are_no_evidence() -> None:
+    original = _instance(PatientName="Head^Tarn Alder", BodyPartExamined="HEAD")
+    identifiers = identifying_values(original)
+    out = _instance(BodyPartExamined="HEAD", ImageComments="HEAD")
+    assert residual_scan(out, identifiers) == []
+    out.ScanOptions = "ALDER HEAD"  # the name inside a longer CS is still evidence
+    assert [h.keyword for h in residual_scan(out, identifiers)] == ["ScanOptions"]
+
+
+def test_text_in_an_icc_profile_is_read() -> None:
+    identifiers = identifying_values(_instance(PatientName="Zyxwortha^Quilliam"))
+    out = _instance(ICCProfile=b"\x00" * 64 + b"desc Zyxwortha\x00")
+    assert [h.keyword for h in residual_scan(out, identifiers)] == ["ICCProfile"]

@@ -309,7 +309,9 @@ def _action(elem: DataElement, ctx: _Context, restricted: bool) -> str:
         return "C"
     if keep is None or (restricted and vr in _TEXT_AND_DATE_VRS | _BINARY_VRS):
         return "X"  # X unless the IOD requires it (then a dummy, or empty)
-    if keep == "clean" and vr in FREE_TEXT_VRS:
+    if keep in ("clean", "keep") and vr in FREE_TEXT_VRS:
+        # Technical text is kept only while it holds no identifying value: an in-house
+        # device's Manufacturer is the institution, a local code's meaning may be a name.
         return "C"
     return _POLICY_KEEP
 
