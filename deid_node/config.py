@@ -103,6 +103,9 @@ class PixelsConfig:
     margin_px: int = 4
     # Longest image side used for text detection; larger images are downscaled to it.
     max_detect_side: int = 1600
+    # A file whose redaction would change more than this share of a frame's pixels is
+    # quarantined for review: anatomy taken for text, or a screen of text.
+    max_redacted_fraction: float = 0.05
     templates: tuple[RegionTemplate, ...] = ()
 
 
@@ -118,9 +121,6 @@ class DestinationConfig:
     tls_ca: Path | None = None  # set to use TLS: the CA that signed the destination's certificate
     tls_cert: Path | None = None  # our client certificate and key, when the destination asks
     tls_key: Path | None = None
-    # A file whose redaction would change more than this share of a frame's pixels is
-    # quarantined for review: anatomy taken for text, or a screen of text.
-    max_redacted_fraction: float = 0.05
     max_attempts: int = 10
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 600.0
@@ -267,6 +267,10 @@ def _parse_pixels(raw: Any) -> PixelsConfig:
     pixels = _section(PixelsConfig, rest, "pixels")
     if pixels.ocr_engine not in OCR_ENGINES:
         raise ConfigError(f"pixels.ocr_engine: must be one of {', '.join(OCR_ENGINES)}")
+    fraction = pixels.max_redacted_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ConfigError("pixels.max_redacted_fraction: expected a number in (0, 1], e.g. 0.05")
+    pixels = _replace(pixels, max_redacted_fraction=float(fraction))
     templates = []
     for index, entry in enumerate(templates_raw):
         label = f"pixels.templates[{index}]"
@@ -283,10 +287,6 @@ def _parse_pixels(raw: Any) -> PixelsConfig:
             RegionTemplate(
                 manufacturer=str(entry.get("manufacturer", "")),
                 model=str(entry.get("model", "")),
-    fraction = pixels.max_redacted_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
-        raise ConfigError("pixels.max_redacted_fraction: expected a number in (0, 1], e.g. 0.05")
-    pixels = _replace(pixels, max_redacted_fraction=float(fraction))
                 rows=entry.get("rows"),
                 columns=entry.get("columns"),
                 regions=tuple(tuple(r) for r in regions),
