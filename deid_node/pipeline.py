@@ -304,6 +304,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     The output path is `dst_root/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` with the new UIDs.
     Never raises for a bad file: the outcome carries an error without patient values.
     """
+    from deid_node.deid.jpeg_markers import strip_pixel_data_markers
     from deid_node.deid.pixelcodec import unused_bits_possible
     from deid_node.deid.pixels import RedactionLimitError, redact_pixels
     from deid_node.deid.tags import deidentify_tags, identifying_values, residual_scan
@@ -328,6 +329,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         identifiers = identifying_values(ds, settings.deid)
         pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
         if settings.deid.redact_dicom_tags:
+            strip_pixel_data_markers(ds)  # text in JPEG COM/APPn segments of the frames
             deidentify_tags(
                 ds,
                 settings.deid,
