@@ -59,6 +59,20 @@ def test_planted_text_segments_are_removed_and_pixels_stay_equal(name: str) -> N
     assert np.array_equal(ds.pixel_array, expected)
 
 
+def test_a_comment_in_a_jpeg_2000_tile_part_header_goes_and_its_length_follows() -> None:
+    ds = dcmread(get_testdata_file("JPEG2000.dcm"))
+    expected = ds.pixel_array.copy()
+    frame = strip_markers(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    sot = frame.index(b"\xff\x90")
+    psot = int.from_bytes(frame[sot + 6 : sot + 10], "big")
+    com = _segment(b"\xff\x64", b"\x00\x01" + TEXT)
+    planted = bytearray(frame[: sot + 12] + com + frame[sot + 12 :])  # after the SOT segment
+    planted[sot + 6 : sot + 10] = (psot + len(com)).to_bytes(4, "big")
+    assert strip_markers(bytes(planted)) == frame
+    ds.PixelData = encapsulate([bytes(planted)])
+    assert np.array_equal(ds.pixel_array, expected)  # the planted file decodes too
+
+
 def test_adobe_and_jfif_segments_are_kept_and_unparseable_frames_left_alone() -> None:
     app0 = _segment(b"\xff\xe0", b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
     app14 = _segment(b"\xff\xee", b"Adobe\x00\x64\x00\x00\x00\x00\x01")

@@ -81,10 +81,12 @@ def _scan_end(frame: bytes, pos: int) -> int:
 
 def _strip_j2k(frame: bytes) -> bytes:
     """Main and tile-part headers are walked by marker lengths; each tile-part's data is
-    skipped by its SOT length (Psot), so the bit stream is never parsed."""
+    skipped by its SOT length (Psot), so the bit stream is never parsed. A COM removed from a
+    tile-part header shortens that tile-part: its Psot is lowered to match."""
     out = bytearray(frame[:2])
     pos, end, changed = 2, len(frame), False
     tile_end = None
+    psot_at = None  # where the current tile-part's Psot is in `out`
     while pos + 4 <= end:
         if frame[pos] != 0xFF:
             return frame
@@ -95,7 +97,7 @@ def _strip_j2k(frame: bytes) -> bytes:
             if tile_end is None or tile_end > end:
                 return frame
             out += frame[pos:tile_end]
-            pos, tile_end = tile_end, None
+            pos, tile_end, psot_at = tile_end, None, None
             continue
         length = int.from_bytes(frame[pos + 2 : pos + 4], "big")
         segment_end = pos + 2 + length
@@ -104,10 +106,12 @@ def _strip_j2k(frame: bytes) -> bytes:
         if marker == _J2K_SOT:
             psot = int.from_bytes(frame[pos + 6 : pos + 10], "big")
             tile_end = pos + psot if psot else end
+            psot_at = len(out) + 6 if psot else None
         if marker == _J2K_COM:
             changed = True
-            if tile_end is not None:
-                return frame  # a COM in a tile-part header changes its Psot: leave it whole
+            if psot_at is not None:
+                psot = int.from_bytes(out[psot_at : psot_at + 4], "big") - (length + 2)
+                out[psot_at : psot_at + 4] = psot.to_bytes(4, "big")
         else:
             out += frame[pos:segment_end]
         pos = segment_end
