@@ -38,11 +38,13 @@ from textimages import (
     to_stored,
 )
 
-from deid_node.config import PixelsConfig, RegionTemplate
+from deid_node.config import DeidConfig, PixelsConfig, RegionTemplate
 from deid_node.deid.pixels import RedactionLimitError, redact_pixels
 from deid_node.deid.sensitive import SensitiveTextClassifier
 from deid_node.errors import PixelError
 from deid_node.modes import DeidentifyRedactTextMode as Mode
+from deid_node.modes import SeriesPolicy
+from deid_node.pipeline import DeidJob, PipelineSettings, SourceFile, deidentify_file, run_series
 
 # The generated images carry big text on small frames (4 lines of up to 25 px on 640x480):
 # their redaction changes 3-8% of a frame, above the 5% default guard, tested on its own below.
@@ -740,3 +742,56 @@ def test_undecodable_transfer_syntax_is_refused_with_its_name(uid: str, name: st
 def test_header_name_in_any_order_case_or_initial_is_identifying(text: str) -> None:
     classifier = SensitiveTextClassifier(["Smith^Mary"])
     assert classifier.reason(text) == "identifier"
+
+
+# --- through the pipeline: report rows and quarantine ---------------------------------------------
+
+
+def pipeline_settings(mode: Mode, **pixels: float) -> PipelineSettings:
+    return PipelineSettings(
+        deid=DeidConfig(redact_pixels_mode=mode),
+        pixels=PixelsConfig(**pixels),
+        conditions=(),
+        policy=SeriesPolicy.PER_INSTANCE,
+        secret=b"p" * 32,
+        durable=False,
+    )
+
+
+@pytest.mark.ocr
+def test_report_rows_give_the_fraction_changed_and_quarantine_past_the_guard(tmp_path) -> None:
+    ds, _ = planted_instance("RGB", seed=5)
+    ds.save_as(tmp_path / "in.dcm", enforce_file_format=True)
+    source = [SourceFile("in.dcm", tmp_path / "in.dcm")]
+    held = run_series(
+        source, pipeline_settings(Mode.REDACT_ALL_TEXT, max_redacted_fraction=0.01), tmp_path / "a"
+    )
+    row = held.results[0]
+    assert row.state == "quarantined" and row.deid_path is None
+    assert "pixels.max_redacted_fraction" in row.report["error"]
+    assert row.report["pixels"]["changed_fraction"] > 0.01
+    passed = run_series(
+        source, pipeline_settings(Mode.REDACT_ALL_TEXT, max_redacted_fraction=0.25), tmp_path / "b"
+    )
+    row = passed.results[0]
+    assert row.state == "processed"
+    assert 0.01 < row.report["pixels"]["changed_fraction"] < 0.25
+
+
+def test_no_text_mode_clears_overlay_bits_of_large_native_pixel_data(tmp_path) -> None:
+    """Large native pixel data is normally streamed from file to file in REDACT_NO_TEXT; with
+    unused high bits it is read, and the overlay there cleared."""
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 4096, (1024, 1024), dtype=np.uint16)  # 2 MiB: above streaming size
+    ds = make_instance("MR", photometric="MONOCHROME2", pixel_array=values)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    raw = values.copy()
+    raw[100:140, 100:900] |= 1 << 15
+    ds.PixelData = raw.tobytes()
+    ds.save_as(tmp_path / "in.dcm", enforce_file_format=True)
+    outcome = deidentify_file(
+        DeidJob(tmp_path / "in.dcm", tmp_path / "out"), pipeline_settings(Mode.REDACT_NO_TEXT)
+    )
+    assert outcome.error is None and outcome.pixels["unused_bits_cleared"]
+    written = pydicom.dcmread(outcome.path)
+    assert raw_high_bits(written) == 0 and np.array_equal(written.pixel_array, values)

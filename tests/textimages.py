@@ -220,17 +220,19 @@ def name_variants(header_name: str) -> tuple[str, ...]:
 
 
 def hard_text_image(
-    seed: int, height: int = 600, width: int = 800
+    seed: int, height: int = 600, width: int = 800, *, blank: bool = False
 ) -> tuple[np.ndarray, list[Planted], str]:
     """Harder draws than text_image: small (6-14 px) and low-contrast text, the header's own
     name written in another order or case; returns the image, the planted strings and the
-    header PatientName the image belongs to."""
+    header PatientName the image belongs to. `blank`: the same background, nothing drawn."""
     rng = np.random.default_rng(10_000 + seed)
     header = HEADER_NAMES[seed % len(HEADER_NAMES)]
     variants = name_variants(header)
     grey = background(rng, height, width)
     colour = bool(seed % 2)
     image = np.repeat(grey[:, :, None], 3, axis=2) if colour else grey.copy()
+    if blank:
+        return image, [], header
     texts = [
         str(rng.choice(variants)),
         str(rng.choice(variants)),
