@@ -363,7 +363,8 @@ def test_series_of_a_slow_association_is_judged_in_one_round_after_its_release(t
 def _quarantine_one_by_an_unreadable_spool_file(tmp_path: Path, raw: dict, paths: list[Path]):
     """Receive the series with the node, make one spooled original unreadable while the node
     is down (as a failing disk would), and let a new node process the series: that instance
-    is quarantined, the others go. Returns (node, the unreadable spool file, its hidden copy)."""
+    is quarantined (the unreadable file kept), the others go.
+    Returns (node, the original's good bytes, where the quarantine keeps it)."""
     from deid_node.store import Store
 
     raw["series"]["stable_seconds"] = 60  # not processed by this node
@@ -375,14 +376,16 @@ def _quarantine_one_by_an_unreadable_spool_file(tmp_path: Path, raw: dict, paths
     store = Store(tmp_path / "data", readonly=True)
     spooled = Path(store.batch_instances(1)[1]["spool_path"])
     store.close()
-    hidden = spooled.with_suffix(".away")
-    spooled.rename(hidden)
+    good = spooled.read_bytes()
+    spooled.write_bytes(b"\0" * 64)
     raw["series"]["stable_seconds"] = 1
     node = start(raw)
     wait_until(lambda: settled(node, 1), 60, what="first round processed")
-    states = [r["state"] for r in node.store.batch_instances(1)]
-    assert states.count("quarantined") == 1, states
-    return node, spooled, hidden
+    quarantined = [r for r in node.store.reports() if r.get("quarantine")]
+    assert len(quarantined) == 1, quarantined
+    kept = Path(quarantined[0]["quarantine"])
+    assert kept.read_bytes() == b"\0" * 64
+    return node, good, kept
 
 
 def test_retry_processes_a_quarantined_instance_again_once_the_cause_is_fixed(tmp_path, capsys):
@@ -394,10 +397,10 @@ def test_retry_processes_a_quarantined_instance_again_once_the_cause_is_fixed(tm
     config_path.write_text(_toml({**raw, "series": {**raw["series"], "stable_seconds": 1}}))
     series = make_series(3, "CT")
     paths = write_series(series, tmp_path / "in")
-    node, spooled, hidden = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
+    node, good, kept = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
     try:
         assert len(list(out.rglob("*.dcm"))) == 2
-        hidden.rename(spooled)  # the operator fixed the disk
+        kept.write_bytes(good)  # the operator restored the file
         uid = series[0].SeriesInstanceUID
         assert cli_main(["retry", "--config", str(config_path), "--series", uid]) == 0
         assert "1 quarantined instances" in capsys.readouterr().out
@@ -417,7 +420,7 @@ def test_re_sent_instance_that_was_quarantined_is_processed_again(tmp_path):
     )
     series = make_series(3, "CT")
     paths = write_series(series, tmp_path / "in")
-    node, _spooled, _hidden = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
+    node, _good, _kept = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
     try:
         # The modality sends the whole series again, same bytes: only the quarantined one is
         # new work; the two forwarded ones are acknowledged and dropped.
