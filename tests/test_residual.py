@@ -304,3 +304,17 @@ def test_text_in_an_icc_profile_is_read() -> None:
     identifiers = identifying_values(_instance(PatientName="Zyxwortha^Quilliam"))
     out = _instance(ICCProfile=b"\x00" * 64 + b"desc Zyxwortha\x00")
     assert [h.keyword for h in residual_scan(out, identifiers)] == ["ICCProfile"]
+
+
+def test_what_a_retain_option_keeps_is_no_evidence_of_an_issuer_named_alike() -> None:
+    original = _instance(
+        InstitutionName="Saint Quarvington Hospital",
+        IssuerOfPatientID="Quarvington MPI",
+        StationName="QUARVCT01",
+        DetectorID="QUARVCT01",
+    )
+    out = _instance(InstitutionName="Saint Quarvington Hospital", StationName="QUARVCT01")
+    kept = DeidConfig(profile_options=("Retain Institution Identity", "Retain Device Identity"))
+    assert residual_scan(out, identifying_values(original, kept)) == []
+    hits = residual_scan(out, identifying_values(original, DeidConfig()))
+    assert sorted(h.keyword for h in hits) == ["InstitutionName", "StationName"]

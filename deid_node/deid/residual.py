@@ -61,6 +61,7 @@ PHONE = "telephone"
 INSTITUTION = "institution"
 DEVICE = "device"
 OTHER = "other"
+RETAINED = "retained"  # collected only to know what a Retain option keeps, never evidence
 
 _KIND_BY_KEYWORD: dict[str, str] = {
     "PatientID": ID,
@@ -183,8 +184,8 @@ class Identifiers(Sequence[str]):
     """The identifying values of one instance (a sequence of strings, for the OCR classifier),
     plus what the scan must not count as evidence: values the input holds in attributes kept as
     technical (`technical`: make, model, software; `terms`: defined terms, CS values; `codes`:
-    codes and meanings of published schemes; `numbers`: kept IS/DS values), and the node's own
-    values."""
+    codes and meanings of published schemes; `numbers`: kept IS/DS values; `retained`: the
+    institution or device a Retain option keeps), and the node's own values."""
 
     def __init__(
         self,
@@ -195,6 +196,7 @@ class Identifiers(Sequence[str]):
         terms: Iterable[str] = (),
         codes: Iterable[str] = (),
         numbers: Iterable[int] = (),
+        retained: Iterable[str] = (),
     ) -> None:
         self.values: tuple[str, ...] = tuple(values)
         self.pseudonym_prefix = pseudonym_prefix
@@ -203,6 +205,7 @@ class Identifiers(Sequence[str]):
         self.terms: tuple[str, ...] = tuple(terms)
         self.codes: tuple[str, ...] = tuple(codes)
         self.numbers: frozenset[int] = frozenset(numbers)
+        self.retained: tuple[str, ...] = tuple(retained)
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -238,10 +241,12 @@ def identifying_values(ds: Dataset, config: DeidConfig | None = None) -> Identif
     options = set(config.profile_options) if config else set()
     kinds = _table_id_kinds(option_columns(o for o in OPTIONS if o in options))
     kinds |= _KIND_BY_KEYWORD
-    if "Retain Institution Identity" not in options:
-        kinds |= _INSTITUTION_KEYWORDS
-    if "Retain Device Identity" not in options:
-        kinds |= _DEVICE_KEYWORDS
+    # What a Retain option keeps is in the output by choice: an issuer named like the kept
+    # institution is no leak there.
+    retain_institution = "Retain Institution Identity" in options
+    kinds |= {k: RETAINED if retain_institution else v for k, v in _INSTITUTION_KEYWORDS.items()}
+    retain_device = "Retain Device Identity" in options
+    kinds |= {k: RETAINED if retain_device else v for k, v in _DEVICE_KEYWORDS.items()}
     dates = not any("Longitudinal" in o for o in options)
     by_tag = {_tag(k): kind for k, kind in kinds.items()}
     found: dict[str, IdentifyingValue] = {}
@@ -260,6 +265,7 @@ def identifying_values(ds: Dataset, config: DeidConfig | None = None) -> Identif
         terms=kept.terms,
         codes=kept.codes,
         numbers=kept.numbers,
+        retained=kept.retained,
     )
 
 
@@ -290,6 +296,7 @@ class _Kept:
         self.terms: dict[str, None] = {}  # defined terms (CS values)
         self.codes: dict[str, None] = {}  # codes and meanings of published coding schemes
         self.numbers: set[int] = set()  # whole numbers of kept IS/DS attributes
+        self.retained: dict[str, None] = {}  # institution or device kept by a Retain option
 
 
 @cache
@@ -353,6 +360,8 @@ def _collect(
             for value in values:
                 for part in _name_parts(value):
                     found.setdefault(part, IdentifyingValue(part, NAME))
+        elif by_tag.get(tag) == RETAINED:
+            kept.retained.update(dict.fromkeys(values))
         elif tag in by_tag:
             kind = by_tag[tag]
             for value in values:
@@ -676,7 +685,8 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
     """A matcher for the values that would be evidence of a leak. Not evidence: the node's own
     values; a single name word, an institution, address or device name that the input holds as
     a whole defined term (HEAD, PRIMARY) or in a standard code's meaning (Head, X-Ray); a
-    device name the input also keeps as make or model; a numeric ID equal to a kept number.
+    device name the input also keeps as make or model; an institution, address or device
+    that a Retain option keeps; a numeric ID equal to a kept number.
     Anything else typed into a kept attribute (an ID, a whole name, a date in a technical field,
     a name word inside a longer defined term) stays evidence."""
     candidates = [v if hasattr(v, "kind") else _guess(v) for v in identifiers if v]
@@ -684,6 +694,7 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
     terms = {"".join(_tokens(fold(t))) for t in getattr(identifiers, "terms", ())}
     codes = "\\".join(getattr(identifiers, "codes", ()))
     technical = "\\".join(getattr(identifiers, "technical", ()))
+    retained = "\\".join(getattr(identifiers, "retained", ()))
     numbers = getattr(identifiers, "numbers", frozenset())
     kept = []
     for value in candidates:
@@ -693,6 +704,8 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
         kind, tokens = value.kind, _tokens(fold(value))
         compact = "".join(tokens)
         if kind == DEVICE and single.find(technical):
+            continue
+        if kind in (INSTITUTION, ADDRESS, DEVICE) and retained and single.find(retained):
             continue
         if kind == INSTITUTION and _names_a_vendor(value) and single.find(technical):
             continue  # a vendor's own site: its name in Manufacturer is the vendor
