@@ -5,7 +5,8 @@ one lock (SQLite serialises writers anyway); WAL with synchronous=FULL makes a c
 durable before the SCP answers Success. Other modules call named functions, never SQL.
 
 - schema.py: batch states and the numbered migrations;
-- base.py: opening the database, transactions, queries;
+- lock.py: one process owns a data folder (flock, taken before anything is touched);
+- base.py: opening the database, transactions, queries, paths relative to data_dir;
 - spool.py: received bytes (tmp/, spool/) and their clean-up;
 - quarantine.py: kept originals and the rows of refused instances;
 - reports.py: per-file reports and status;
