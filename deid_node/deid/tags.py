@@ -21,8 +21,10 @@ sequence depth and in the file meta. Policy beyond the table, chosen deliberatel
   Graphics included: we cannot clean an overlay bitmap); group lengths are removed. A public
   attribute survives only if data/keep-public.csv keeps it: by VR (codes, numbers, UIDs,
   sequences, whose items are cleaned by the same rules) or by keyword (pixel data, LUTs, waveform
-  samples, equipment make and model, coded entries, acquisition technique; some only when they
-  hold no identifying value). Everything else, unknown public attributes and binary VRs
+  samples, equipment make and model, coded entries, acquisition technique). Kept free text is
+  cleaned like C: a value holding an identifying value of the instance (an in-house device
+  whose Manufacturer is the institution, a local code meaning a name) is removed, emptied or
+  dummied as the IOD requires. Everything else, unknown public attributes and binary VRs
   included, is removed; Encrypted Attributes, Digital Signatures, MAC Parameters and Original
   Attributes Sequences always are. DA/DT/TM are removed unless a Retain Longitudinal option is
   selected.
