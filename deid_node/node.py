@@ -395,13 +395,16 @@ class Node:
             )
 
         try:
-            send_batch(
-                dest,
-                items,
-                on_stored,
-                on_refused,
-                max_decoded_bytes=self.config.node.max_instance_mb * 2**20,
-            )
+            # Nothing left (a kill after the last acknowledgement was committed, before the
+            # delivery was marked done): no association, the delivery settles below.
+            if items:
+                send_batch(
+                    dest,
+                    items,
+                    on_stored,
+                    on_refused,
+                    max_decoded_bytes=self.config.node.max_instance_mb * 2**20,
+                )
             refused = self.store.refused_by_destination(batch["id"], dest.name)
             if refused:
                 # Everything else arrived; the refused ones fail the delivery without a retry.

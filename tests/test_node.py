@@ -433,3 +433,34 @@ def test_re_sent_instance_that_was_quarantined_is_processed_again(tmp_path):
         assert report["attempt"] == 2 and report["round"] == 2 and report["url_deid"]
     finally:
         node.stop()
+
+
+def test_delivery_left_pending_after_its_last_acknowledgement_settles_without_sending(tmp_path):
+    """A kill -9 after the last instance's acknowledgement was committed and before the
+    delivery was marked done: after restart nothing is left to send, and the series settles."""
+    import sqlite3
+
+    from faultpeers import FaultySCP, dicom_destination
+
+    with FaultySCP() as scp:
+        raw = node_config(tmp_path, dicom_destination(scp))
+        node = start(raw)
+        try:
+            paths = write_series(make_series(2, "CT"), tmp_path / "in")
+            assert storescu(node.port, paths).returncode == 0
+            wait_until(lambda: settled(node, 1), 60, what="forwarded")
+        finally:
+            node.stop()
+        conn = sqlite3.connect(tmp_path / "data" / "deid-node.sqlite")
+        with conn:  # the state that kill leaves behind
+            conn.execute("UPDATE deliveries SET state = 'pending', attempts = 0")
+            conn.execute("UPDATE batches SET state = 'forwarding', finished_at = NULL")
+        conn.close()
+        node = start(raw)
+        try:
+            rows = wait_until(lambda: settled(node, 1), 30, what="settled after restart")
+            assert rows[0]["state"] == "forwarded"
+            assert node.store.query("SELECT attempts FROM deliveries")[0]["attempts"] == 1
+        finally:
+            node.stop()
+        assert scp.calls == 2, "an acknowledged instance was sent again"
