@@ -6,8 +6,9 @@ would hold it. A value "leaves" when it is in the written file: in any decoded t
 depth, or in the bytes of the file (UTF-8 or latin-1, any case). A quarantine (an error and no
 file) is a correct answer for a leak test; for an innocent file it is a false positive.
 
-Tests marked xfail(strict=True) are open findings: a leak, or a false quarantine. They flip to
-XPASS (and fail, being strict) when the code is fixed: then remove the mark.
+The audit's 35 findings (leaks and false quarantines, once strict xfails) are fixed; each test
+here now shows that its value does not leave, or that its innocent file is written. A new
+finding goes in as xfail(strict=True) until the code is fixed.
 """
 
 from __future__ import annotations

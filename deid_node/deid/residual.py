@@ -709,7 +709,11 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
             continue
         if kind == INSTITUTION and _names_a_vendor(value) and single.find(technical):
             continue  # a vendor's own site: its name in Manufacturer is the vendor
-        named = kind in (INSTITUTION, ADDRESS, DEVICE) or (kind == NAME and len(tokens) == 1)
+        named = (
+            kind in (INSTITUTION, ADDRESS, DEVICE)
+            or (kind == NAME and len(tokens) == 1)
+            or (kind == ID and compact.isalpha())  # a time point ID BASELINE, a site ID
+        )
         if named and (compact in terms or single.find(codes)):
             continue
         if kind == ID and compact.isdigit() and int(compact) in numbers:
