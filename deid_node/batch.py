@@ -276,6 +276,13 @@ def _fresh_pool_like(executor: Executor) -> Executor:
     return make_process_pool(workers, start_method="fork")
 
 
+def check_inputs(inputs: Iterable[str | os.PathLike[str]]) -> None:
+    """Every input is a local path or file:// URL that exists (InputError naming it if not)."""
+    for given in inputs:
+        if not path_from_url(given).exists():
+            raise InputError(f"no such file or folder: {os.fspath(given)}")
+
+
 def check_report_path(report: Path, out_dir: Path) -> Path:
     """The batch report maps original UIDs to new ones: it must never land in the shared --out."""
     report_abs, out_abs = report.resolve(), out_dir.resolve()

@@ -110,8 +110,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
     from deid_node.api import DEFAULT_DATA_DIR, build_settings, worker_pool
-    from deid_node.batch import check_report_path, run_batch, write_report
+    from deid_node.batch import check_inputs, check_report_path, run_batch, write_report
 
+    # Checked before anything runs: a mistyped path must not replace an earlier report.
+    check_inputs(args.paths)
     report_path = check_report_path(args.report, args.out)
     config = load_config(args.config) if args.config else Config()
     deid = config.deid

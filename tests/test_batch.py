@@ -211,10 +211,14 @@ def test_cli_bad_arguments(tmp_path):
         ).returncode
         == 2
     )
+    (tmp_path / "deid-report.json").write_text("[]  earlier run")
     missing = run_cli(
-        "deidentify", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), cwd=tmp_path
-    )
+        "deidentify", str(tmp_path), str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
+        cwd=tmp_path,
+    )  # fmt: skip
     assert missing.returncode == 1 and "no such file or folder" in missing.stderr
+    # A mistyped path stops the run before anything: the earlier report stays.
+    assert (tmp_path / "deid-report.json").read_text() == "[]  earlier run"
     bad_config = tmp_path / "bad.toml"
     bad_config.write_text("[deid]\nredact_pixels_mode = 'SOME'\n")
     result = run_cli(
