@@ -33,17 +33,19 @@ from textimages import (
     blank_image,
     draw_text,
     found_strings,
+    name_variants,
     tesseract_text,
     text_image,
     to_stored,
 )
 
-from deid_node.config import DeidConfig, PixelsConfig, RegionTemplate
-from deid_node.deid.pixels import RedactionLimitError, redact_pixels
+from deid_node.config import DeidConfig, PixelsConfig, RegionTemplate, parse_config
+from deid_node.deid.pixels import TEXT_RULES, RedactionLimitError, redact_pixels, text_boxes
 from deid_node.deid.sensitive import SensitiveTextClassifier
-from deid_node.errors import PixelError
+from deid_node.errors import ConfigError, PixelError
 from deid_node.modes import DeidentifyRedactTextMode as Mode
 from deid_node.modes import SeriesPolicy
+from deid_node.ocr import TextBox
 from deid_node.pipeline import DeidJob, PipelineSettings, SourceFile, deidentify_file, run_series
 
 # The generated images carry big text on small frames (4 lines of up to 25 px on 640x480):
@@ -795,3 +797,40 @@ def test_no_text_mode_clears_overlay_bits_of_large_native_pixel_data(tmp_path) -
     assert outcome.error is None and outcome.pixels["unused_bits_cleared"]
     written = pydicom.dcmread(outcome.path)
     assert raw_high_bits(written) == 0 and np.array_equal(written.pixel_array, values)
+
+
+def test_text_boxes_keep_confident_reads_and_the_unread_rest_of_their_line() -> None:
+    rule = TEXT_RULES["rapidocr"]
+    name = TextBox(10, 10, 120, 20, "Montague zy", 0.99)
+    rest = TextBox(140, 12, 56, 16, "", 0.0)  # the line's end, unreadable
+    vessel = TextBox(300, 200, 80, 90, "O", 0.67)  # anatomy: one glyph, low score
+    sulcus = TextBox(100, 300, 230, 190, "Fim", 0.24)
+    marker = TextBox(500, 20, 12, 14, "R", 0.95)
+    faint = TextBox(10, 400, 90, 12, "IH=2", 0.51)
+    text, parts = text_boxes([name, rest, vessel, sulcus, marker, faint], rule)
+    assert text == [name, marker, faint] and parts == [rest]
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1, "5%", True])
+def test_max_redacted_fraction_is_validated_and_named(value: object) -> None:
+    folder = [{"name": "d", "type": "folder", "path": "/tmp/deid-node-unused"}]
+    with pytest.raises(ConfigError, match="pixels.max_redacted_fraction"):
+        parse_config({"pixels": {"max_redacted_fraction": value}, "destinations": folder})
+    ok = parse_config({"pixels": {"max_redacted_fraction": 0.1}, "destinations": folder})
+    assert ok.pixels.max_redacted_fraction == 0.1
+    assert PixelsConfig().max_redacted_fraction == 0.05
+
+
+@pytest.mark.ocr
+@pytest.mark.parametrize("mode", [Mode.REDACT_ALL_TEXT, Mode.REDACT_SENSITIVE_TEXT])
+def test_secondary_capture_with_the_header_name_in_other_forms_keeps_none_readable(
+    mode: Mode,
+) -> None:
+    texts = (*name_variants("Smith^Mary")[:3], "PIDQX778812")
+    image, planted = text_image(41, H, W, colour=True, texts=texts, min_scale=0.5)
+    ds = make_instance("SC", photometric="RGB", pixel_array=image)
+    ds.PatientName = "Smith^Mary"
+    before = stored_frames(ds).copy()
+    outcome = redact_pixels(ds, mode, CONFIG, ["Smith^Mary", "PIDQX778812"])
+    assert outcome.boxes >= 4
+    assert_redacted(before, ds, planted)
