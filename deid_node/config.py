@@ -53,6 +53,21 @@ class NodeConfig:
     # Refuse (0xA700) instances larger than this, and any instance when free disk is below.
     max_instance_mb: int = 2048
     min_free_disk_mb: int = 1024
+    # Refuse (0xA700) an instance whose pixels would decode to more than this
+    # (Rows x Columns x SamplesPerPixel x bytes per sample x NumberOfFrames), compressed or not.
+    max_decoded_mb: int = 2048
+    # Network limits, enforced on the bytes as they arrive (scp/server.py, scp/limits.py).
+    # Largest P-DATA-TF PDU we announce and accept (a longer one aborts the association).
+    max_pdu_kb: int = 256
+    # Per association: bytes and seconds (0: no limit); past either it is aborted.
+    max_association_mb: int = 102400
+    max_association_seconds: float = 14400.0
+    # Associations at once (counted from a complete A-ASSOCIATE-RQ; more are rejected).
+    max_associations: int = 32
+    # Connections that have not sent their A-ASSOCIATE-RQ yet (TLS handshake included): each
+    # is closed after association_request_timeout_seconds, the oldest first past the cap.
+    max_pending_connections: int = 64
+    association_request_timeout_seconds: float = 10.0
     # Threads that run series through the pipeline, off the SCP's association threads.
     workers: int = 2
     # Keep originals in the spool this long after their series left or was rejected.
@@ -185,6 +200,7 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     for key in ("max_instance_mb", "min_free_disk_mb", "workers"):
         if getattr(node, key) < (1 if key == "workers" else 0):
             raise ConfigError(f"node.{key}: must be positive")
+    _check_network_limits(node)
     node = _replace(node, data_dir=Path(node.data_dir).absolute())
 
     series = _section(SeriesConfig, raw.get("series", {}), "series")
@@ -401,6 +417,24 @@ def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected an array of tables ([[{key}]])")
     return value
+
+
+def _check_network_limits(node: NodeConfig) -> None:
+    at_least = {
+        "max_decoded_mb": 0,  # 0: no limit
+        "max_pdu_kb": 4,
+        "max_association_mb": 0,
+        "max_association_seconds": 0,
+        "max_associations": 1,
+        "max_pending_connections": 1,
+    }
+    for key, low in at_least.items():
+        if getattr(node, key) < low:
+            raise ConfigError(f"node.{key}: must be >= {low}")
+    if node.max_pdu_kb > 65536:
+        raise ConfigError("node.max_pdu_kb: must be <= 65536 (64 MiB)")
+    if node.association_request_timeout_seconds <= 0:
+        raise ConfigError("node.association_request_timeout_seconds: must be > 0")
 
 
 def _check_port(port: int, key: str) -> None:

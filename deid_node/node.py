@@ -19,22 +19,13 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from pynetdicom.fsm import TRANSITION_TABLE
-
 from deid_node.config import Config, DestinationConfig
 from deid_node.deid.uids import load_or_create_secret
 from deid_node.errors import ConfigError, DestinationUnreachableError
 from deid_node.forward import DestinationLink, Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
 from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
-from deid_node.scp import (
-    StoreLimits,
-    ae_title_text,
-    build_ae,
-    enable_chunked_receive,
-    handlers,
-    server_ssl_context,
-)
+from deid_node.scp import enable_chunked_receive, start_server
 from deid_node.store import Store
 
 log = get_logger("deid_node.node")
@@ -67,7 +58,6 @@ class Node:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: Any = None
-        self._ae: Any = None
         self._workers = ThreadPoolExecutor(
             max_workers=config.node.workers, thread_name_prefix="series"
         )
@@ -88,17 +78,8 @@ class Node:
         )
         node = self.config.node
         enable_chunked_receive(node.data_dir / "tmp")
-        ae = self._ae = build_ae(node)
-        limits = StoreLimits(
-            node.max_instance_mb * 1024 * 1024, node.min_free_disk_mb * 1024 * 1024
-        )
         try:
-            self._server = ae.start_server(
-                (node.host, node.port),
-                block=False,
-                evt_handlers=handlers(self.store, limits),
-                ssl_context=server_ssl_context(node.tls) if node.tls else None,
-            )
+            self._server = start_server(node, self.store)
         except OSError as exc:
             raise ConfigError(
                 f"node.port: cannot listen on {node.host}:{node.port}: {exc.strerror or exc}"
@@ -124,9 +105,9 @@ class Node:
     def stop(self) -> None:
         """Stop accepting, let associations and batches in progress finish, persist, exit."""
         if self._server is not None:
-            self._ae.stopping = True  # new associations are rejected from now on
-            self._wait_for_associations(self.config.node.network_timeout_seconds)
-            self._server.shutdown()
+            # New associations are rejected from now on, connections without one closed; those
+            # in progress get up to network_timeout_seconds to finish (scp/server.py).
+            self._server.stop(self.config.node.network_timeout_seconds)
             self._server = None
         self.request_stop()
         for thread in self._threads:
@@ -135,31 +116,6 @@ class Node:
         self._pool.shutdown(wait=True)
         self.store.close()
         log.info("node_stopped")
-
-    def _wait_for_associations(self, timeout: float) -> None:
-        """Let established associations finish (each instance is acknowledged or refused).
-
-        A connection that never sent an A-ASSOCIATE-RQ (a port probe, a health check) holds a
-        pynetdicom thread until acse_timeout; there is nothing in it to finish, so it is aborted.
-        """
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            established = [a for a in self._ae.active_associations if a.is_established]
-            if not established:
-                break
-            time.sleep(0.1)
-        for assoc in self._ae.active_associations:
-            # An association already on its way out (rejected, released: awaiting the peer's
-            # close) must not be aborted: pynetdicom's state machine raises in its own thread.
-            state = assoc.dul.state_machine.current_state
-            if ("Evt15", state) not in TRANSITION_TABLE:
-                continue
-            if assoc.is_established:
-                log.warning(
-                    "association_aborted_at_stop",
-                    calling_ae=ae_title_text(assoc.requestor.ae_title),
-                )
-            assoc.abort()
 
     def request_stop(self) -> None:
         """Ask serve_forever to stop (safe from a signal handler)."""

@@ -17,6 +17,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,12 @@ from faultpeers import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peers import REPO, storescu, wait_until
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom import config as pydicom_config
+from pydicom.data import get_testdata_file
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import generate_uid
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
@@ -129,7 +132,11 @@ def lax_values() -> Iterator[None]:
 
 
 def in_quarantine(node: RunningNode, path: str | None) -> bool:
-    return bool(path) and Path(path).parent == node.data_dir / "quarantine" and Path(path).exists()
+    """`path` (relative to data_dir, or absolute) is a file under <data_dir>/quarantine/."""
+    if not path:
+        return False
+    full = node.data_dir / path  # an absolute `path` stays as it is
+    return full.parent == node.data_dir / "quarantine" and full.exists()
 
 
 def query_failed(node: RunningNode) -> list[dict]:
@@ -223,27 +230,67 @@ def test_dataset_that_differs_from_the_request_is_refused_with_a900(node, tmp_pa
     still_serving(node, tmp_path / "good")
 
 
-# -- accepted by the SCP, contained by the pipeline ---------------------------------------------
+# -- refused at receive by their pixel attributes -------------------------------------------
 
 
-def test_pixel_data_shorter_than_its_header_is_quarantined_by_the_pipeline(node, tmp_path):
+def test_pixel_data_shorter_than_its_header_is_refused_with_c000_and_quarantined(node, tmp_path):
     mismatch = make_instance("CT")
     mismatch.Rows, mismatch.Columns = 512, 512  # 64 x 64 pixels behind it
     whole = make_instance("CT")
     data = save(whole, tmp_path / "whole.dcm").read_bytes()
     (tmp_path / "truncated_pixels.dcm").write_bytes(data[:-3000])
-    files = [save(mismatch, tmp_path / "mismatch.dcm"), tmp_path / "truncated_pixels.dcm"]
-    assert send_raw(node.port, files) == [SUCCESS, SUCCESS]
+    odd = make_instance("CT", rows=3, columns=3)  # 9 bytes of 8-bit pixels + 1 padding: fine
+    odd.BitsAllocated = odd.BitsStored = 8
+    odd.HighBit = 7
+    odd.PixelData = bytes(range(9)) + b"\0"
+    files = [
+        save(mismatch, tmp_path / "mismatch.dcm"),
+        tmp_path / "truncated_pixels.dcm",
+        save(odd, tmp_path / "odd.dcm"),
+    ]
+    assert send_raw(node.port, files) == [CANNOT_UNDERSTAND, CANNOT_UNDERSTAND, SUCCESS]
     for ds in (mismatch, whole):
-        batch = node.settled_batch(ds.SeriesInstanceUID, "failed")
-        [row] = node.rows("SELECT * FROM instances WHERE batch_id = ?", (batch["id"],))
-        assert row["state"] == "quarantined" and "pixel data" in row["error"]
-        report = json.loads(row["report"])
-        assert in_quarantine(node, report["quarantine"]) and report["url_deid"] is None
+        row = node.refused(ds.SOPInstanceUID)
+        assert row["status"] == CANNOT_UNDERSTAND and "pixel data" in row["reason"]
+        assert in_quarantine(node, row["quarantine_path"])
+        assert not node.rows("SELECT id FROM instances WHERE sop_uid = ?", (ds.SOPInstanceUID,))
     failed = {r["SOPInstanceUID"]: r for r in query_failed(node)}
-    assert failed[mismatch.SOPInstanceUID]["series_state"] == "failed"
-    assert "pixel data" in failed[whole.SOPInstanceUID]["error"]
+    for ds in (mismatch, whole):
+        assert failed[ds.SOPInstanceUID]["series_state"] == "refused"
+        assert failed[ds.SOPInstanceUID]["dimse_status"] == "0xC000"
+    assert "differs from Rows x Columns" in failed[mismatch.SOPInstanceUID]["error"]
+    assert "past the end" in failed[whole.SOPInstanceUID]["error"]
+    node.settled_batch(odd.SeriesInstanceUID, "forwarded")
     still_serving(node, tmp_path / "good")
+
+
+def decompression_bomb(path: Path) -> tuple[Path, str]:
+    """A 3 KiB JPEG (pydicom's test file) whose header declares 8192 x 8192 RGB x 64 frames:
+    12 GiB once decoded."""
+    ds = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 8192
+    ds.NumberOfFrames = 64
+    return save(ds, path), ds.SOPInstanceUID
+
+
+def test_decompression_bomb_is_refused_at_receive_next_to_an_innocent_series(node, tmp_path):
+    bomb, sop_uid = decompression_bomb(tmp_path / "bomb.dcm")
+    assert bomb.stat().st_size < 16 * 1024
+    innocent = make_series(3, "CT")
+    files = write_series(innocent, tmp_path / "innocent")
+    with ThreadPoolExecutor(2) as pool:  # side by side, on two associations
+        sent_bomb = pool.submit(send_raw, node.port, [bomb])
+        sent_innocent = pool.submit(storescu, node.port, files)
+        assert sent_bomb.result() == [OUT_OF_RESOURCES]
+        assert sent_innocent.result().returncode == 0
+    row = node.refused(sop_uid)
+    assert row["status"] == OUT_OF_RESOURCES and "max_decoded_mb" in row["reason"]
+    assert in_quarantine(node, row["quarantine_path"])
+    batch = node.settled_batch(innocent[0].SeriesInstanceUID, "forwarded")
+    assert batch["processing_attempts"] == 1, "the innocent series was charged an attempt"
+    assert len(node.rows("SELECT id FROM instances WHERE batch_id = ?", (batch["id"],))) == 3
 
 
 def test_enormous_and_malformed_values_are_accepted_and_de_identified(node, tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -25,7 +27,10 @@ from faultpeers import (
     send_raw,
     write_config,
 )
-from peers import require, storescu, wait_until
+from peers import echoscu, require, storescu, wait_until
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit
+from rawdicom import closed_by_peer
 
 from deid_node.config import parse_config
 from deid_node.node import Node
@@ -144,6 +149,31 @@ def test_tls_scp_requires_a_client_certificate_from_the_ca(tmp_path):
         node.stop()
 
 
+def test_idle_tls_connections_do_not_block_a_tls_association(tmp_path):
+    """pynetdicom did the handshake on its accept thread, with no timeout: one idle connection
+    stopped every other. Now each handshake runs in its connection's own thread, bounded by
+    association_request_timeout_seconds."""
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert": str(pki["server_pem"]), "key": str(pki["server_key"]), "ca": str(pki["ca_pem"])}
+    raw = node_raw(
+        tmp_path / "data", [folder(tmp_path)], tls=tls, association_request_timeout_seconds=2
+    )
+    node = start(raw)
+    idle = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(3)]
+    try:
+        idle[1].sendall(b"\x16\x03\x01")  # the first bytes of a ClientHello, then nothing
+        assoc = associate(node.port, tls=client_context(pki), timeout=5)
+        assert assoc.is_established, "an idle TLS connection blocked the next peer"
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        for sock in idle:  # closed by the node once association_request_timeout_seconds passed
+            assert closed_by_peer(sock, timeout=10)
+    finally:
+        for sock in idle:
+            sock.close()
+        node.stop()
+
+
 def test_tls_scu_forwards_to_a_tls_destination(tmp_path):
     pki = make_pki(tmp_path / "pki")
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca_pem"]))
@@ -166,6 +196,40 @@ def test_tls_scu_forwards_to_a_tls_destination(tmp_path):
         finally:
             node.stop()
         assert len(set(scp.stored())) == 2
+
+
+# -- idle connections against the node process ----------------------------------------------------
+
+
+def test_idle_sockets_take_no_slot_and_sigterm_exits_promptly(tmp_path):
+    """40 connections that send nothing: DCMTK echoscu and storescu still succeed (they failed
+    with "Local Limit Exceeded"), and SIGTERM with 30 of them open ends the node at once (it
+    hung). The default association_request_timeout_seconds (10 s) is not reached here."""
+    raw = node_raw(tmp_path / "data", [folder(tmp_path)], network_timeout_seconds=60)
+    config = write_config(tmp_path / "node.toml", raw)
+    node = KillableNode(config, raw["node"]["port"], tmp_path / "node.log").start()
+    idle = [socket.create_connection(("127.0.0.1", node.port), timeout=10) for _ in range(40)]
+    try:
+        echo = echoscu(node.port)
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        sent = storescu(node.port, write_series(make_series(2), tmp_path / "in"))
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        for sock in idle[30:]:
+            sock.close()
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        try:
+            code = node.proc.wait(timeout=15)  # bounded; it used to hang
+        except subprocess.TimeoutExpired:
+            node.kill9()
+            pytest.fail("SIGTERM with 30 idle sockets open did not stop the node in 15 s")
+        assert code == 0
+        node.log.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert b"node_stopped" in (tmp_path / "node.log").read_bytes()
+    assert b"Traceback" not in (tmp_path / "node.log").read_bytes()
 
 
 # -- data at rest -------------------------------------------------------------------------------
@@ -239,6 +303,16 @@ def test_originals_are_deleted_once_forwarded_or_rejected(tmp_path):
 # -- no identity in logs, reports, errors -------------------------------------------------------
 
 
+def garbage_jpeg(path: Path) -> Path:
+    """A JPEG Baseline instance whose single fragment is not a JPEG stream."""
+    ds = make_instance("CT")
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"not a jpeg " * 50 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def test_no_planted_phi_in_logs_reports_or_errors(tmp_path):
     markers = phi_markers() + [v.encode() for v in PHI.values()]
     with FaultySCP(status_for=lambda n, _uid: 0xA700 if n == 1 else 0x0000) as scp:
@@ -250,12 +324,14 @@ def test_no_planted_phi_in_logs_reports_or_errors(tmp_path):
             passing = make_series(2, "CT")
             rejected = make_series(1, "CT", image_type="ORIGINAL\\PRIMARY")
             mismatch = make_instance("CT")
-            mismatch.Rows = mismatch.Columns = 512  # quarantined with an exception message
+            mismatch.Rows = mismatch.Columns = 512  # refused by the SCP: pixel data too short
             no_series = make_instance("CT")
             del no_series.SeriesInstanceUID  # refused by the SCP
             files = write_series(passing + rejected + [mismatch, no_series], tmp_path / "in")
             sent = storescu(node.port, files)
             assert "0xc000" in (sent.stdout + sent.stderr).lower() or sent.returncode != 0
+            # Accepted, then quarantined by the pipeline with a decoder's exception message.
+            assert send_raw(node.port, [garbage_jpeg(tmp_path / "garbage.dcm")]) == [0x0000]
             db = tmp_path / "data" / "deid-node.sqlite"
             wait_until(
                 lambda: (

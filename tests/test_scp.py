@@ -18,7 +18,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from deid_node.config import NodeConfig
-from deid_node.scp import StoreLimits, build_ae, enable_chunked_receive, handlers
+from deid_node.scp import StoreLimits, enable_chunked_receive, start_server
 from deid_node.store import Store
 
 BIG = 1 << 40
@@ -38,18 +38,19 @@ def scp(request, tmp_path):
         limits = limits or StoreLimits(BIG, 0)
         port = free_port()
         node = NodeConfig(
-            port=port, data_dir=tmp_path / "data", allowed_calling_aets=tuple(allowed)
+            host="127.0.0.1",
+            port=port,
+            data_dir=tmp_path / "data",
+            allowed_calling_aets=tuple(allowed),
+            min_free_disk_mb=0,  # the handlers' limits are the ones under test here
         )
         store = Store(node.data_dir)
-        server = build_ae(node).start_server(
-            ("127.0.0.1", port), block=False, evt_handlers=handlers(store, limits)
-        )
-        servers.append((server, store))
+        servers.append((start_server(node, store, limits), store))
         return port, store
 
     yield start
     for server, store in servers:
-        server.shutdown()
+        server.stop(5)
         store.close()
     _config.STORE_RECV_CHUNKED_DATASET = False
     _config.STORE_SEND_CHUNKED_DATASET = False
