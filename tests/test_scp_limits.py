@@ -205,6 +205,16 @@ def test_oversized_association_request_is_refused(scp):
     assert echoscu(port_of(server)).returncode == 0
 
 
+def test_first_pdu_other_than_an_association_request_is_aborted(scp):
+    server = scp()
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
+        sock.sendall(pdata_tf(1, 0x03, b"\0" * 40))  # data before any association
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == 0x07 and body[2:4] == b"\x02\x02"  # A-ABORT, unexpected PDU
+        assert closed_by_peer(sock)
+    assert echoscu(port_of(server)).returncode == 0
+
+
 def big_instance(folder: Path, mib: float) -> list[Path]:
     side = int((mib * MB / 2) ** 0.5)
     return write_series([make_instance("CT", rows=side, columns=side)], folder)

@@ -331,9 +331,9 @@ class NodeServer(ThreadedAssociationServer):
             if len(header) == 6:
                 conn.guard.feed(header)
                 if header[0] != ASSOCIATE_RQ:
-                    conn.cut("first PDU is not an A-ASSOCIATE-RQ")
                     with contextlib.suppress(OSError):
                         conn.sock.sendall(a_abort(ABORT_UNEXPECTED_PDU))
+                    conn.cut("first PDU is not an A-ASSOCIATE-RQ")
                     log.warning("connection_closed", peer=conn.peer, reason=conn.cut_reason)
                     return None
                 body = _recv_exactly(conn.sock, int.from_bytes(header[2:6], "big"), deadline)
@@ -345,10 +345,11 @@ class NodeServer(ThreadedAssociationServer):
         except TimeoutError:
             conn.cut("no A-ASSOCIATE-RQ within node.association_request_timeout_seconds")
         except ssl.SSLError as exc:
-            log.warning(
-                "tls_handshake_failed", peer=conn.peer, reason=exc.reason or type(exc).__name__
-            )
-            return None
+            if conn.cut_reason is None:  # not cut by us: the handshake itself failed
+                log.warning(
+                    "tls_handshake_failed", peer=conn.peer, reason=exc.reason or type(exc).__name__
+                )
+                return None
         except Refusal as refusal:
             with contextlib.suppress(OSError):
                 conn.sock.sendall(a_abort(refusal.abort_reason))
@@ -357,8 +358,9 @@ class NodeServer(ThreadedAssociationServer):
             return None
         except OSError:
             pass  # reset by the peer, or cut by us
-        if conn.cut_reason is None:
-            log.debug("connection_closed", peer=conn.peer, reason="closed before an A-ASSOCIATE-RQ")
+        if conn.cut_reason in (None, "node stopping"):  # a probe, or counted at stop
+            reason = conn.cut_reason or "closed before an A-ASSOCIATE-RQ"
+            log.debug("connection_closed", peer=conn.peer, reason=reason)
         else:
             log.info("connection_closed", peer=conn.peer, reason=conn.cut_reason)
         return None
@@ -399,6 +401,8 @@ class NodeServer(ThreadedAssociationServer):
             pending = list(self._pending)
         for conn in pending:
             conn.cut("node stopping")
+        if pending:
+            log.info("connections_closed_at_stop", connections=len(pending))
         deadline = time.monotonic() + grace_seconds
         while True:
             with self._lock:
