@@ -152,7 +152,9 @@ class StreamGuard:
     def _count_dataset(self, count: int) -> None:
         self.dataset_bytes += count
         if self.dataset_bytes > self.limits.max_instance_bytes:
-            raise Refusal("instance larger than node.max_instance_mb", dataset_bytes=self.dataset_bytes)
+            raise Refusal(
+                "instance larger than node.max_instance_mb", dataset_bytes=self.dataset_bytes
+            )
         if self.dataset_bytes > self._next_disk_check:
             self._next_disk_check = self.dataset_bytes + DISK_CHECK_EVERY_BYTES
             if shutil.disk_usage(self.limits.data_dir).free < self.limits.min_free_disk_bytes:
