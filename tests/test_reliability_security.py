@@ -141,10 +141,16 @@ def test_tls_scp_requires_a_client_certificate_from_the_ca(tmp_path):
         assert good.send_c_store(ds).Status == 0x0000
         good.release()
         assert node.store.query("SELECT id FROM instances WHERE sop_uid = ?", (ds.SOPInstanceUID,))
-        assert not associate(node.port).is_established, "plain TCP accepted by a TLS node"
-        assert not associate(node.port, tls=client_context(pki, None)).is_established
-        rogue = associate(node.port, tls=client_context(pki, "rogue_client"))
-        assert not rogue.is_established, "a client certificate from another CA was accepted"
+        with warnings.catch_warnings():
+            # pynetdicom's client drops the socket of a failed TLS connect unclosed when the
+            # node already reset it (AssociationSocket._shutdown_socket): a client-side leak.
+            warnings.simplefilter("ignore", ResourceWarning)
+            assert not associate(node.port).is_established, "plain TCP accepted by a TLS node"
+            assert not associate(node.port, tls=client_context(pki, None)).is_established
+            rogue = associate(node.port, tls=client_context(pki, "rogue_client"))
+            assert not rogue.is_established, "a client certificate from another CA was accepted"
+            del rogue
+            gc.collect()
     finally:
         node.stop()
 
