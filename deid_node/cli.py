@@ -1,4 +1,4 @@
-"""Command line: `deid-node serve | deidentify | status | retry | check-config`."""
+"""Command line: `deid-node serve | deidentify | status | retry | check-config | console`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--config", required=True, type=Path)
     retry.add_argument("--series", required=True, help="original SeriesInstanceUID")
     retry.set_defaults(func=cmd_retry)
+
+    console = sub.add_parser("console", help="operator console: manage its users")
+    console_sub = console.add_subparsers(required=True, metavar="ACTION")
+    add_user = console_sub.add_parser(
+        "add-user", help="add or replace a console user in console.users_file"
+    )
+    add_user.add_argument("name", metavar="NAME")
+    add_user.add_argument("--role", required=True, choices=["operator", "viewer"])
+    add_user.add_argument("--config", required=True, type=Path)
+    add_user.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    add_user.set_defaults(func=cmd_console_add_user)
     return parser
 
 
@@ -175,6 +188,23 @@ def cmd_retry(args: argparse.Namespace) -> int:
         "retry_requested", series_uid=args.series, deliveries=deliveries, **processing
     )
     return 0 if deliveries or processing["batches"] or processing["instances"] else EXIT_ERROR
+
+
+def cmd_console_add_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from deid_node.console.auth import add_user
+
+    config = load_config(args.config)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            raise DeidNodeError("console add-user: the passwords differ")
+    add_user(config.console.users_file, args.name, args.role, password)
+    print(f"{args.name} ({args.role}) written to {config.console.users_file}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -151,6 +151,18 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator console and /metrics, /healthz (deid_node/console); off unless enabled."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    users_file: Path = Path("var/console-users.toml")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
@@ -159,6 +171,7 @@ class Config:
     save_conditions: tuple[SaveDeidentifiedDicomCondition, ...] = ()
     destinations: tuple[DestinationConfig, ...] = ()
     source: Path | None = None
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     @property
     def data_dir(self) -> Path:
@@ -185,7 +198,7 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _reject_unknown(
-        raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations"}, ""
+        raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations", "console"}, ""
     )
     if not isinstance(raw.get("node", {}), Mapping):
         raise ConfigError("node: expected a table")
@@ -239,7 +252,25 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     names = [d.name for d in destinations]
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
-    return Config(node, series, deid, pixels, conditions, destinations, source)
+    console = _parse_console(raw.get("console", {}))
+    return Config(node, series, deid, pixels, conditions, destinations, source, console)
+
+
+def _parse_console(raw: Any) -> ConsoleConfig:
+    console = _section(ConsoleConfig, raw, "console")
+    _check_port(console.port, "console.port")
+    if (console.tls_cert is None) != (console.tls_key is None):
+        raise ConfigError("console.tls_cert: tls_cert and tls_key go together")
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(console, key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"console.{key}: no such file {path}")
+    paths = {
+        key: Path(getattr(console, key)).absolute()
+        for key in ("users_file", "tls_cert", "tls_key")
+        if getattr(console, key) is not None
+    }
+    return _replace(console, **paths)
 
 
 def _parse_allowed_peers(raw: Any) -> dict[str, tuple[str, ...]]:

@@ -68,6 +68,9 @@ class Node:
         # Set when there is work, so that loops do not wait for their next poll.
         self._scheduler_wake = threading.Event()
         self._forward_wake = {d.name: threading.Event() for d in config.destinations}
+        # Read by the console (/metrics, overview): each forwarder's view of its destination.
+        self._links: dict[str, DestinationLink] = {}
+        self._console: Any = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -78,9 +81,12 @@ class Node:
         )
         node = self.config.node
         enable_chunked_receive(node.data_dir / "tmp")
+        if self.config.console.enabled:
+            self._console = self._start_console()  # ConfigError naming console.port if taken
         try:
             self._server = start_server(node, self.store)
         except OSError as exc:
+            self._stop_console()
             raise ConfigError(
                 f"node.port: cannot listen on {node.host}:{node.port}: {exc.strerror or exc}"
             ) from None
@@ -102,6 +108,39 @@ class Node:
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.config.node.port
 
+    @property
+    def console_port(self) -> int | None:
+        return self._console.port if self._console else None
+
+    def scp_listening(self) -> bool:
+        return self._server is not None
+
+    def destinations_up(self) -> dict[str, bool]:
+        """Folder destinations are up; a DICOM one is up until its forwarder found it down."""
+        return {
+            name: not (self._links[name].down if name in self._links else False)
+            for name in self._destinations
+        }
+
+    def _start_console(self) -> Any:
+        from deid_node.console.metrics import NodeView
+        from deid_node.console.server import ConsoleServer
+
+        view = NodeView(
+            store=self.store,
+            scp_listening=self.scp_listening,
+            destinations_up=self.destinations_up,
+            request_reprocess=self._scheduler_wake.set,
+        )
+        console = ConsoleServer(self.config.console, view)
+        console.start()
+        return console
+
+    def _stop_console(self) -> None:
+        if self._console is not None:
+            self._console.stop()
+            self._console = None
+
     def stop(self) -> None:
         """Stop accepting, let associations and batches in progress finish, persist, exit."""
         if self._server is not None:
@@ -109,6 +148,7 @@ class Node:
             # in progress get up to network_timeout_seconds to finish (scp/server.py).
             self._server.stop(self.config.node.network_timeout_seconds)
             self._server = None
+        self._stop_console()
         self.request_stop()
         for thread in self._threads:
             thread.join(timeout=60)
@@ -287,6 +327,7 @@ class Node:
 
     def _forward_loop(self, dest: DestinationConfig) -> None:
         link = DestinationLink(dest)
+        self._links[dest.name] = link
         if dest.type == "dicom":
             # Unknown until asked: deliveries a previous run left waiting out a backoff go as
             # soon as the first probe is answered.

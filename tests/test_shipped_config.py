@@ -23,6 +23,8 @@ def port_in_use(port: int) -> bool:
 def test_shipped_config_serves_and_stops_on_ctrl_c(tmp_path):
     if port_in_use(11112):
         pytest.skip("port 11112 is taken on this machine")
+    if port_in_use(8080):
+        pytest.skip("port 8080 (the shipped console.port) is taken on this machine")
     log = (tmp_path / "node.log").open("w")
     proc = subprocess.Popen(
         [

@@ -183,6 +183,18 @@ def _migration_6(db: sqlite_utils.Database) -> None:
         )
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """The console: operator actions (who, when, what, which UID) and a row /healthz rewrites
+    to prove the database takes writes."""
+    db["audit"].create(
+        {"id": int, "at": str, "user": str, "role": str, "action": str, "target": str, "detail": str},
+        pk="id",
+        if_not_exists=True,
+    )
+    db["audit"].create_index(["at"], if_not_exists=True)
+    db["health_probe"].create({"id": int, "at": str}, pk="id", if_not_exists=True)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -190,6 +202,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 

@@ -1,0 +1,333 @@
+"""The console's web application: pages, the JSON API under /api/v1/, /metrics and /healthz.
+
+Every page and API answer shows UIDs (original ones), AE titles, states and reasons: never a
+header value of the patient. /metrics and /healthz need no login; everything else does, and
+every action (POST) also needs the operator role and the session's CSRF token.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, PackageLoader, select_autoescape
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from deid_node.console.auth import Session, Sessions, csrf_ok
+from deid_node.console.metrics import NodeView, health, make_registry
+from deid_node.log import get_logger
+from deid_node.store import BATCH_STATES
+from deid_node.store import metrics_queries as mq
+
+log = get_logger("deid_node.console")
+COOKIE = "deid_console"
+PAGE = 50
+
+
+class LoginRequired(Exception):
+    pass
+
+
+def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = False) -> FastAPI:
+    app = FastAPI(
+        title="deid-node console",
+        version="1",
+        docs_url="/api/docs",
+        openapi_url="/api/v1/openapi.json",
+        redoc_url=None,
+    )
+    env = Environment(
+        loader=PackageLoader("deid_node.console", "templates"),
+        autoescape=select_autoescape(["html"]),
+    )
+    templates = Jinja2Templates(env=env)
+    registry = make_registry(view)
+    store = view.store
+
+    def session_of(request: Request) -> Session | None:
+        return sessions.get(request.cookies.get(COOKIE))
+
+    def page_session(request: Request) -> Session:
+        session = session_of(request)
+        if session is None:
+            raise LoginRequired
+        return session
+
+    def api_session(request: Request) -> Session:
+        session = session_of(request)
+        if session is None:
+            raise HTTPException(401, "log in first (POST /login)")
+        return session
+
+    def check_action(session: Session, token: str | None) -> None:
+        if not csrf_ok(session, token):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        if not session.can_act:
+            raise HTTPException(403, "the operator role is needed for this action")
+
+    def render(request: Request, name: str, session: Session | None, **context: Any) -> Response:
+        return templates.TemplateResponse(
+            request, name, {"session": session, "states": BATCH_STATES, **context}
+        )
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(_request: Request, _exc: LoginRequired) -> Response:
+        return RedirectResponse("/login", status_code=303)
+
+    @app.middleware("http")
+    async def headers(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    # -- open to all: monitoring --------------------------------------------------------------
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        checks = health(view)
+        return JSONResponse(checks, status_code=200 if checks["ok"] else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- login ---------------------------------------------------------------------------------
+
+    @app.get("/login", response_class=HTMLResponse)
+    def login_form(request: Request) -> Response:
+        return render(request, "login.html", None, error=None)
+
+    @app.post("/login")
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        name, password = str(form.get("username", "")), str(form.get("password", ""))
+        sid = sessions.login(name, password)
+        if sid is None:
+            log.warning("console_login_failed", user=name[:64])
+            return render(request, "login.html", None, error="Wrong name or password")
+        log.info("console_login", user=name)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(
+            COOKIE, sid, httponly=True, samesite="strict", secure=secure_cookies, path="/"
+        )
+        return response
+
+    @app.post("/logout")
+    async def logout(request: Request) -> Response:
+        session = page_session(request)
+        form = await request.form()
+        if not csrf_ok(session, str(form.get("csrf", ""))):
+            raise HTTPException(403, "missing or wrong CSRF token")
+        sessions.logout(request.cookies.get(COOKIE))
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # -- data (shared by pages and API) ----------------------------------------------------
+
+    def overview_data() -> dict[str, Any]:
+        now = datetime.now(UTC)
+        today = now.replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
+        hour_ago = (now - timedelta(hours=1)).isoformat(timespec="milliseconds")
+        counts = mq.metric_counts(store)
+        per_minute = mq.received_per_minute(store, hour_ago)
+        return {
+            "received_today": mq.received_since(store, today),
+            "series_by_state": {r["state"]: r["n"] for r in counts["series"]},
+            "destinations": [
+                {
+                    "name": name,
+                    "up": up,
+                    "pending": sum(
+                        r["n"]
+                        for r in counts["deliveries"]
+                        if r["destination"] == name and r["state"] == "pending"
+                    ),
+                }
+                for name, up in sorted(view.destinations_up().items())
+            ],
+            "quarantined": mq.quarantine_page(store, limit=1)[1],
+            "free_disk_bytes": _free_disk(store.data_dir),
+            "received_last_hour": per_minute,
+        }
+
+    def series_data(state: str | None, calling_ae: str | None, page: int) -> dict[str, Any]:
+        if state and state not in BATCH_STATES:
+            raise HTTPException(422, f"state: one of {', '.join(BATCH_STATES)}")
+        rows, total = mq.series_page(
+            store, state=state, calling_ae=calling_ae, limit=PAGE, offset=(page - 1) * PAGE
+        )
+        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
+
+    def detail_data(uid: str) -> dict[str, Any]:
+        detail = mq.series_detail(store, uid)
+        if detail is None:
+            raise HTTPException(404, "no such series")
+        return detail
+
+    def quarantine_data(page: int) -> dict[str, Any]:
+        rows, total = mq.quarantine_page(store, limit=PAGE, offset=(page - 1) * PAGE)
+        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
+
+    def audit_data(page: int) -> dict[str, Any]:
+        rows, total = mq.audit_page(store, limit=PAGE, offset=(page - 1) * PAGE)
+        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
+
+    def act_on_quarantine(session: Session, instance_id: int, action: str) -> dict[str, Any]:
+        row = mq.quarantined_instance(store, instance_id)
+        if row is None:
+            raise HTTPException(404, "no such quarantined file (discarded or retried already?)")
+        if action == "reprocess":
+            result = store.retry_processing(row["series_uid"])
+            view.request_reprocess()
+            detail = f"{result['instances']} instance(s) re-queued"
+        elif action == "discard":
+            mq.discard_quarantined(store, instance_id)
+            detail = "original deleted"
+        else:
+            raise HTTPException(404, "unknown action (reprocess or discard)")
+        mq.record_audit(
+            store,
+            user=session.user,
+            role=session.role,
+            action=f"quarantine.{action}",
+            target=row["sop_uid"],
+            detail=detail,
+        )
+        log.info("console_action", user=session.user, action=action, sop_uid=row["sop_uid"])
+        return {"id": instance_id, "action": action, "detail": detail}
+
+    def retry_series(session: Session, uid: str) -> dict[str, Any]:
+        detail_data(uid)
+        processing = store.retry_processing(uid)
+        deliveries = store.retry_series(uid)
+        view.request_reprocess()
+        detail = (
+            f"{deliveries} deliveries, {processing['batches']} rounds,"
+            f" {processing['instances']} instances re-queued"
+        )
+        mq.record_audit(
+            store,
+            user=session.user,
+            role=session.role,
+            action="series.retry",
+            target=uid,
+            detail=detail,
+        )
+        log.info("console_action", user=session.user, action="retry", series_uid=uid)
+        return {"series_uid": uid, "action": "retry", "detail": detail}
+
+    # -- pages -------------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse)
+    def overview(request: Request) -> Response:
+        session = page_session(request)
+        data = overview_data()
+        peak = max([r["n"] for r in data["received_last_hour"]] or [1])
+        return render(request, "overview.html", session, data=data, peak=peak)
+
+    @app.get("/series", response_class=HTMLResponse)
+    def series_list(
+        request: Request, state: str | None = None, calling_ae: str | None = None, page: int = 1
+    ) -> Response:
+        session = page_session(request)
+        data = series_data(state or None, calling_ae or None, max(page, 1))
+        return render(
+            request,
+            "series.html",
+            session,
+            data=data,
+            state=state or "",
+            calling_ae=calling_ae or "",
+        )
+
+    @app.get("/series/{uid}", response_class=HTMLResponse)
+    def series_page(request: Request, uid: str) -> Response:
+        session = page_session(request)
+        return render(request, "series_detail.html", session, data=detail_data(uid))
+
+    @app.post("/series/{uid}/retry")
+    async def series_retry_form(request: Request, uid: str) -> Response:
+        session = page_session(request)
+        form = await request.form()
+        check_action(session, str(form.get("csrf", "")))
+        retry_series(session, uid)
+        return RedirectResponse(f"/series/{uid}", status_code=303)
+
+    @app.get("/quarantine", response_class=HTMLResponse)
+    def quarantine(request: Request, page: int = 1) -> Response:
+        session = page_session(request)
+        return render(request, "quarantine.html", session, data=quarantine_data(max(page, 1)))
+
+    @app.post("/quarantine/{instance_id}/{action}")
+    async def quarantine_form(request: Request, instance_id: int, action: str) -> Response:
+        session = page_session(request)
+        form = await request.form()
+        check_action(session, str(form.get("csrf", "")))
+        act_on_quarantine(session, instance_id, action)
+        return RedirectResponse("/quarantine", status_code=303)
+
+    @app.get("/audit", response_class=HTMLResponse)
+    def audit(request: Request, page: int = 1) -> Response:
+        session = page_session(request)
+        return render(request, "audit.html", session, data=audit_data(max(page, 1)))
+
+    # -- JSON API ------------------------------------------------------------------------------
+
+    @app.get("/api/v1/overview")
+    def api_overview(request: Request) -> dict[str, Any]:
+        api_session(request)
+        return overview_data()
+
+    @app.get("/api/v1/series")
+    def api_series(
+        request: Request, state: str | None = None, calling_ae: str | None = None, page: int = 1
+    ) -> dict[str, Any]:
+        api_session(request)
+        return series_data(state, calling_ae, max(page, 1))
+
+    @app.get("/api/v1/series/{uid}")
+    def api_series_detail(request: Request, uid: str) -> dict[str, Any]:
+        api_session(request)
+        return detail_data(uid)
+
+    @app.post("/api/v1/series/{uid}/retry")
+    def api_series_retry(request: Request, uid: str) -> dict[str, Any]:
+        session = api_session(request)
+        check_action(session, request.headers.get("X-CSRF-Token"))
+        return retry_series(session, uid)
+
+    @app.get("/api/v1/quarantine")
+    def api_quarantine(request: Request, page: int = 1) -> dict[str, Any]:
+        api_session(request)
+        return quarantine_data(max(page, 1))
+
+    @app.post("/api/v1/quarantine/{instance_id}/{action}")
+    def api_quarantine_action(request: Request, instance_id: int, action: str) -> dict[str, Any]:
+        session = api_session(request)
+        check_action(session, request.headers.get("X-CSRF-Token"))
+        return act_on_quarantine(session, instance_id, action)
+
+    @app.get("/api/v1/audit")
+    def api_audit(request: Request, page: int = 1) -> dict[str, Any]:
+        api_session(request)
+        return audit_data(max(page, 1))
+
+    @app.get("/api/v1/session")
+    def api_me(request: Request) -> dict[str, Any]:
+        session = api_session(request)
+        return {"user": session.user, "role": session.role, "csrf": session.csrf}
+
+    return app
+
+
+def _free_disk(path: Any) -> int:
+    import shutil
+
+    return shutil.disk_usage(path).free

@@ -1,0 +1,151 @@
+"""Console users and sessions: the users file (scrypt hashes), login sessions, CSRF tokens, roles.
+
+The users file is TOML written by `deid-node console add-user`, read again at each login so
+that a user added while the node runs can log in at once:
+
+    [users.alice]
+    role = "operator"
+    hash = "scrypt$16384$8$1$<salt hex>$<hash hex>"
+
+Sessions live in the node's memory (a restart logs everybody out); each has its own CSRF token,
+sent back in every form and in the X-CSRF-Token header of API calls that change something.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from deid_node.errors import ConfigError
+
+Role = Literal["viewer", "operator"]
+ROLES: tuple[Role, ...] = ("viewer", "operator")
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SESSION_SECONDS = 8 * 3600
+# scrypt parameters (RFC 7914's interactive-login figures): ~16 MiB and tens of ms per check.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def hash_password(password: str) -> str:
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        kind, n, r, p, salt, digest = stored.split("$")
+        if kind != "scrypt":
+            return False
+        computed = hashlib.scrypt(
+            password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p)
+        )
+    except ValueError:
+        return False
+    return hmac.compare_digest(computed, bytes.fromhex(digest))
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: Role
+    hash: str
+
+
+def load_users(path: Path) -> dict[str, User]:
+    """The users file; empty when it does not exist yet (nobody can log in: add a user)."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"console.users_file: cannot read {path}: {exc}") from None
+    users = {}
+    for name, entry in (raw.get("users") or {}).items():
+        if not isinstance(entry, dict) or entry.get("role") not in ROLES or "hash" not in entry:
+            raise ConfigError(f"console.users_file: {path}: user {name!r} needs a role and a hash")
+        users[name] = User(name, entry["role"], str(entry["hash"]))
+    return users
+
+
+def add_user(path: Path, name: str, role: str, password: str) -> None:
+    """Add or replace a user; the file is written owner-only, atomically."""
+    if not NAME_RE.match(name):
+        raise ConfigError("console add-user: NAME must be 1-64 of A-Z a-z 0-9 _ . -")
+    if role not in ROLES:
+        raise ConfigError(f"console add-user: --role must be one of {', '.join(ROLES)}")
+    if len(password) < 8:
+        raise ConfigError("console add-user: the password needs at least 8 characters")
+    users = load_users(path)
+    users[name] = User(name, role, hash_password(password))  # type: ignore[arg-type]
+    lines = ["# deid-node console users: written by `deid-node console add-user`.", ""]
+    for user in users.values():
+        lines += [f"[users.{user.name}]", f'role = "{user.role}"', f'hash = "{user.hash}"', ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    role: Role
+    csrf: str
+    expires: float
+
+    @property
+    def can_act(self) -> bool:
+        return self.role == "operator"
+
+
+class Sessions:
+    """Logged-in sessions by their cookie value."""
+
+    def __init__(self, users_file: Path) -> None:
+        self.users_file = users_file
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def login(self, name: str, password: str) -> str | None:
+        """A new session id when the name and password match, else None."""
+        user = load_users(self.users_file).get(name)
+        # A check of the same cost when the user does not exist: no timing hint of who does.
+        stored = user.hash if user else hash_password(secrets.token_hex(8))
+        if not verify_password(password, stored) or user is None:
+            return None
+        sid = secrets.token_urlsafe(32)
+        with self._lock:
+            self._sessions[sid] = Session(
+                user.name, user.role, secrets.token_urlsafe(32), time.time() + SESSION_SECONDS
+            )
+        return sid
+
+    def get(self, sid: str | None) -> Session | None:
+        if not sid:
+            return None
+        with self._lock:
+            session = self._sessions.get(sid)
+            if session is not None and session.expires < time.time():
+                del self._sessions[sid]
+                return None
+            return session
+
+    def logout(self, sid: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(sid or "", None)
+
+
+def csrf_ok(session: Session, token: str | None) -> bool:
+    return bool(token) and hmac.compare_digest(session.csrf, str(token))

@@ -1,0 +1,151 @@
+"""/metrics: Prometheus families read from the node's database at scrape time, and /healthz.
+
+Counting in the database (instead of in-process counters) makes the figures right whichever
+thread or worker process did the work, and keeps them across restarts. Labels are AE titles,
+DIMSE statuses, states, destination names and reason kinds: never a patient value.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from deid_node.store import BATCH_STATES, Store
+from deid_node.store import metrics_queries as mq
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+@dataclass
+class NodeView:
+    """What the console needs of the running node (deid_node/node.py provides it)."""
+
+    store: Store
+    scp_listening: Callable[[], bool]
+    destinations_up: Callable[[], dict[str, bool]]
+    request_reprocess: Callable[[], None] = lambda: None
+
+
+class DatabaseCollector:
+    def __init__(self, view: NodeView) -> None:
+        self.view = view
+
+    def describe(self) -> list[Metric]:
+        return []  # collected at scrape time only (no query at registration)
+
+    def collect(self) -> Iterator[Metric]:
+        counts = mq.metric_counts(self.view.store)
+        received = CounterMetricFamily(
+            "deid_node_instances_received",
+            "Instances received and stored (DIMSE status 0x0000), by calling AE",
+            labels=["calling_ae", "status"],
+        )
+        received_bytes = CounterMetricFamily(
+            "deid_node_received_bytes", "Bytes of instances received", labels=["calling_ae"]
+        )
+        for row in counts["received"]:
+            ae = row["calling_ae"] or ""
+            received.add_metric([ae, "0x0000"], row["n"])
+            received_bytes.add_metric([ae], row["bytes"])
+        refused = CounterMetricFamily(
+            "deid_node_instances_refused",
+            "Instances refused by the SCP, by DIMSE status and calling AE",
+            labels=["calling_ae", "status"],
+        )
+        for row in counts["refused"]:
+            refused.add_metric([row["calling_ae"] or "", f"0x{row['status']:04X}"], row["n"])
+        series = GaugeMetricFamily("deid_node_series", "Series rounds by state", labels=["state"])
+        by_state = {row["state"]: row["n"] for row in counts["series"]}
+        for state in BATCH_STATES:
+            series.add_metric([state], by_state.get(state, 0))
+        quarantined = CounterMetricFamily(
+            "deid_node_files_quarantined", "Files quarantined, by kind of reason", labels=["reason"]
+        )
+        for row in counts["quarantined"]:
+            quarantined.add_metric([row["reason"]], row["n"])
+        deliveries = GaugeMetricFamily(
+            "deid_node_deliveries",
+            "Deliveries (one series round to one destination) by destination and state",
+            labels=["destination", "state"],
+        )
+        for row in counts["deliveries"]:
+            deliveries.add_metric([row["destination"], row["state"]], row["n"])
+        sent = CounterMetricFamily(
+            "deid_node_instances_forwarded",
+            "De-identified instances acknowledged by a destination",
+            labels=["destination"],
+        )
+        for row in counts["sent"]:
+            sent.add_metric([row["destination"]], row["n"])
+        queue = GaugeMetricFamily(
+            "deid_node_queue_depth",
+            "Work waiting: series rounds not yet processed, deliveries pending",
+            labels=["queue"],
+        )
+        queue.add_metric(["receiving"], by_state.get("receiving", 0))
+        queue.add_metric(
+            ["processing"], by_state.get("complete", 0) + by_state.get("processing", 0)
+        )
+        queue.add_metric(
+            ["forwarding"],
+            sum(r["n"] for r in counts["deliveries"] if r["state"] == "pending"),
+        )
+        yield from (received, received_bytes, refused, series, quarantined, deliveries, sent, queue)
+        yield _histogram(
+            "deid_node_series_processing_seconds",
+            "Time to process one series round (all its files), from the database",
+            mq.processing_durations(counts["durations"]),
+        )
+        up = GaugeMetricFamily(
+            "deid_node_destination_up", "1 when the destination answers", labels=["destination"]
+        )
+        for name, is_up in sorted(self.view.destinations_up().items()):
+            up.add_metric([name], 1 if is_up else 0)
+        yield up
+        disk = shutil.disk_usage(self.view.store.data_dir)
+        yield GaugeMetricFamily(
+            "deid_node_free_disk_bytes", "Free bytes on the data_dir file system", value=disk.free
+        )
+        yield GaugeMetricFamily(
+            "deid_node_scp_listening",
+            "1 when the C-STORE SCP listens",
+            value=1 if self.view.scp_listening() else 0,
+        )
+
+
+def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamily:
+    buckets: list[tuple[str, float]] = []
+    for bound in DURATION_BUCKETS:
+        buckets.append((str(bound), sum(1 for v in values if v <= bound)))
+    buckets.append(("+Inf", len(values)))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum(values))
+
+
+def make_registry(view: NodeView) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(view))  # type: ignore[arg-type]
+    return registry
+
+
+def health(view: NodeView) -> dict[str, Any]:
+    """/healthz: the SCP listens and the database takes a write."""
+    checks: dict[str, Any] = {"scp_listening": bool(view.scp_listening())}
+    try:
+        mq.probe_writable(view.store)
+        checks["database_writable"] = True
+    except sqlite3.Error as exc:
+        checks["database_writable"] = False
+        checks["database_error"] = type(exc).__name__
+    checks["ok"] = checks["scp_listening"] and checks["database_writable"]
+    return checks

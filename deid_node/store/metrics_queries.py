@@ -1,0 +1,218 @@
+"""Read queries and the few writes of the operator console (deid_node/console): counts for
+/metrics, pages of series and quarantined files, the audit trail, the health probe.
+
+Functions of a Store, so that the SQL stays in this package. Nothing returned here holds a
+patient value: UIDs (original ones), AE titles, states, reasons written by our own code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from deid_node.store.base import StoreBase
+from deid_node.store.schema import utcnow
+
+PAGE_MAX = 500
+# A quarantined instance the operator can act on: its latest attempt (a retried one is history),
+# its original still kept (not discarded).
+_KEPT = (
+    "i.state = 'quarantined' AND NOT EXISTS (SELECT 1 FROM instances n WHERE"
+    " n.series_uid = i.series_uid AND n.sop_uid = i.sop_uid AND n.id > i.id)"
+    " AND (i.spool_path IS NOT NULL OR json_extract(i.report, '$.quarantine') IS NOT NULL)"
+)
+
+
+def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
+    """Everything /metrics reports from the database, read in one go at scrape time: correct
+    whichever process or thread did the work, and across restarts."""
+    q = store.query
+    return {
+        # Every row: an instance re-processed by `retry` or the console counts again.
+        "received": q(
+            "SELECT calling_ae, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM instances"
+            " GROUP BY calling_ae"
+        ),
+        "refused": q(
+            "SELECT status, calling_ae, COUNT(*) AS n FROM refused GROUP BY status, calling_ae"
+        ),
+        "series": q("SELECT state, COUNT(*) AS n FROM batches GROUP BY state"),
+        # The kind of reason (the text before its first colon, as our own messages start with
+        # it): bounded label values, never a detail of one file.
+        "quarantined": q(
+            "SELECT substr(COALESCE(error, 'unknown'), 1, CASE WHEN instr(error, ':') > 0"
+            " THEN min(instr(error, ':') - 1, 60) ELSE 60 END) AS reason, COUNT(*) AS n"
+            " FROM instances WHERE state = 'quarantined' GROUP BY reason"
+        ),
+        "deliveries": q(
+            "SELECT destination, state, COUNT(*) AS n FROM deliveries GROUP BY destination, state"
+        ),
+        "sent": q("SELECT destination, COUNT(*) AS n FROM sent GROUP BY destination"),
+        "durations": q(
+            "SELECT summary FROM batches WHERE summary IS NOT NULL AND summary LIKE '%duration_s%'"
+        ),
+    }
+
+
+def processing_durations(rows: list[dict[str, Any]]) -> list[float]:
+    out = []
+    for row in rows:
+        try:
+            value = json.loads(row["summary"]).get("duration_s")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(value, int | float):
+            out.append(float(value))
+    return out
+
+
+def probe_writable(store: StoreBase) -> None:
+    """Rewrite one row: raises sqlite3.Error when the database takes no writes."""
+    with store.transaction(power_safe=False) as conn:
+        conn.execute("INSERT OR REPLACE INTO health_probe (id, at) VALUES (1, ?)", (utcnow(),))
+
+
+def received_since(store: StoreBase, since: str) -> int:
+    return store.query("SELECT COUNT(*) AS n FROM instances WHERE received_at >= ?", (since,))[0][
+        "n"
+    ]
+
+
+def received_per_minute(store: StoreBase, since: str) -> list[dict[str, Any]]:
+    """Instances received per minute since `since` (ISO UTC): the overview's chart."""
+    return store.query(
+        "SELECT substr(received_at, 1, 16) AS minute, COUNT(*) AS n FROM instances"
+        " WHERE received_at >= ? GROUP BY minute ORDER BY minute",
+        (since,),
+    )
+
+
+def series_page(
+    store: StoreBase,
+    *,
+    state: str | None = None,
+    calling_ae: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[dict[str, Any]], int]:
+    """Rounds of series (one row per batch), newest first, and how many match in all."""
+    where, params = ["1"], []
+    if state:
+        where.append("b.state = ?")
+        params.append(state)
+    if calling_ae:
+        where.append("b.calling_ae = ?")
+        params.append(calling_ae)
+    clause = " AND ".join(where)
+    total = store.query(f"SELECT COUNT(*) AS n FROM batches b WHERE {clause}", tuple(params))[0][
+        "n"
+    ]
+    rows = store.query(
+        "SELECT b.id, b.series_uid, b.round, b.state, b.calling_ae, b.created_at, b.finished_at,"
+        " b.passed, (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id) AS instances,"
+        " (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id AND i.state = 'quarantined')"
+        f" AS quarantined FROM batches b WHERE {clause} ORDER BY b.id DESC LIMIT ? OFFSET ?",
+        (*params, min(max(limit, 1), PAGE_MAX), max(offset, 0)),
+    )
+    return rows, total
+
+
+def series_detail(store: StoreBase, series_uid: str) -> dict[str, Any] | None:
+    """A series: its rounds, files (state, reason, condition evaluations), destination states."""
+    batches = store.query(
+        "SELECT id, round, state, calling_ae, created_at, completed_at, processed_at,"
+        " finished_at, passed, processing_attempts FROM batches WHERE series_uid = ? ORDER BY round",
+        (series_uid,),
+    )
+    if not batches:
+        return None
+    files = []
+    for row in store.query(
+        "SELECT id, batch_id, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size,"
+        " received_at, state, error, sop_uid_deid, report FROM instances WHERE series_uid = ?"
+        " ORDER BY id",
+        (series_uid,),
+    ):
+        report = json.loads(row.pop("report") or "{}")
+        # Only what the report holds about our own decisions: never a header value.
+        row["evaluations"] = [
+            {k: e.get(k) for k in ("type", "dicom_tag", "result") if k in e}
+            for e in report.get("evaluations") or []
+            if isinstance(e, dict)
+        ]
+        row["save_condition"] = report.get("save_condition")
+        files.append(row)
+    deliveries = store.query(
+        "SELECT d.batch_id, d.destination, d.state, d.attempts, d.last_error, d.updated_at"
+        " FROM deliveries d JOIN batches b ON b.id = d.batch_id WHERE b.series_uid = ?"
+        " ORDER BY d.batch_id, d.destination",
+        (series_uid,),
+    )
+    return {"series_uid": series_uid, "rounds": batches, "files": files, "deliveries": deliveries}
+
+
+def quarantine_page(
+    store: StoreBase, *, limit: int = 50, offset: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """Quarantined instances whose original is still kept (not discarded), newest first."""
+    clause = _KEPT
+    total = store.query(f"SELECT COUNT(*) AS n FROM instances i WHERE {clause}")[0]["n"]
+    rows = store.query(
+        "SELECT id, batch_id, series_uid, sop_uid, calling_ae, received_at, error AS reason"
+        f" FROM instances i WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
+        (min(max(limit, 1), PAGE_MAX), max(offset, 0)),
+    )
+    return rows, total
+
+
+def quarantined_instance(store: StoreBase, instance_id: int) -> dict[str, Any] | None:
+    rows = store.query(
+        "SELECT id, series_uid, sop_uid, state, error AS reason, spool_path, report"
+        f" FROM instances i WHERE id = ? AND {_KEPT}",
+        (instance_id,),
+    )
+    if not rows:
+        return None
+    row = rows[0]
+    kept = json.loads(row.pop("report") or "{}").get("quarantine")
+    row["kept"] = [p for p in (kept, row.pop("spool_path")) if p]
+    return row
+
+
+def discard_quarantined(store: StoreBase, instance_id: int) -> bool:
+    """Delete the kept original of a quarantined instance (operator's decision): the row stays,
+    as its report, with nothing left to retry. False when there is no such instance."""
+    row = quarantined_instance(store, instance_id)
+    if row is None:
+        return False
+    for stored in row["kept"]:
+        store.absolute(stored).unlink(missing_ok=True)
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE instances SET spool_path = NULL, report = json_set(COALESCE(report, '{}'),"
+            " '$.quarantine', NULL) WHERE id = ?",
+            (instance_id,),
+        )
+    return True
+
+
+def record_audit(
+    store: StoreBase, *, user: str, role: str, action: str, target: str, detail: str = ""
+) -> None:
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO audit (at, user, role, action, target, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (utcnow(), user, role, action, target, detail),
+        )
+
+
+def audit_page(
+    store: StoreBase, *, limit: int = 50, offset: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    total = store.query("SELECT COUNT(*) AS n FROM audit")[0]["n"]
+    rows = store.query(
+        "SELECT id, at, user, role, action, target, detail FROM audit ORDER BY id DESC"
+        " LIMIT ? OFFSET ?",
+        (min(max(limit, 1), PAGE_MAX), max(offset, 0)),
+    )
+    return rows, total

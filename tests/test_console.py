@@ -1,0 +1,388 @@
+"""The operator console served for real by a node in-process: /metrics against what DCMTK sent,
+/healthz, login, CSRF, roles, the pages and the API without patient values, the systemd unit."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from dicomgen import make_series, phi_markers, write_series
+from peers import REPO, free_port, storescu, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+from pydicom.uid import generate_uid
+
+from deid_node.config import parse_config
+from deid_node.console.auth import add_user, load_users, verify_password
+from deid_node.errors import ConfigError
+from deid_node.node import Node
+
+PASSWORD = "correct horse battery"
+
+
+def console_config(tmp_path: Path, **node) -> dict:
+    return {
+        "node": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "data_dir": str(tmp_path / "data"),
+            "min_free_disk_mb": 1,
+            "poll_seconds": 0.2,
+            **node,
+        },
+        "series": {"stable_seconds": 1},
+        "deid": {"redact_pixels_mode": "REDACT_NO_TEXT"},
+        "destinations": [{"name": "out", "type": "folder", "path": str(tmp_path / "out")}],
+        "console": {
+            "enabled": True,
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "users_file": str(tmp_path / "users.toml"),
+        },
+    }
+
+
+def start_node(raw: dict) -> Node:
+    config = parse_config(raw)
+    add_user(config.console.users_file, "olga", "operator", PASSWORD)
+    add_user(config.console.users_file, "vic", "viewer", PASSWORD)
+    node = Node(config)
+    node.start()
+    return node
+
+
+def client(node: Node) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{node.console_port}", timeout=20)
+
+
+def login(http: httpx.Client, name: str) -> str:
+    """Log in; returns the session's CSRF token."""
+    response = http.post("/login", data={"username": name, "password": PASSWORD})
+    assert response.status_code == 303, response.text
+    return http.get("/api/v1/session").json()["csrf"]
+
+
+def metrics(http: httpx.Client) -> dict[tuple[str, tuple], float]:
+    response = http.get("/metrics")
+    assert response.status_code == 200
+    values = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+def assert_no_phi(text: str, where: str) -> None:
+    found = [m.decode() for m in phi_markers() if m.decode() in text]
+    found += [d for d in ("20240312", "19431107", "2024-03-12") if d in text]
+    assert not found, f"{where} shows patient values {found}"
+
+
+def encapsulated_pdf(series_uid: str, study_uid: str):
+    ds = make_series(1, "OT", study_uid=study_uid, series_uid=series_uid)[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    for keyword in (
+        "PixelData",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+    ):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = b"%PDF-1.4 discharge letter\n%%EOF\n"
+    return ds
+
+
+def send_test_data(node: Node, tmp_path: Path) -> dict:
+    """3 CT images (forwarded), 1 encapsulated PDF in its own series (quarantined), 1 instance
+    without SeriesInstanceUID (refused 0xC000). Waits until both series are final."""
+    ct = make_series(3, "CT")
+    pdf = encapsulated_pdf(series_uid=generate_uid(), study_uid=ct[0].StudyInstanceUID)
+    bad = make_series(1, "CT")[0]
+    del bad.SeriesInstanceUID
+    paths = write_series([*ct, pdf], tmp_path / "in")
+    bad_path = tmp_path / "bad.dcm"
+    bad.save_as(bad_path, enforce_file_format=True)
+    assert storescu(node.port, paths, calling="CT_ROOM1").returncode == 0
+    storescu(node.port, [bad_path], calling="CT_ROOM1")  # storescu reports the refusal
+    wait_until(
+        lambda: (
+            len(
+                node.store.query(
+                    "SELECT 1 FROM batches WHERE state IN ('forwarded', 'rejected', 'failed')"
+                )
+            )
+            == 2
+        ),
+        60,
+        what="both series final",
+    )
+    return {"ct": ct, "pdf": pdf}
+
+
+@pytest.mark.network
+def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
+    node = start_node(console_config(tmp_path))
+    try:
+        sent = send_test_data(node, tmp_path)
+        with client(node) as http:
+            # /metrics and /healthz need no login.
+            values = metrics(http)
+            assert (
+                values[
+                    (
+                        "deid_node_instances_received_total",
+                        (("calling_ae", "CT_ROOM1"), ("status", "0x0000")),
+                    )
+                ]
+                == 4
+            )
+            assert (
+                values[
+                    (
+                        "deid_node_instances_refused_total",
+                        (("calling_ae", "CT_ROOM1"), ("status", "0xC000")),
+                    )
+                ]
+                == 1
+            )
+            assert values[("deid_node_instances_forwarded_total", (("destination", "out"),))] == 3
+            assert (
+                values[
+                    ("deid_node_files_quarantined_total", (("reason", "encapsulated document"),))
+                ]
+                == 1
+            )
+            assert values[("deid_node_series", (("state", "forwarded"),))] == 1
+            assert (
+                values[("deid_node_deliveries", (("destination", "out"), ("state", "done")))] == 1
+            )
+            assert values[("deid_node_destination_up", (("destination", "out"),))] == 1
+            assert values[("deid_node_scp_listening", ())] == 1
+            assert values[("deid_node_free_disk_bytes", ())] > 0
+            assert values[("deid_node_series_processing_seconds_count", ())] == 2
+            assert http.get("/healthz").status_code == 200
+            assert_no_phi(http.get("/metrics").text, "/metrics")
+
+            # Pages need a login.
+            assert http.get("/series").status_code == 303
+            assert http.get("/api/v1/series").status_code == 401
+            bad = http.post("/login", data={"username": "olga", "password": "wrong password"})
+            assert bad.status_code == 200 and "Wrong name or password" in bad.text
+            assert "set-cookie" not in bad.headers
+
+            # Viewer: reads everything, acts on nothing (also with its valid CSRF token).
+            response = http.post("/login", data={"username": "vic", "password": PASSWORD})
+            cookie = response.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
+            viewer_csrf = http.get("/api/v1/session").json()["csrf"]
+            ct_uid = sent["ct"][0].SeriesInstanceUID
+            pages = [
+                "/",
+                "/series",
+                "/series?state=forwarded",
+                f"/series/{ct_uid}",
+                f"/series/{sent['pdf'].SeriesInstanceUID}",
+                "/quarantine",
+                "/audit",
+                "/api/v1/overview",
+                "/api/v1/series",
+                f"/api/v1/series/{ct_uid}",
+                "/api/v1/quarantine",
+                "/api/v1/audit",
+            ]
+            for page in pages:
+                response = http.get(page)
+                assert response.status_code == 200, page
+                assert_no_phi(response.text, page)
+            assert ct_uid in http.get("/series?state=forwarded").text
+            assert ct_uid not in http.get("/series?state=rejected").text
+            quarantined = http.get("/api/v1/quarantine").json()["items"]
+            assert [q["sop_uid"] for q in quarantined] == [sent["pdf"].SOPInstanceUID]
+            qid = quarantined[0]["id"]
+            refused = http.post(f"/quarantine/{qid}/discard", data={"csrf": viewer_csrf})
+            assert refused.status_code == 403
+            assert "Discard" not in http.get("/quarantine").text  # no buttons for a viewer
+            assert (
+                http.post(
+                    f"/api/v1/quarantine/{qid}/discard", headers={"X-CSRF-Token": viewer_csrf}
+                ).status_code
+                == 403
+            )
+
+            # Operator: without the CSRF token (form or API) refused; with it, done and audited.
+            http.cookies.clear()
+            csrf = login(http, "olga")
+            assert http.post(f"/quarantine/{qid}/discard", data={}).status_code == 403
+            assert (
+                http.post(f"/quarantine/{qid}/discard", data={"csrf": viewer_csrf}).status_code
+                == 403
+            )
+            assert http.post(f"/api/v1/quarantine/{qid}/discard").status_code == 403
+            kept = node.store.query("SELECT report FROM instances WHERE id = ?", (qid,))
+            assert "quarantine" in kept[0]["report"]
+            assert http.get("/api/v1/audit").json()["total"] == 0
+            done = http.post(f"/quarantine/{qid}/discard", data={"csrf": csrf})
+            assert done.status_code == 303
+            assert http.get("/api/v1/quarantine").json()["total"] == 0
+            assert not list((tmp_path / "data" / "quarantine").glob("instance-*.dcm"))
+            retry = http.post(f"/api/v1/series/{ct_uid}/retry", headers={"X-CSRF-Token": csrf})
+            assert retry.status_code == 200
+            audit = http.get("/api/v1/audit").json()["items"]
+            assert [(a["user"], a["action"], a["target"]) for a in audit] == [
+                ("olga", "series.retry", ct_uid),
+                ("olga", "quarantine.discard", sent["pdf"].SOPInstanceUID),
+            ]
+            assert "quarantine.discard" in http.get("/audit").text
+            assert http.get("/api/v1/openapi.json").status_code == 200
+    finally:
+        node.stop()
+
+
+@pytest.mark.network
+def test_healthz_is_503_when_the_database_takes_no_writes_or_the_scp_is_down(tmp_path):
+    node = start_node(console_config(tmp_path))
+    try:
+        with client(node) as http:
+            assert http.get("/healthz").json() == {
+                "scp_listening": True,
+                "database_writable": True,
+                "ok": True,
+            }
+            # Root ignores file modes, so chmod proves nothing here: SQLite's own switch makes
+            # the node's connection refuse every write, as a read-only database would.
+            node.store.db.execute("PRAGMA query_only = ON")
+            response = http.get("/healthz")
+            assert response.status_code == 503
+            assert response.json()["database_writable"] is False
+            node.store.db.execute("PRAGMA query_only = OFF")
+            assert http.get("/healthz").status_code == 200
+            node._server.stop(1)  # the SCP stops listening (the node's own stop does this first)
+            node._server = None
+            response = http.get("/healthz")
+            assert response.status_code == 503 and response.json()["scp_listening"] is False
+    finally:
+        node.stop()
+
+
+def test_console_port_taken_stops_start_up_with_a_message_naming_it(tmp_path):
+    raw = console_config(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        raw["console"]["port"] = taken.getsockname()[1]
+        node = Node(parse_config(raw))
+        try:
+            with pytest.raises(ConfigError, match=r"^console\.port: cannot listen"):
+                node.start()
+            assert not node.scp_listening()
+        finally:
+            node.stop()
+
+
+def test_console_config_is_validated_naming_the_key(tmp_path):
+    config = parse_config({"console": {"enabled": True, "port": 9090}})
+    assert config.console.port == 9090 and config.console.users_file.is_absolute()
+    assert parse_config({}).console.enabled is False
+    for bad, key in [
+        ({"port": 0}, "console.port"),
+        ({"enabled": "yes"}, "console.enabled"),
+        ({"listen": 1}, "console.listen"),
+        (
+            {"tls_cert": str(tmp_path / "none.pem"), "tls_key": str(tmp_path / "none.key")},
+            "console.tls_cert",
+        ),
+        ({"tls_key": str(REPO / "README.md")}, "console.tls_cert"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_config({"console": bad})
+
+
+def test_add_user_from_the_command_line_stores_a_scrypt_hash(tmp_path):
+    users = tmp_path / "var" / "users.toml"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[console]\nusers_file = "{users}"\n'
+        f'[[destinations]]\nname = "o"\ntype = "folder"\npath = "{tmp_path / "o"}"\n'
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "deid_node.cli",
+        "console",
+        "add-user",
+        "ana",
+        "--role",
+        "viewer",
+        "--config",
+        str(config),
+        "--password-stdin",
+    ]
+    done = subprocess.run(
+        command, input=PASSWORD + "\n", capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    assert PASSWORD not in users.read_text()
+    assert users.stat().st_mode & 0o077 == 0
+    user = load_users(users)["ana"]
+    assert user.role == "viewer" and user.hash.startswith("scrypt$")
+    assert verify_password(PASSWORD, user.hash) and not verify_password("other one!", user.hash)
+    short = subprocess.run(
+        [*command[:-1], "--password-stdin"],
+        input="short\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert short.returncode == 1 and "at least 8" in short.stderr
+    wrong = subprocess.run(
+        [*command[:7], "admin", *command[8:]],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert wrong.returncode == 2  # argparse: invalid choice
+
+
+def test_systemd_unit_verifies(tmp_path):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = REPO / "config" / "deid-node.service"
+    text = unit.read_text()
+    for option in (
+        "User=deid-node",
+        "Restart=on-failure",
+        "ProtectSystem=strict",
+        "ReadWritePaths=",
+        "NoNewPrivileges=yes",
+    ):
+        assert option in text
+    # ExecStart must name an existing executable for verify: point it at this venv's.
+    copy = tmp_path / "deid-node.service"
+    copy.write_text(
+        text.replace(
+            "/opt/deid-node/.venv/bin/deid-node", str(Path(sys.executable).parent / "deid-node")
+        )
+    )
+    done = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    # verify exits 0 on a bad value (it only warns): no output at all is the pass.
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    copy.write_text(copy.read_text().replace("Restart=on-failure", "Restart=sometimes"))
+    planted = subprocess.run(
+        [tool, "verify", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert "sometimes" in planted.stderr
