@@ -386,3 +386,124 @@ def test_systemd_unit_verifies(tmp_path):
         [tool, "verify", str(copy)], capture_output=True, text=True, timeout=60
     )
     assert "sometimes" in planted.stderr
+
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def browser_login(driver, base: str, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.delete_all_cookies()
+    driver.get(f"{base}/login")
+    driver.find_element(By.ID, "username").send_keys(name)
+    driver.find_element(By.ID, "password").send_keys(PASSWORD)
+    driver.find_element(By.ID, "login").click()
+    wait_until(lambda: name in driver.find_element(By.ID, "who").text, 20, what="logged in")
+
+
+@pytest.mark.network
+def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    node = start_node(console_config(tmp_path))
+    try:
+        base = f"http://127.0.0.1:{node.console_port}"
+        browser.get(f"{base}/series")
+        assert browser.current_url.endswith("/login")  # not logged in: sent to the login page
+        browser.save_screenshot(str(shots / "login.png"))
+        sent = send_test_data(node, tmp_path)
+        ct_uid = sent["ct"][0].SeriesInstanceUID
+
+        browser_login(browser, base, "olga")
+        browser.save_screenshot(str(shots / "overview.png"))
+        assert browser.find_element(By.ID, "received-today").text == "4"
+        assert_no_phi(browser.page_source, "/")
+        browser.get(f"{base}/series")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#series tr")
+        states = {
+            r.find_elements(By.TAG_NAME, "td")[0].text: r.find_element(By.CLASS_NAME, "state").text
+            for r in rows[1:]
+        }
+        assert states[ct_uid] == "forwarded"
+        browser.save_screenshot(str(shots / "series.png"))
+        browser.find_element(By.LINK_TEXT, ct_uid).click()
+        assert ct_uid in browser.find_element(By.TAG_NAME, "h1").text
+        assert_no_phi(browser.page_source, "/series/{uid}")
+        browser.save_screenshot(str(shots / "series_detail.png"))
+
+        # A POST without the CSRF token, from the logged-in page itself: refused.
+        status = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            f"fetch('/api/v1/series/{ct_uid}/retry', {{method: 'POST'}}).then(r => done(r.status));"
+        )
+        assert status == 403
+
+        browser.get(f"{base}/quarantine")
+        assert sent["pdf"].SOPInstanceUID in browser.page_source
+        assert_no_phi(browser.page_source, "/quarantine")
+        browser.save_screenshot(str(shots / "quarantine.png"))
+        browser.find_element(By.CSS_SELECTOR, "button.discard").click()
+        wait_until(lambda: "0 files" in browser.page_source, 20, what="quarantine emptied")
+        browser.get(f"{base}/audit")
+        actions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#audit td.action")]
+        assert actions == ["quarantine.discard"]
+        assert sent["pdf"].SOPInstanceUID in browser.page_source and "olga" in browser.page_source
+        browser.save_screenshot(str(shots / "audit.png"))
+
+        # A viewer sees the pages, no action buttons, and a forged form post is refused.
+        browser_login(browser, base, "vic")
+        browser.get(f"{base}/series/{ct_uid}")
+        assert not browser.find_elements(By.ID, "retry")
+        browser.save_screenshot(str(shots / "viewer_series_detail.png"))
+        status = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch('/api/v1/session').then(r => r.json()).then(s => fetch("
+            f"'/api/v1/series/{ct_uid}/retry', {{method: 'POST',"
+            " headers: {'X-CSRF-Token': s.csrf}})).then(r => done(r.status));"
+        )
+        assert status == 403
+        assert [p.name for p in sorted(shots.iterdir())] == [
+            "audit.png",
+            "login.png",
+            "overview.png",
+            "quarantine.png",
+            "series.png",
+            "series_detail.png",
+            "viewer_series_detail.png",
+        ]
+    finally:
+        node.stop()
