@@ -15,6 +15,7 @@ from dicomgen import make_series, phi_markers, write_series
 from peers import REPO, free_port, storescu, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
+from structlog.testing import capture_logs
 
 from deid_node.config import parse_config
 from deid_node.console.auth import add_user, load_users, verify_password
@@ -245,6 +246,48 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
             ]
             assert "quarantine.discard" in http.get("/audit").text
             assert http.get("/api/v1/openapi.json").status_code == 200
+    finally:
+        node.stop()
+
+
+@pytest.mark.network
+def test_operator_reprocesses_a_quarantined_file_in_a_new_round_and_logs_hold_no_phi(tmp_path):
+    node = start_node(console_config(tmp_path))
+    try:
+        with capture_logs() as logs:
+            sent = send_test_data(node, tmp_path)
+            pdf_series = sent["pdf"].SeriesInstanceUID
+            with client(node) as http:
+                csrf = login(http, "olga")
+                qid = http.get("/api/v1/quarantine").json()["items"][0]["id"]
+                done = http.post(
+                    f"/api/v1/quarantine/{qid}/reprocess", headers={"X-CSRF-Token": csrf}
+                )
+                assert done.status_code == 200 and "1 instance(s)" in done.json()["detail"]
+
+                def second_round_final():
+                    rounds = http.get(f"/api/v1/series/{pdf_series}").json()["rounds"]
+                    return len(rounds) == 2 and rounds[1]["state"] in ("rejected", "failed")
+
+                # The pipeline ran again under the node's config: quarantined again, as the
+                # document is still one; the new attempt is what the quarantine lists now.
+                wait_until(second_round_final, 60, what="second round processed")
+                items = http.get("/api/v1/quarantine").json()["items"]
+                assert len(items) == 1 and items[0]["id"] != qid
+                assert (
+                    http.post(
+                        f"/api/v1/quarantine/{qid}/reprocess", headers={"X-CSRF-Token": csrf}
+                    ).status_code
+                    == 404
+                )  # the old attempt is history
+                audit = http.get("/api/v1/audit").json()["items"]
+                assert [(a["action"], a["target"]) for a in audit] == [
+                    ("quarantine.reprocess", sent["pdf"].SOPInstanceUID)
+                ]
+                assert_no_phi(http.get("/metrics").text, "/metrics")
+        events = {e["event"] for e in logs}
+        assert {"console_login", "console_action", "series_processed"} <= events
+        assert_no_phi(repr(logs), "log lines")
     finally:
         node.stop()
 
