@@ -400,7 +400,8 @@ class Node:
                     items,
                     on_stored,
                     on_refused,
-                    max_decoded_bytes=self.config.node.max_instance_mb * 2**20,
+                    # The bound the SCP applied at receive (0: none) also bounds decompression.
+                    max_decoded_bytes=self.config.node.max_decoded_mb * 2**20 or None,
                 )
             refused = self.store.refused_by_destination(batch["id"], dest.name)
             if refused:
