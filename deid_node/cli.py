@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
     add_user.set_defaults(func=cmd_console_add_user)
+    add_token = console_sub.add_parser(
+        "add-token", help="create an API token (printed once) for scripts: Authorization: Bearer"
+    )
+    add_token.add_argument("name", metavar="NAME")
+    add_token.add_argument("--role", required=True, choices=["operator", "viewer"])
+    add_token.add_argument("--config", required=True, type=Path)
+    add_token.set_defaults(func=cmd_console_add_token)
     return parser
 
 
@@ -204,6 +211,15 @@ def cmd_console_add_user(args: argparse.Namespace) -> int:
             raise DeidNodeError("console add-user: the passwords differ")
     add_user(config.console.users_file, args.name, args.role, password)
     print(f"{args.name} ({args.role}) written to {config.console.users_file}")
+    return 0
+
+
+def cmd_console_add_token(args: argparse.Namespace) -> int:
+    from deid_node.console.auth import add_token
+
+    config = load_config(args.config)
+    print(add_token(config.console.users_file, args.name, args.role))
+    print(f"token {args.name} ({args.role}): shown once, only its hash is kept", file=sys.stderr)
     return 0
 
 

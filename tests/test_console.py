@@ -400,6 +400,63 @@ def test_add_user_from_the_command_line_stores_a_scrypt_hash(tmp_path):
     assert wrong.returncode == 2  # argparse: invalid choice
 
 
+@pytest.mark.network
+def test_api_tokens_from_the_command_line_work_without_cookie_or_csrf(tmp_path):
+    raw = console_config(tmp_path)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[console]\nusers_file = "{raw["console"]["users_file"]}"\n'
+        f'[[destinations]]\nname = "o"\ntype = "folder"\npath = "{tmp_path / "o"}"\n'
+    )
+    tokens = {}
+    for name, role in (("nightly", "viewer"), ("robot", "operator")):
+        command = [
+            sys.executable,
+            "-m",
+            "deid_node.cli",
+            "console",
+            "add-token",
+            name,
+            "--role",
+            role,
+            "--config",
+            str(config),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        tokens[role] = done.stdout.strip()
+        assert (
+            tokens[role].startswith("dn_")
+            and tokens[role] not in Path(raw["console"]["users_file"]).read_text()
+        )
+    node = start_node(raw)  # adds the users next to the tokens: both kept
+    try:
+        with client(node) as http:
+
+            def bearer(role):
+                return {"Authorization": f"Bearer {tokens[role]}"}
+
+            assert http.get("/api/v1/series", headers=bearer("viewer")).status_code == 200
+            assert (
+                http.get("/api/v1/series", headers={"Authorization": "Bearer dn_nope"}).status_code
+                == 401
+            )
+            assert (
+                http.post("/api/v1/series/1.2.3/retry", headers=bearer("viewer")).status_code == 403
+            )
+            # The operator's token passes (no CSRF for a header a browser never sends by
+            # itself): 404 is the series that does not exist.
+            assert (
+                http.post("/api/v1/series/1.2.3/retry", headers=bearer("operator")).status_code
+                == 404
+            )
+            assert (
+                http.get("/series", headers=bearer("operator")).status_code == 303
+            )  # pages: login
+    finally:
+        node.stop()
+
+
 def test_systemd_unit_verifies(tmp_path):
     tool = shutil.which("systemd-analyze")
     if tool is None:

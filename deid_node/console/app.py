@@ -57,9 +57,15 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         return session
 
     def api_session(request: Request) -> Session:
+        authorization = request.headers.get("Authorization")
+        if authorization:
+            session = sessions.from_bearer(authorization)
+            if session is None:
+                raise HTTPException(401, "unknown API token")
+            return session
         session = session_of(request)
         if session is None:
-            raise HTTPException(401, "log in first (POST /login)")
+            raise HTTPException(401, "log in first (POST /login) or send Authorization: Bearer")
         return session
 
     def check_action(session: Session, token: str | None) -> None:

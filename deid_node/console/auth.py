@@ -7,6 +7,10 @@ that a user added while the node runs can log in at once:
     role = "operator"
     hash = "scrypt$16384$8$1$<salt hex>$<hash hex>"
 
+    [tokens.backup-script]        # `deid-node console add-token`: the token is shown once
+    role = "viewer"
+    sha256 = "<hex of the token's SHA-256>"
+
 Sessions live in the node's memory (a restart logs everybody out); each has its own CSRF token,
 sent back in every form and in the X-CSRF-Token header of API calls that change something.
 """
@@ -61,14 +65,34 @@ class User:
     hash: str
 
 
-def load_users(path: Path) -> dict[str, User]:
-    """The users file; empty when it does not exist yet (nobody can log in: add a user)."""
+def _read(path: Path) -> dict:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"console.users_file: cannot read {path}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    role: Role
+    sha256: str
+
+
+def load_tokens(path: Path) -> dict[str, Token]:
+    tokens = {}
+    for name, entry in (_read(path).get("tokens") or {}).items():
+        if not isinstance(entry, dict) or entry.get("role") not in ROLES or "sha256" not in entry:
+            raise ConfigError(f"console.users_file: {path}: token {name!r} needs a role and sha256")
+        tokens[name] = Token(name, entry["role"], str(entry["sha256"]))
+    return tokens
+
+
+def load_users(path: Path) -> dict[str, User]:
+    """The users file; empty when it does not exist yet (nobody can log in: add a user)."""
+    raw = _read(path)
     users = {}
     for name, entry in (raw.get("users") or {}).items():
         if not isinstance(entry, dict) or entry.get("role") not in ROLES or "hash" not in entry:
@@ -87,9 +111,33 @@ def add_user(path: Path, name: str, role: str, password: str) -> None:
         raise ConfigError("console add-user: the password needs at least 8 characters")
     users = load_users(path)
     users[name] = User(name, role, hash_password(password))  # type: ignore[arg-type]
-    lines = ["# deid-node console users: written by `deid-node console add-user`.", ""]
+    _write(path, users, load_tokens(path))
+
+
+def add_token(path: Path, name: str, role: str) -> str:
+    """Add or replace an API token; returns it (only its SHA-256 is kept)."""
+    if not NAME_RE.match(name):
+        raise ConfigError("console add-token: NAME must be 1-64 of A-Z a-z 0-9 _ . -")
+    if role not in ROLES:
+        raise ConfigError(f"console add-token: --role must be one of {', '.join(ROLES)}")
+    token = "dn_" + secrets.token_urlsafe(32)
+    tokens = load_tokens(path)
+    tokens[name] = Token(name, role, _token_hash(token))  # type: ignore[arg-type]
+    _write(path, load_users(path), tokens)
+    return token
+
+
+def _token_hash(token: str) -> str:
+    # A random 256-bit token needs no slow hash: SHA-256 cannot be searched back.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _write(path: Path, users: dict[str, User], tokens: dict[str, Token]) -> None:
+    lines = ["# deid-node console users and API tokens: written by `deid-node console`.", ""]
     for user in users.values():
         lines += [f"[users.{user.name}]", f'role = "{user.role}"', f'hash = "{user.hash}"', ""]
+    for tok in tokens.values():
+        lines += [f"[tokens.{tok.name}]", f'role = "{tok.role}"', f'sha256 = "{tok.sha256}"', ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -104,6 +152,7 @@ class Session:
     role: Role
     csrf: str
     expires: float
+    bearer: bool = False  # an API token: no cookie, so no CSRF to guard against
 
     @property
     def can_act(self) -> bool:
@@ -142,10 +191,22 @@ class Sessions:
                 return None
             return session
 
+    def from_bearer(self, authorization: str | None) -> Session | None:
+        """The session of an `Authorization: Bearer TOKEN` header, or None."""
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        digest = _token_hash(authorization[7:].strip())
+        for tok in load_tokens(self.users_file).values():
+            if hmac.compare_digest(tok.sha256, digest):
+                return Session(f"token:{tok.name}", tok.role, "", time.time() + 60, bearer=True)
+        return None
+
     def logout(self, sid: str | None) -> None:
         with self._lock:
             self._sessions.pop(sid or "", None)
 
 
 def csrf_ok(session: Session, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(session.csrf, str(token))
+    if session.bearer:
+        return True
+    return bool(token) and bool(session.csrf) and hmac.compare_digest(session.csrf, str(token))
