@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -314,6 +315,56 @@ def test_healthz_is_503_when_the_database_takes_no_writes_or_the_scp_is_down(tmp
             node._server = None
             response = http.get("/healthz")
             assert response.status_code == 503 and response.json()["scp_listening"] is False
+    finally:
+        node.stop()
+
+
+@pytest.mark.network
+def test_console_over_tls_sets_a_secure_session_cookie(tmp_path):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "console.crt", tmp_path / "console.key"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    raw = console_config(tmp_path)
+    raw["console"].update(tls_cert=str(cert), tls_key=str(key))
+    node = start_node(raw)
+    try:
+        base = f"127.0.0.1:{node.console_port}"
+        with httpx.Client(
+            base_url=f"https://{base}",
+            verify=ssl.create_default_context(cafile=str(cert)),
+            timeout=20,
+        ) as http:
+            response = http.post("/login", data={"username": "olga", "password": PASSWORD})
+            assert response.status_code == 303
+            cookie = response.headers["set-cookie"].lower()
+            assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
+            assert http.get("/api/v1/series").status_code == 200
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on the console port
+            httpx.get(f"http://{base}/healthz", timeout=5)
     finally:
         node.stop()
 
