@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from dicomgen import make_series, phi_markers, write_series
 from peers import REPO, free_port, storescu, wait_until
@@ -34,10 +36,12 @@ def console_config(tmp_path: Path, **node) -> dict:
             "data_dir": str(tmp_path / "data"),
             "min_free_disk_mb": 1,
             "poll_seconds": 0.2,
+            "retention_hours": 24,  # de-identified outputs kept: the thumbnails show them
             **node,
         },
         "series": {"stable_seconds": 1},
         "deid": {"redact_pixels_mode": "REDACT_NO_TEXT"},
+        "save_conditions": [{"type": "NOT_SUBSTR", "value": "PRIMARY", "dicom_tag": "ImageType"}],
         "destinations": [{"name": "out", "type": "folder", "path": str(tmp_path / "out")}],
         "console": {
             "enabled": True,
@@ -208,6 +212,31 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
                 assert response.status_code == 200, page
                 assert_no_phi(response.text, page)
             assert ct_uid in http.get("/series?state=forwarded").text
+            files = http.get(f"/api/v1/series/{ct_uid}").json()["files"]
+            assert len(files) == 3 and all(f["deid_kept"] for f in files)
+            assert files[0]["evaluations"] == [
+                {
+                    "condition_type": "NOT_SUBSTR",
+                    "dicom_tag": "ImageType",
+                    "tag_value": "DERIVED\\SECONDARY\\AXIAL",
+                    "evaluated_value": True,
+                }
+            ]
+            thumb = http.get(f"/series/{ct_uid}/thumbnails/{files[0]['id']}.png")
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+            image = cv2.imdecode(np.frombuffer(thumb.content, np.uint8), cv2.IMREAD_UNCHANGED)
+            assert image is not None and 0 < max(image.shape[:2]) <= 160
+            pdf_file = http.get(f"/api/v1/series/{sent['pdf'].SeriesInstanceUID}").json()
+            pdf_id = pdf_file["files"][0]["id"]
+            # No de-identified output (quarantined), and never the kept original.
+            pdf_thumb = f"/series/{sent['pdf'].SeriesInstanceUID}/thumbnails/{pdf_id}.png"
+            assert http.get(pdf_thumb).status_code == 404
+            assert (
+                http.get(
+                    f"/series/{sent['pdf'].SeriesInstanceUID}/thumbnails/{files[0]['id']}.png"
+                ).status_code
+                == 404
+            )  # not of that series
             assert ct_uid not in http.get("/series?state=rejected").text
             quarantined = http.get("/api/v1/quarantine").json()["items"]
             assert [q["sop_uid"] for q in quarantined] == [sent["pdf"].SOPInstanceUID]
@@ -581,7 +610,11 @@ def browser_login(driver, base: str, name: str) -> None:
     driver.find_element(By.ID, "username").send_keys(name)
     driver.find_element(By.ID, "password").send_keys(PASSWORD)
     driver.find_element(By.ID, "login").click()
-    wait_until(lambda: name in driver.find_element(By.ID, "who").text, 20, what="logged in")
+    wait_until(
+        lambda: any(name in e.text for e in driver.find_elements(By.ID, "who")),
+        20,
+        what="logged in",
+    )
 
 
 @pytest.mark.network
@@ -612,7 +645,23 @@ def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
         assert states[ct_uid] == "forwarded"
         browser.save_screenshot(str(shots / "series.png"))
         browser.find_element(By.LINK_TEXT, ct_uid).click()
-        assert ct_uid in browser.find_element(By.TAG_NAME, "h1").text
+        wait_until(
+            lambda: any(ct_uid in e.text for e in browser.find_elements(By.TAG_NAME, "h1")),
+            20,
+            what="series page",
+        )
+        thumbs = browser.find_elements(By.CSS_SELECTOR, "#files img.thumb")
+        assert len(thumbs) == 3
+        wait_until(
+            lambda: all(
+                browser.execute_script(
+                    "return arguments[0].complete && arguments[0].naturalWidth", t
+                )
+                for t in thumbs
+            ),
+            20,
+            what="thumbnails shown",
+        )
         assert_no_phi(browser.page_source, "/series/{uid}")
         browser.save_screenshot(str(shots / "series_detail.png"))
 

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from deid_node.console.auth import Session, Sessions, csrf_ok
 from deid_node.console.metrics import NodeView, health, make_registry
+from deid_node.console.thumbs import render_thumbnail
 from deid_node.log import get_logger
 from deid_node.store import BATCH_STATES
 from deid_node.store import metrics_queries as mq
@@ -257,6 +258,15 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     def series_page(request: Request, uid: str) -> Response:
         session = page_session(request)
         return render(request, "series_detail.html", session, data=detail_data(uid))
+
+    @app.get("/series/{uid}/thumbnails/{instance_id}.png")
+    def thumbnail(request: Request, uid: str, instance_id: int) -> Response:
+        page_session(request)
+        path = mq.deid_output(store, uid, instance_id)
+        png = render_thumbnail(path) if path is not None else None
+        if png is None:
+            raise HTTPException(404, "no de-identified image kept for this instance")
+        return Response(png, media_type="image/png")
 
     @app.post("/series/{uid}/retry")
     async def series_retry_form(request: Request, uid: str) -> Response:

@@ -8,6 +8,7 @@ patient value: UIDs (original ones), AE titles, states, reasons written by our o
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from deid_node.store.base import StoreBase
@@ -129,18 +130,27 @@ def series_detail(store: StoreBase, series_uid: str) -> dict[str, Any] | None:
     files = []
     for row in store.query(
         "SELECT id, batch_id, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size,"
-        " received_at, state, error, sop_uid_deid, report FROM instances WHERE series_uid = ?"
+        " received_at, state, error, sop_uid_deid, deid_path, report FROM instances"
+        " WHERE series_uid = ?"
         " ORDER BY id",
         (series_uid,),
     ):
         report = json.loads(row.pop("report") or "{}")
-        # Only what the report holds about our own decisions: never a header value.
+        # The report's condition results: a tag value only where the report shows one (kinds
+        # of attribute that identify nobody: ImageType, Modality...).
         row["evaluations"] = [
-            {k: e.get(k) for k in ("type", "dicom_tag", "result") if k in e}
-            for e in report.get("evaluations") or []
+            {
+                "condition_type": (e.get("condition") or {}).get("condition_type"),
+                "dicom_tag": (e.get("condition") or {}).get("dicom_tag"),
+                "tag_value": e.get("tag_value"),
+                "evaluated_value": e.get("evaluated_value"),
+            }
+            for e in report.get("save_conditions_evaluations") or []
             if isinstance(e, dict)
         ]
         row["save_condition"] = report.get("save_condition")
+        deid_path = row.pop("deid_path")
+        row["deid_kept"] = bool(deid_path) and store.absolute(deid_path).is_file()
         files.append(row)
     deliveries = store.query(
         "SELECT d.batch_id, d.destination, d.state, d.attempts, d.last_error, d.updated_at"
@@ -149,6 +159,18 @@ def series_detail(store: StoreBase, series_uid: str) -> dict[str, Any] | None:
         (series_uid,),
     )
     return {"series_uid": series_uid, "rounds": batches, "files": files, "deliveries": deliveries}
+
+
+def deid_output(store: StoreBase, series_uid: str, instance_id: int) -> Path | None:
+    """The de-identified file of an instance of this series while it is kept, else None."""
+    rows = store.query(
+        "SELECT deid_path FROM instances WHERE id = ? AND series_uid = ? AND deid_path IS NOT NULL",
+        (instance_id, series_uid),
+    )
+    if not rows:
+        return None
+    path = store.absolute(rows[0]["deid_path"])
+    return path if path.is_file() else None
 
 
 def quarantine_page(
