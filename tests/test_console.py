@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -238,6 +239,13 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
                 == 404
             )  # not of that series
             assert ct_uid not in http.get("/series?state=rejected").text
+            today = datetime.now(UTC).date().isoformat()
+            assert http.get(f"/api/v1/series?since={today}&until={today}").json()["total"] == 2
+            assert http.get("/api/v1/series?until=2000-01-01").json()["total"] == 0
+            assert http.get("/api/v1/series?calling_ae=CT_ROOM1").json()["total"] == 2
+            assert http.get("/api/v1/series?calling_ae=OTHER").json()["total"] == 0
+            assert http.get("/api/v1/series?since=yesterday").status_code == 422
+            assert http.get("/api/v1/series?state=lost").status_code == 422
             quarantined = http.get("/api/v1/quarantine").json()["items"]
             assert [q["sop_uid"] for q in quarantined] == [sent["pdf"].SOPInstanceUID]
             qid = quarantined[0]["id"]

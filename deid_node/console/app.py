@@ -7,7 +7,7 @@ every action (POST) also needs the operator role and the session's CSRF token.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -164,11 +164,29 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
             "received_last_hour": per_minute,
         }
 
-    def series_data(state: str | None, calling_ae: str | None, page: int) -> dict[str, Any]:
+    def series_data(
+        state: str | None,
+        calling_ae: str | None,
+        page: int,
+        since: str | None = None,
+        until: str | None = None,
+    ) -> dict[str, Any]:
         if state and state not in BATCH_STATES:
             raise HTTPException(422, f"state: one of {', '.join(BATCH_STATES)}")
+        for name, value in (("since", since), ("until", until)):
+            if value:
+                try:
+                    date.fromisoformat(value)
+                except ValueError:
+                    raise HTTPException(422, f"{name}: a date YYYY-MM-DD") from None
         rows, total = mq.series_page(
-            store, state=state, calling_ae=calling_ae, limit=PAGE, offset=(page - 1) * PAGE
+            store,
+            state=state,
+            calling_ae=calling_ae,
+            since=since,
+            until=until,
+            limit=PAGE,
+            offset=(page - 1) * PAGE,
         )
         return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
 
@@ -241,10 +259,17 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
 
     @app.get("/series", response_class=HTMLResponse)
     def series_list(
-        request: Request, state: str | None = None, calling_ae: str | None = None, page: int = 1
+        request: Request,
+        state: str | None = None,
+        calling_ae: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        page: int = 1,
     ) -> Response:
         session = page_session(request)
-        data = series_data(state or None, calling_ae or None, max(page, 1))
+        data = series_data(
+            state or None, calling_ae or None, max(page, 1), since or None, until or None
+        )
         return render(
             request,
             "series.html",
@@ -252,6 +277,8 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
             data=data,
             state=state or "",
             calling_ae=calling_ae or "",
+            since=since or "",
+            until=until or "",
         )
 
     @app.get("/series/{uid}", response_class=HTMLResponse)
@@ -303,10 +330,15 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
 
     @app.get("/api/v1/series")
     def api_series(
-        request: Request, state: str | None = None, calling_ae: str | None = None, page: int = 1
+        request: Request,
+        state: str | None = None,
+        calling_ae: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        page: int = 1,
     ) -> dict[str, Any]:
         api_session(request)
-        return series_data(state, calling_ae, max(page, 1))
+        return series_data(state, calling_ae, max(page, 1), since, until)
 
     @app.get("/api/v1/series/{uid}")
     def api_series_detail(request: Request, uid: str) -> dict[str, Any]:

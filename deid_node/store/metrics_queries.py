@@ -93,11 +93,20 @@ def series_page(
     *,
     state: str | None = None,
     calling_ae: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Rounds of series (one row per batch), newest first, and how many match in all."""
+    """Rounds of series (one row per batch), newest first, and how many match in all.
+    since/until: ISO dates (UTC), the day the round's first instance arrived, both included."""
     where, params = ["1"], []
+    if since:
+        where.append("b.created_at >= ?")
+        params.append(since)
+    if until:
+        where.append("substr(b.created_at, 1, 10) <= ?")
+        params.append(until)
     if state:
         where.append("b.state = ?")
         params.append(state)

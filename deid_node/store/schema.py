@@ -187,7 +187,15 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     """The console: operator actions (who, when, what, which UID) and a row /healthz rewrites
     to prove the database takes writes."""
     db["audit"].create(
-        {"id": int, "at": str, "user": str, "role": str, "action": str, "target": str, "detail": str},
+        {
+            "id": int,
+            "at": str,
+            "user": str,
+            "role": str,
+            "action": str,
+            "target": str,
+            "detail": str,
+        },
         pk="id",
         if_not_exists=True,
     )
