@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import ssl
@@ -66,9 +67,16 @@ def client(node: Node) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{node.console_port}", timeout=20)
 
 
+def post_login(http: httpx.Client, name: str, password: str = PASSWORD) -> httpx.Response:
+    """The login form as a browser sends it: loaded first, its CSRF token sent back."""
+    page = http.get("/login")
+    token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+    return http.post("/login", data={"username": name, "password": password, "csrf": token})
+
+
 def login(http: httpx.Client, name: str) -> str:
     """Log in; returns the session's CSRF token."""
-    response = http.post("/login", data={"username": name, "password": PASSWORD})
+    response = post_login(http, name)
     assert response.status_code == 303, response.text
     return http.get("/api/v1/session").json()["csrf"]
 
@@ -184,13 +192,18 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
             # Pages need a login.
             assert http.get("/series").status_code == 303
             assert http.get("/api/v1/series").status_code == 401
-            bad = http.post("/login", data={"username": "olga", "password": "wrong password"})
+            # The login form has its CSRF token too: a post without it logs nobody in.
+            forged = http.post("/login", data={"username": "olga", "password": PASSWORD})
+            assert forged.status_code == 403 and "set-cookie" not in forged.headers
+            bad = post_login(http, "olga", "wrong password")
             assert bad.status_code == 200 and "Wrong name or password" in bad.text
-            assert "set-cookie" not in bad.headers
+            assert "deid_console=" not in bad.headers.get("set-cookie", "")
 
             # Viewer: reads everything, acts on nothing (also with its valid CSRF token).
-            response = http.post("/login", data={"username": "vic", "password": PASSWORD})
-            cookie = response.headers["set-cookie"].lower()
+            response = post_login(http, "vic")
+            cookie = [
+                c for c in response.headers.get_list("set-cookie") if c.startswith("deid_console=")
+            ][0].lower()
             assert "httponly" in cookie and "samesite=strict" in cookie and "secure" not in cookie
             viewer_csrf = http.get("/api/v1/session").json()["csrf"]
             ct_uid = sent["ct"][0].SeriesInstanceUID
@@ -395,9 +408,11 @@ def test_console_over_tls_sets_a_secure_session_cookie(tmp_path):
             verify=ssl.create_default_context(cafile=str(cert)),
             timeout=20,
         ) as http:
-            response = http.post("/login", data={"username": "olga", "password": PASSWORD})
+            response = post_login(http, "olga")
             assert response.status_code == 303
-            cookie = response.headers["set-cookie"].lower()
+            cookie = [
+                c for c in response.headers.get_list("set-cookie") if c.startswith("deid_console=")
+            ][0].lower()
             assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie
             assert http.get("/api/v1/series").status_code == 200
         with pytest.raises(httpx.HTTPError):  # no plain HTTP on the console port

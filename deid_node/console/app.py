@@ -7,6 +7,8 @@ every action (POST) also needs the operator role and the session's CSRF token.
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -25,6 +27,9 @@ from deid_node.store import metrics_queries as mq
 
 log = get_logger("deid_node.console")
 COOKIE = "deid_console"
+# The login form's CSRF token (double submit: this cookie and the form field must match), so
+# that another site cannot log a browser in under its own account.
+LOGIN_COOKIE = "deid_console_login"
 PAGE = 50
 
 
@@ -106,23 +111,35 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
 
     # -- login ---------------------------------------------------------------------------------
 
+    def login_page(request: Request, error: str | None) -> Response:
+        token = secrets.token_urlsafe(32)
+        response = render(request, "login.html", None, error=error, login_csrf=token)
+        response.set_cookie(
+            LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies, path="/"
+        )
+        return response
+
     @app.get("/login", response_class=HTMLResponse)
     def login_form(request: Request) -> Response:
-        return render(request, "login.html", None, error=None)
+        return login_page(request, None)
 
     @app.post("/login")
     async def login(request: Request) -> Response:
         form = await request.form()
+        expected, sent = request.cookies.get(LOGIN_COOKIE, ""), str(form.get("csrf", ""))
+        if not expected or not hmac.compare_digest(expected, sent):
+            raise HTTPException(403, "missing or wrong CSRF token: load /login again")
         name, password = str(form.get("username", "")), str(form.get("password", ""))
         sid = sessions.login(name, password)
         if sid is None:
             log.warning("console_login_failed", user=name[:64])
-            return render(request, "login.html", None, error="Wrong name or password")
+            return login_page(request, "Wrong name or password")
         log.info("console_login", user=name)
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(
             COOKIE, sid, httponly=True, samesite="strict", secure=secure_cookies, path="/"
         )
+        response.delete_cookie(LOGIN_COOKIE, path="/")
         return response
 
     @app.post("/logout")
