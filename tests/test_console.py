@@ -288,11 +288,24 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
             assert done.status_code == 303
             assert http.get("/api/v1/quarantine").json()["total"] == 0
             assert not list((tmp_path / "data" / "quarantine").glob("instance-*.dcm"))
+            refused = http.get("/api/v1/quarantine").json()["refused"]
+            assert [(r["status"], r["calling_ae"]) for r in refused] == [("0xC000", "CT_ROOM1")]
+            assert len(list((tmp_path / "data" / "quarantine").glob("*.dcm"))) == 1
+            assert (
+                http.post(
+                    f"/api/v1/quarantine/refused/{refused[0]['id']}/discard",
+                    headers={"X-CSRF-Token": csrf},
+                ).status_code
+                == 200
+            )
+            assert not list((tmp_path / "data" / "quarantine").glob("*.dcm"))
+            assert http.get("/api/v1/quarantine").json()["refused_total"] == 0
             retry = http.post(f"/api/v1/series/{ct_uid}/retry", headers={"X-CSRF-Token": csrf})
             assert retry.status_code == 200
             audit = http.get("/api/v1/audit").json()["items"]
             assert [(a["user"], a["action"], a["target"]) for a in audit] == [
                 ("olga", "series.retry", ct_uid),
+                ("olga", "refused.discard", refused[0]["sop_uid"]),
                 ("olga", "quarantine.discard", sent["pdf"].SOPInstanceUID),
             ]
             assert "quarantine.discard" in http.get("/audit").text

@@ -215,7 +215,16 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
 
     def quarantine_data(page: int) -> dict[str, Any]:
         rows, total = mq.quarantine_page(store, limit=PAGE, offset=(page - 1) * PAGE)
-        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
+        refused, refused_total = mq.refused_page(store, limit=PAGE, offset=(page - 1) * PAGE)
+        pages = max(1, -(-max(total, refused_total) // PAGE))
+        return {
+            "items": rows,
+            "total": total,
+            "refused": refused,
+            "refused_total": refused_total,
+            "page": page,
+            "pages": pages,
+        }
 
     def audit_data(page: int) -> dict[str, Any]:
         rows, total = mq.audit_page(store, limit=PAGE, offset=(page - 1) * PAGE)
@@ -244,6 +253,21 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         )
         log.info("console_action", user=session.user, action=action, sop_uid=row["sop_uid"])
         return {"id": instance_id, "action": action, "detail": detail}
+
+    def discard_refused(session: Session, refused_id: int) -> dict[str, Any]:
+        row = mq.discard_refused(store, refused_id)
+        if row is None:
+            raise HTTPException(404, "no such refused instance kept")
+        mq.record_audit(
+            store,
+            user=session.user,
+            role=session.role,
+            action="refused.discard",
+            target=row["sop_uid"],
+            detail="kept bytes deleted",
+        )
+        log.info("console_action", user=session.user, action="discard", sop_uid=row["sop_uid"])
+        return {"id": refused_id, "action": "discard", "detail": "kept bytes deleted"}
 
     def retry_series(session: Session, uid: str) -> dict[str, Any]:
         detail_data(uid)
@@ -325,6 +349,14 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         session = page_session(request)
         return render(request, "quarantine.html", session, data=quarantine_data(max(page, 1)))
 
+    @app.post("/quarantine/refused/{refused_id}/discard")
+    async def refused_discard_form(request: Request, refused_id: int) -> Response:
+        session = page_session(request)
+        form = await request.form()
+        check_action(session, str(form.get("csrf", "")))
+        discard_refused(session, refused_id)
+        return RedirectResponse("/quarantine", status_code=303)
+
     @app.post("/quarantine/{instance_id}/{action}")
     async def quarantine_form(request: Request, instance_id: int, action: str) -> Response:
         session = page_session(request)
@@ -372,6 +404,12 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     def api_quarantine(request: Request, page: int = 1) -> dict[str, Any]:
         api_session(request)
         return quarantine_data(max(page, 1))
+
+    @app.post("/api/v1/quarantine/refused/{refused_id}/discard")
+    def api_refused_discard(request: Request, refused_id: int) -> dict[str, Any]:
+        session = api_session(request)
+        check_action(session, request.headers.get("X-CSRF-Token"))
+        return discard_refused(session, refused_id)
 
     @app.post("/api/v1/quarantine/{instance_id}/{action}")
     def api_quarantine_action(request: Request, instance_id: int, action: str) -> dict[str, Any]:

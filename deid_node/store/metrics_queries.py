@@ -227,6 +227,37 @@ def discard_quarantined(store: StoreBase, instance_id: int) -> bool:
     return True
 
 
+def refused_page(
+    store: StoreBase, *, limit: int = 50, offset: int = 0
+) -> tuple[list[dict[str, Any]], int]:
+    """Instances the SCP refused whose bytes are kept in the quarantine, newest first."""
+    clause = "quarantine_path IS NOT NULL"
+    total = store.query(f"SELECT COUNT(*) AS n FROM refused WHERE {clause}")[0]["n"]
+    rows = store.query(
+        "SELECT id, received_at, calling_ae, sop_uid, status, reason FROM refused"
+        f" WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
+        (min(max(limit, 1), PAGE_MAX), max(offset, 0)),
+    )
+    for row in rows:
+        row["status"] = f"0x{row['status']:04X}"
+    return rows, total
+
+
+def discard_refused(store: StoreBase, refused_id: int) -> dict[str, Any] | None:
+    """Delete the kept bytes of a refused instance; its row stays. None: nothing kept."""
+    rows = store.query(
+        "SELECT id, sop_uid, quarantine_path FROM refused WHERE id = ?"
+        " AND quarantine_path IS NOT NULL",
+        (refused_id,),
+    )
+    if not rows:
+        return None
+    store.absolute(rows[0]["quarantine_path"]).unlink(missing_ok=True)
+    with store.transaction() as conn:
+        conn.execute("UPDATE refused SET quarantine_path = NULL WHERE id = ?", (refused_id,))
+    return rows[0]
+
+
 def record_audit(
     store: StoreBase, *, user: str, role: str, action: str, target: str, detail: str = ""
 ) -> None:
