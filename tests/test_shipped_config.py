@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import httpx
 import pytest
 from dicomgen import make_series, write_series
 from peers import NODELAY_ENV, REPO, echoscu, storescu, wait_for_port
@@ -46,6 +47,9 @@ def test_shipped_config_serves_and_stops_on_ctrl_c(tmp_path):
         paths = write_series(make_series(2, "CT"), tmp_path / "in")
         assert storescu(11112, paths).returncode == 0
         assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 2
+        # The shipped console: /healthz answers on 127.0.0.1:8080 (no users yet: no login).
+        health = httpx.get("http://127.0.0.1:8080/healthz", timeout=20)
+        assert health.status_code == 200 and health.json()["ok"] is True
     finally:
         proc.send_signal(signal.SIGINT)
         try:
