@@ -323,6 +323,11 @@ def test_operator_reprocesses_a_quarantined_file_in_a_new_round_and_logs_hold_no
             pdf_series = sent["pdf"].SeriesInstanceUID
             with client(node) as http:
                 csrf = login(http, "olga")
+                received = (
+                    "deid_node_instances_received_total",
+                    (("calling_ae", "CT_ROOM1"), ("status", "0x0000")),
+                )
+                assert metrics(http)[received] == 4
                 qid = http.get("/api/v1/quarantine").json()["items"][0]["id"]
                 done = http.post(
                     f"/api/v1/quarantine/{qid}/reprocess", headers={"X-CSRF-Token": csrf}
@@ -348,6 +353,8 @@ def test_operator_reprocesses_a_quarantined_file_in_a_new_round_and_logs_hold_no
                 assert [(a["action"], a["target"]) for a in audit] == [
                     ("quarantine.reprocess", sent["pdf"].SOPInstanceUID)
                 ]
+                # Counted from the rows added since the last scrape: the new attempt too.
+                assert metrics(http)[received] == 5
                 assert_no_phi(http.get("/metrics").text, "/metrics")
         events = {e["event"] for e in logs}
         assert {"console_login", "console_action", "series_processed"} <= events

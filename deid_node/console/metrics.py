@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,11 +41,32 @@ class NodeView:
 class DatabaseCollector:
     def __init__(self, view: NodeView) -> None:
         self.view = view
+        # Running totals of the append-only tables and the last row id counted in each, so
+        # that a scrape reads only the rows added since the last one.
+        self._lock = threading.Lock()
+        self._after = {"instances": 0, "refused": 0}
+        self._received: dict[str, tuple[int, int]] = {}  # calling AE -> (count, bytes)
+        self._refused: dict[tuple[str, int], int] = {}  # (calling AE, status) -> count
+
+    def _appended(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, int], int]]:
+        with self._lock:
+            new = mq.appended_counts(self.view.store, self._after)
+            for row in new["received"]:
+                ae = row["calling_ae"] or ""
+                count, size = self._received.get(ae, (0, 0))
+                self._received[ae] = (count + row["n"], size + row["bytes"])
+                self._after["instances"] = max(self._after["instances"], row["last"])
+            for row in new["refused"]:
+                key = (row["calling_ae"] or "", row["status"])
+                self._refused[key] = self._refused.get(key, 0) + row["n"]
+                self._after["refused"] = max(self._after["refused"], row["last"])
+            return dict(self._received), dict(self._refused)
 
     def describe(self) -> list[Metric]:
         return []  # collected at scrape time only (no query at registration)
 
     def collect(self) -> Iterator[Metric]:
+        received_by_ae, refused_by_ae = self._appended()
         counts = mq.metric_counts(self.view.store)
         received = CounterMetricFamily(
             "deid_node_instances_received",
@@ -54,17 +76,16 @@ class DatabaseCollector:
         received_bytes = CounterMetricFamily(
             "deid_node_received_bytes", "Bytes of instances received", labels=["calling_ae"]
         )
-        for row in counts["received"]:
-            ae = row["calling_ae"] or ""
-            received.add_metric([ae, "0x0000"], row["n"])
-            received_bytes.add_metric([ae], row["bytes"])
+        for ae, (count, size) in sorted(received_by_ae.items()):
+            received.add_metric([ae, "0x0000"], count)
+            received_bytes.add_metric([ae], size)
         refused = CounterMetricFamily(
             "deid_node_instances_refused",
             "Instances refused by the SCP, by DIMSE status and calling AE",
             labels=["calling_ae", "status"],
         )
-        for row in counts["refused"]:
-            refused.add_metric([row["calling_ae"] or "", f"0x{row['status']:04X}"], row["n"])
+        for (ae, status), count in sorted(refused_by_ae.items()):
+            refused.add_metric([ae, f"0x{status:04X}"], count)
         series = GaugeMetricFamily("deid_node_series", "Series rounds by state", labels=["state"])
         by_state = {row["state"]: row["n"] for row in counts["series"]}
         for state in BATCH_STATES:

@@ -24,19 +24,30 @@ _KEPT = (
 )
 
 
+def appended_counts(store: StoreBase, after: dict[str, int]) -> dict[str, Any]:
+    """Counts of the append-only tables (rows are inserted, never deleted, and the counted
+    columns never change) over the rows after the ids in `after`: a scrape reads only what is
+    new since the last one. Every instances row counts: an instance re-processed by `retry` or
+    the console counts as received again."""
+    return {
+        "received": store.query(
+            "SELECT calling_ae, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, MAX(id) AS last"
+            " FROM instances WHERE id > ? GROUP BY calling_ae",
+            (after.get("instances", 0),),
+        ),
+        "refused": store.query(
+            "SELECT status, calling_ae, COUNT(*) AS n, MAX(id) AS last FROM refused WHERE id > ?"
+            " GROUP BY status, calling_ae",
+            (after.get("refused", 0),),
+        ),
+    }
+
+
 def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
-    """Everything /metrics reports from the database, read in one go at scrape time: correct
-    whichever process or thread did the work, and across restarts."""
+    """What /metrics reports from the database besides the appended counts, read at scrape
+    time: correct whichever process or thread did the work, and across restarts."""
     q = store.query
     return {
-        # Every row: an instance re-processed by `retry` or the console counts again.
-        "received": q(
-            "SELECT calling_ae, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM instances"
-            " GROUP BY calling_ae"
-        ),
-        "refused": q(
-            "SELECT status, calling_ae, COUNT(*) AS n FROM refused GROUP BY status, calling_ae"
-        ),
         "series": q("SELECT state, COUNT(*) AS n FROM batches GROUP BY state"),
         # The kind of reason (the text before its first colon, as our own messages start with
         # it): bounded label values, never a detail of one file.
@@ -117,10 +128,12 @@ def series_page(
     total = store.query(f"SELECT COUNT(*) AS n FROM batches b WHERE {clause}", tuple(params))[0][
         "n"
     ]
+    # `+i.state`: the count per batch stays on the batch_id index (the state index would
+    # make it walk every quarantined row of the database for each batch listed).
     rows = store.query(
         "SELECT b.id, b.series_uid, b.round, b.state, b.calling_ae, b.created_at, b.finished_at,"
         " b.passed, (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id) AS instances,"
-        " (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id AND i.state = 'quarantined')"
+        " (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id AND +i.state = 'quarantined')"
         f" AS quarantined FROM batches b WHERE {clause} ORDER BY b.id DESC LIMIT ? OFFSET ?",
         (*params, min(max(limit, 1), PAGE_MAX), max(offset, 0)),
     )

@@ -201,6 +201,8 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     )
     db["audit"].create_index(["at"], if_not_exists=True)
     db["health_probe"].create({"id": int, "at": str}, pk="id", if_not_exists=True)
+    # /metrics and /quarantine count and list quarantined instances among all of them.
+    db["instances"].create_index(["state"], if_not_exists=True)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
