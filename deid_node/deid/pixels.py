@@ -38,6 +38,8 @@ from deid_node.deid.pixelcodec import (
     fill_value,
     frame_count,
     has_float_pixels,
+    syntax_label,
+    transfer_syntax,
     unused_bits_set,
     write_back,
 )
@@ -107,15 +109,22 @@ def redact_pixels(
     mode: DeidentifyRedactTextMode,
     config: PixelsConfig,
     identifiers: Sequence[str] = (),
+    reviewed: bool = False,
 ) -> PixelOutcome:
     """Find and blank burned-in text in `ds` in place, as `mode` asks; raise PixelError if the
     pixel data cannot be decoded or written back, or must be reviewed by a person (the
-    instance must then not be forwarded)."""
+    instance must then not be forwarded). reviewed: an operator looked at this image and
+    released it (console): the two review holds are waived, the redaction still runs."""
     mode = DeidentifyRedactTextMode(mode)
     reasons: list[str] = []
     burned_in = str(ds.get("BurnedInAnnotation", "")).upper() == "YES"
     if burned_in:
         reasons.append("burned_in_annotation=YES")
+    syntax = transfer_syntax(ds)
+    if "PixelData" in ds and not syntax.is_transfer_syntax:
+        # Newer than our pydicom (Deflated Image Frame, JPEG XL ...): it can neither decode
+        # the pixels nor write the file back, in any mode.
+        raise PixelError(f"unsupported pixel data encoding {syntax_label(syntax)}")
     if mode is DeidentifyRedactTextMode.REDACT_NO_TEXT:
         cleared = clear_unused_bits(ds) > 0
         if cleared:
@@ -150,7 +159,9 @@ def redact_pixels(
     if classifier is not None:
         categories = sorted({b.text for boxes in frame_boxes for b in boxes if b.text})
         reasons.extend(f"sensitive:{c}" for c in categories)
-    if burned_in and read == 0 and not template_boxes:
+    if reviewed:
+        reasons.append("released_after_review")
+    elif burned_in and read == 0 and not template_boxes:
         raise PixelError(
             "BurnedInAnnotation is YES but OCR read no text and no template matches: "
             "held for review"
@@ -160,7 +171,7 @@ def redact_pixels(
     outcome = PixelOutcome(
         total > 0, count, total, engine.name, mode.value, reasons, round(fraction, 6)
     )
-    if fraction > config.max_redacted_fraction:
+    if fraction > config.max_redacted_fraction and not reviewed:
         raise RedactionLimitError(
             f"redaction would change {fraction:.1%} of a frame's pixels, more than "
             f"pixels.max_redacted_fraction {config.max_redacted_fraction:.1%}: held for review",
