@@ -270,7 +270,7 @@ def test_association_past_max_association_seconds_is_aborted_at_its_next_bytes(s
         warnings.simplefilter("ignore", ResourceWarning)
         time.sleep(1.5)
         rsp = assoc.send_c_echo()
-        wait_until(lambda: assoc.is_aborted, 10, what="association aborted")
+        wait_until(lambda a=assoc: a.is_aborted, 10, what="association aborted")
         del assoc
         gc.collect()
     assert "Status" not in rsp
