@@ -246,7 +246,15 @@ class Node:
         started = time.monotonic()
         batch = self.store.batch(batch_id)
         rows = self.store.batch_instances(batch_id)
-        sources = [SourceFile(row["url"], Path(row["spool_path"]), row["id"]) for row in rows]
+        sources = [
+            SourceFile(
+                row["url"],
+                Path(row["spool_path"]),
+                row["id"],
+                pixels_reviewed=bool(row.get("pixels_reviewed")),
+            )
+            for row in rows
+        ]
         earlier = self.store.earlier_reports(batch["series_uid"], batch["round"])
         by_id = {row["id"]: row for row in rows}
 

@@ -90,6 +90,9 @@ class SourceFile:
     # SOPInstanceUID in a batch): reported with this reason, never de-identified, and not held
     # against its series.
     refusal: str | None = None
+    # Released by an operator after looking at the image (console): the pixel review holds
+    # (BurnedInAnnotation without text found, max_redacted_fraction) are waived.
+    pixels_reviewed: bool = False
 
 
 @dataclass
@@ -131,6 +134,7 @@ class FileResult:
 class DeidJob:
     src: Path
     dst_root: Path
+    pixels_reviewed: bool = False  # released by an operator: no pixel review hold (console)
 
 
 @dataclass(frozen=True)
@@ -327,7 +331,13 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         # Unused high bits may hold an overlay to clear: such pixel data is read, not streamed.
         streamed = _detach_pixel_data(ds) if no_text and not unused_bits_possible(ds) else None
         identifiers = identifying_values(ds, settings.deid)
-        pixels = redact_pixels(ds, settings.deid.redact_pixels_mode, settings.pixels, identifiers)
+        pixels = redact_pixels(
+            ds,
+            settings.deid.redact_pixels_mode,
+            settings.pixels,
+            identifiers,
+            reviewed=job.pixels_reviewed,
+        )
         if settings.deid.redact_dicom_tags:
             strip_pixel_data_markers(ds)  # text in JPEG COM/APPn segments of the frames
             deidentify_tags(
@@ -475,7 +485,11 @@ def run_series(
     started = time.monotonic()
     evaluations = [evaluate_file(s, settings.conditions, settings.deid) for s in sources]
     series_passed, disabling, send = judge_series(evaluations, settings.policy, earlier)
-    jobs = [DeidJob(e.source.path, dst_root) for e, go in zip(evaluations, send, strict=True) if go]
+    jobs = [
+        DeidJob(e.source.path, dst_root, e.source.pixels_reviewed)
+        for e, go in zip(evaluations, send, strict=True)
+        if go
+    ]
     outcomes = _map(functools.partial(deidentify_file, settings=settings), jobs, executor)
     keys = pseudonymizer_for(settings) if not settings.retains_uids else None
 

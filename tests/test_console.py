@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -359,6 +360,58 @@ def test_operator_reprocesses_a_quarantined_file_in_a_new_round_and_logs_hold_no
         events = {e["event"] for e in logs}
         assert {"console_login", "console_action", "series_processed"} <= events
         assert_no_phi(repr(logs), "log lines")
+    finally:
+        node.stop()
+
+
+@pytest.mark.network
+@pytest.mark.ocr
+def test_operator_releases_a_burned_in_image_held_for_review_and_it_is_forwarded(tmp_path):
+    raw = console_config(tmp_path)
+    raw["deid"]["redact_pixels_mode"] = "REDACT_ALL_TEXT"
+    raw["series"]["policy"] = "per_instance"
+    node = start_node(raw)
+    try:
+        flat = np.full((64, 64), 700, np.uint16)  # no text for OCR to find
+        plain, held = make_series(2, "CT", pixel_array=flat)
+        held.BurnedInAnnotation = "YES"
+        pdf = encapsulated_pdf(plain.SeriesInstanceUID, plain.StudyInstanceUID)
+        paths = write_series([plain, held, pdf], tmp_path / "in")
+        assert storescu(node.port, paths).returncode == 0
+        wait_until(
+            lambda: node.store.query("SELECT state FROM batches") == [{"state": "forwarded"}],
+            120,
+            what="first round forwarded",
+        )
+        out = tmp_path / "out"
+        assert len(list(out.rglob("*.dcm"))) == 1
+        with client(node) as http:
+            csrf = login(http, "olga")
+            items = {q["sop_uid"]: q for q in http.get("/api/v1/quarantine").json()["items"]}
+            assert items[held.SOPInstanceUID]["reason"].endswith("held for review")
+            page = http.get("/quarantine").text
+            assert page.count('class="release"') == 1  # for the image, not the document
+            # Never released: a reason other than a pixel review (here a document).
+            refused = http.post(
+                f"/api/v1/quarantine/{items[pdf.SOPInstanceUID]['id']}/release",
+                headers={"X-CSRF-Token": csrf},
+            )
+            assert refused.status_code == 409
+            released = http.post(
+                f"/quarantine/{items[held.SOPInstanceUID]['id']}/release", data={"csrf": csrf}
+            )
+            assert released.status_code == 303
+            wait_until(lambda: len(list(out.rglob("*.dcm"))) == 2, 120, what="released file sent")
+            report = node.store.reports(series_uid=plain.SeriesInstanceUID)[-1]
+            assert report["SOPInstanceUID"] == held.SOPInstanceUID and report["url_deid"]
+            assert "released_after_review" in json.dumps(report)
+            audit = http.get("/api/v1/audit").json()["items"]
+            assert [(a["user"], a["action"], a["target"]) for a in audit] == [
+                ("olga", "quarantine.release", held.SOPInstanceUID)
+            ]
+            assert [q["sop_uid"] for q in http.get("/api/v1/quarantine").json()["items"]] == [
+                pdf.SOPInstanceUID
+            ]
     finally:
         node.stop()
 

@@ -238,11 +238,20 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
             result = store.retry_processing(row["series_uid"])
             view.request_reprocess()
             detail = f"{result['instances']} instance(s) re-queued"
+        elif action == "release":
+            if not mq.release_quarantined(store, instance_id):
+                raise HTTPException(
+                    409,
+                    "only a file held for pixel review (burned-in text) can be released; "
+                    "re-process or discard this one",
+                )
+            view.request_reprocess()
+            detail = "released after review: processed again without the pixel review hold"
         elif action == "discard":
             mq.discard_quarantined(store, instance_id)
             detail = "original deleted"
         else:
-            raise HTTPException(404, "unknown action (reprocess or discard)")
+            raise HTTPException(404, "unknown action (release, reprocess or discard)")
         mq.record_audit(
             store,
             user=session.user,

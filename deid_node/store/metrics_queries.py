@@ -8,6 +8,7 @@ patient value: UIDs (original ones), AE titles, states, reasons written by our o
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,50 @@ def discard_quarantined(store: StoreBase, instance_id: int) -> bool:
             " '$.quarantine', NULL) WHERE id = ?",
             (instance_id,),
         )
+    return True
+
+
+# Quarantine reasons an operator may release after looking at the image: the pixel review holds
+# (deid/pixels.py: BurnedInAnnotation YES with no text found, redaction over
+# max_redacted_fraction). Any other reason (an identifying value left, an encapsulated
+# document, a file that cannot be read) is never released as is.
+RELEASABLE_SUFFIX = "held for review"
+
+
+def release_quarantined(store: StoreBase, instance_id: int) -> bool:
+    """Queue a quarantined instance held for pixel review again, in a new round of its series,
+    marked reviewed: processed without the review holds (the redaction still runs). False when
+    it is not such an instance, or its original is no longer kept."""
+    row = quarantined_instance(store, instance_id)
+    if row is None or not (row["reason"] or "").endswith(RELEASABLE_SUFFIX):
+        return False
+    kept = next((p for p in row["kept"] if store.absolute(p).exists()), None)
+    if kept is None:
+        return False
+    stamp = utcnow()
+    with store.transaction() as conn:
+        full = conn.execute(
+            "SELECT series_uid, study_uid, sop_uid, sop_class_uid, transfer_syntax, calling_ae,"
+            " peer, url, size, sha256 FROM instances WHERE id = ?",
+            (instance_id,),
+        ).fetchone()
+        last = conn.execute(
+            "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?", (full[0],)
+        ).fetchone()[0]
+        batch_id = conn.execute(
+            "INSERT INTO batches (series_uid, round, state, calling_ae, created_at,"
+            " completed_at, last_received_at) VALUES (?, ?, 'complete', ?, ?, ?, ?)",
+            (full[0], last + 1, full[5], stamp, stamp, time.time()),
+        ).lastrowid
+        conn.execute(
+            "INSERT INTO instances (batch_id, series_uid, study_uid, sop_uid, sop_class_uid,"
+            " transfer_syntax, calling_ae, peer, url, spool_path, size, received_at, sha256,"
+            " state, pixels_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " 'received', 1)",
+            (batch_id, *full[:8], kept, full[8], stamp, full[9]),
+        )
+        # The new attempt owns the file: the old row's clean-up must not delete it.
+        conn.execute("UPDATE instances SET spool_path = NULL WHERE id = ?", (instance_id,))
     return True
 
 

@@ -203,6 +203,10 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     db["health_probe"].create({"id": int, "at": str}, pk="id", if_not_exists=True)
     # /metrics and /quarantine count and list quarantined instances among all of them.
     db["instances"].create_index(["state"], if_not_exists=True)
+    # An instance an operator released after looking at its image (console): processed again
+    # without the pixel review holds.
+    if "pixels_reviewed" not in db["instances"].columns_dict:
+        db["instances"].add_column("pixels_reviewed", int, not_null_default=0)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
