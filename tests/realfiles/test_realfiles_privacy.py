@@ -68,15 +68,31 @@ SUBSET = {
         "OBXXXX1A.dcm",
         "liver.dcm",
     ],
-    "nibabel": ["0.dcm", "csa_slice_norm.dcm"],  # Siemens MR with CSA headers
+    "nibabel": ["0.dcm", "csa_slice_norm.dcm", "philips_mprage.dcm"],  # CSA headers; Philips
     "deid-data": [
         "ctbrain1.dcm",
         "RGB_IMAGE.dcm",  # ultrasound: a patient named like a DICOM defined term
         "GREYSCALE_IMAGE.dcm",
         "image1.dcm",
+        "cat.dcm",  # a non-human subject
     ],
 }
 CASES = [(source, name) for source, names in SUBSET.items() for name in names]
+# Known gaps in IOD conformance (issue 11 item 5), measured in docs/privacy.md: strict, so that
+# the test says so when they are closed.
+DCIODVFY_GAPS = {
+    ("nibabel", "philips_mprage.dcm"): "enhanced MR: MetaboliteMapDescription, MultiCoilElementName"
+    " (Type 1) and Receive/TransmitCoilManufacturerName (Type 2) removed in functional groups;"
+    " ReferencedImageEvidenceSequence present when its condition is unsatisfied",
+    ("deid-data", "cat.dcm"): "non-human subject: PatientSpeciesDescription/CodeSequence,"
+    " PatientBreedDescription, PatientSexNeutered, ResponsiblePerson/Organization removed",
+}
+DCIODVFY_CASES = [
+    pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=DCIODVFY_GAPS[case]))
+    if case in DCIODVFY_GAPS
+    else case
+    for case in CASES
+]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +132,7 @@ def test_no_leak_and_no_false_quarantine(corpus, settings, tmp_path, source, nam
     assert stats.leaks == 0, stats.details  # attribute keywords only, never values
 
 
-@pytest.mark.parametrize(("source", "name"), CASES)
+@pytest.mark.parametrize(("source", "name"), DCIODVFY_CASES)
 def test_no_new_dciodvfy_error(corpus, settings, tmp_path, source, name):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy not installed (make system-deps)")
