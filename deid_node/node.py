@@ -131,6 +131,7 @@ class Node:
             scp_listening=self.scp_listening,
             destinations_up=self.destinations_up,
             request_reprocess=self._scheduler_wake.set,
+            series_policy=self.config.series.policy.value,
         )
         console = ConsoleServer(self.config.console, view)
         console.start()

@@ -119,14 +119,21 @@ def encapsulated_pdf(series_uid: str, study_uid: str):
     return ds
 
 
-def send_test_data(node: Node, tmp_path: Path) -> dict:
+def send_test_data(node: Node, tmp_path: Path, burned_in: bool = False) -> dict:
     """3 CT images (forwarded), 1 encapsulated PDF in its own series (quarantined), 1 instance
-    without SeriesInstanceUID (refused 0xC000). Waits until both series are final."""
-    ct = make_series(3, "CT")
+    without SeriesInstanceUID (refused 0xC000). burned_in: also an image with BurnedInAnnotation
+    YES and no text, in a series of its own (held for review when OCR runs), and flat images
+    throughout (nothing for OCR to find). Waits until every series is final."""
+    flat = {"pixel_array": np.full((64, 64), 700, np.uint16)} if burned_in else {}
+    ct = make_series(3, "CT", **flat)
+    extra = []
+    if burned_in:
+        extra = make_series(1, "CT", study_uid=ct[0].StudyInstanceUID, **flat)
+        extra[0].BurnedInAnnotation = "YES"
     pdf = encapsulated_pdf(series_uid=generate_uid(), study_uid=ct[0].StudyInstanceUID)
     bad = make_series(1, "CT")[0]
     del bad.SeriesInstanceUID
-    paths = write_series([*ct, pdf], tmp_path / "in")
+    paths = write_series([*ct, pdf, *extra], tmp_path / "in")
     bad_path = tmp_path / "bad.dcm"
     bad.save_as(bad_path, enforce_file_format=True)
     assert storescu(node.port, paths, calling="CT_ROOM1").returncode == 0
@@ -138,12 +145,12 @@ def send_test_data(node: Node, tmp_path: Path) -> dict:
                     "SELECT 1 FROM batches WHERE state IN ('forwarded', 'rejected', 'failed')"
                 )
             )
-            == 2
+            == 2 + len(extra)
         ),
-        60,
-        what="both series final",
+        120,
+        what="every series final",
     )
-    return {"ct": ct, "pdf": pdf}
+    return {"ct": ct, "pdf": pdf, "held": extra[0] if extra else None}
 
 
 @pytest.mark.network
@@ -412,6 +419,29 @@ def test_operator_releases_a_burned_in_image_held_for_review_and_it_is_forwarded
             assert [q["sop_uid"] for q in http.get("/api/v1/quarantine").json()["items"]] == [
                 pdf.SOPInstanceUID
             ]
+    finally:
+        node.stop()
+
+
+@pytest.mark.network
+@pytest.mark.ocr
+def test_release_is_refused_under_series_policy_all(tmp_path):
+    raw = console_config(tmp_path)
+    raw["deid"]["redact_pixels_mode"] = "REDACT_ALL_TEXT"
+    node = start_node(raw)  # policy "all"
+    try:
+        sent = send_test_data(node, tmp_path, burned_in=True)
+        with client(node) as http:
+            csrf = login(http, "olga")
+            assert 'class="release"' not in http.get("/quarantine").text
+            items = {q["sop_uid"]: q for q in http.get("/api/v1/quarantine").json()["items"]}
+            held = items[sent["held"].SOPInstanceUID]
+            assert held["reason"].endswith("held for review")
+            response = http.post(
+                f"/api/v1/quarantine/{held['id']}/release", headers={"X-CSRF-Token": csrf}
+            )
+            assert response.status_code == 409 and "per_instance" in response.text
+            assert http.get("/api/v1/audit").json()["total"] == 0
     finally:
         node.stop()
 
@@ -719,18 +749,22 @@ def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    node = start_node(console_config(tmp_path))
+    raw = console_config(tmp_path)
+    raw["deid"]["redact_pixels_mode"] = "REDACT_ALL_TEXT"
+    raw["series"]["policy"] = "per_instance"  # release needs it (see the next test)
+    node = start_node(raw)
     try:
         base = f"http://127.0.0.1:{node.console_port}"
         browser.get(f"{base}/series")
         assert browser.current_url.endswith("/login")  # not logged in: sent to the login page
         browser.save_screenshot(str(shots / "login.png"))
-        sent = send_test_data(node, tmp_path)
+        sent = send_test_data(node, tmp_path, burned_in=True)
         ct_uid = sent["ct"][0].SeriesInstanceUID
+        held_uid = sent["held"].SeriesInstanceUID
 
         browser_login(browser, base, "olga")
         browser.save_screenshot(str(shots / "overview.png"))
-        assert browser.find_element(By.ID, "received-today").text == "4"
+        assert browser.find_element(By.ID, "received-today").text == "5"
         assert_no_phi(browser.page_source, "/")
         browser.get(f"{base}/series")
         rows = browser.find_elements(By.CSS_SELECTOR, "#series tr")
@@ -772,11 +806,26 @@ def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
         assert sent["pdf"].SOPInstanceUID in browser.page_source
         assert_no_phi(browser.page_source, "/quarantine")
         browser.save_screenshot(str(shots / "quarantine.png"))
+        assert "2 files" in browser.page_source
+        # The image held for review has a Release button (the document has none): released,
+        # it is processed again without the hold and its series is forwarded.
+        browser.find_element(By.CSS_SELECTOR, "button.release").click()
+        wait_until(lambda: "1 files" in browser.page_source, 20, what="released")
+        assert not browser.find_elements(By.CSS_SELECTOR, "button.release")
+
+        def held_forwarded():
+            browser.get(f"{base}/series?state=forwarded")
+            return held_uid in browser.page_source
+
+        wait_until(held_forwarded, 120, interval=1, what="released series forwarded")
+        browser.save_screenshot(str(shots / "series_after_release.png"))
+        browser.get(f"{base}/quarantine")
         browser.find_element(By.CSS_SELECTOR, "button.discard").click()
         wait_until(lambda: "0 files" in browser.page_source, 20, what="quarantine emptied")
         browser.get(f"{base}/audit")
         actions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#audit td.action")]
-        assert actions == ["quarantine.discard"]
+        assert actions == ["quarantine.discard", "quarantine.release"]
+        assert sent["held"].SOPInstanceUID in browser.page_source
         assert sent["pdf"].SOPInstanceUID in browser.page_source and "olga" in browser.page_source
         browser.save_screenshot(str(shots / "audit.png"))
 
@@ -798,6 +847,7 @@ def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
             "overview.png",
             "quarantine.png",
             "series.png",
+            "series_after_release.png",
             "series_detail.png",
             "viewer_series_detail.png",
         ]

@@ -82,7 +82,14 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
 
     def render(request: Request, name: str, session: Session | None, **context: Any) -> Response:
         return templates.TemplateResponse(
-            request, name, {"session": session, "states": BATCH_STATES, **context}
+            request,
+            name,
+            {
+                "session": session,
+                "states": BATCH_STATES,
+                "can_release": view.series_policy == "per_instance",
+                **context,
+            },
         )
 
     @app.exception_handler(LoginRequired)
@@ -239,6 +246,12 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
             view.request_reprocess()
             detail = f"{result['instances']} instance(s) re-queued"
         elif action == "release":
+            if view.series_policy != "per_instance":
+                raise HTTPException(
+                    409,
+                    'release needs series.policy "per_instance": under "all" the series stays '
+                    "held by this file's first round and the released file would be skipped",
+                )
             if not mq.release_quarantined(store, instance_id):
                 raise HTTPException(
                     409,

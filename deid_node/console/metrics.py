@@ -36,6 +36,9 @@ class NodeView:
     scp_listening: Callable[[], bool]
     destinations_up: Callable[[], dict[str, bool]]
     request_reprocess: Callable[[], None] = lambda: None
+    # series.policy: under "all" a series held back once stays held (pipeline.judge_series
+    # counts earlier rounds), so a released file would only be skipped: release is refused.
+    series_policy: str = "all"
 
 
 class DatabaseCollector:
