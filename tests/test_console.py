@@ -317,7 +317,14 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
                 ("olga", "quarantine.discard", sent["pdf"].SOPInstanceUID),
             ]
             assert "quarantine.discard" in http.get("/audit").text
-            assert http.get("/api/v1/openapi.json").status_code == 200
+            openapi = http.get("/api/v1/openapi.json").json()
+            assert "/api/v1/quarantine/{instance_id}/{action}" in openapi["paths"]
+            docs = http.get("/api/docs")
+            assert docs.status_code == 200 and "/api/v1/series/{uid}/retry" in docs.text
+            # No CDN, no script: FastAPI's Swagger page is off, every page forbids scripts.
+            assert http.get("/docs").status_code == 404
+            assert "<script" not in docs.text and "cdn" not in docs.text.lower()
+            assert "default-src 'none'" in docs.headers["content-security-policy"]
     finally:
         node.stop()
 
