@@ -531,6 +531,27 @@ def test_console_over_tls_sets_a_secure_session_cookie(tmp_path):
         node.stop()
 
 
+@pytest.mark.network
+def test_failed_logins_lock_the_name_and_an_unknown_name_is_not_logged(tmp_path):
+    node = start_node(console_config(tmp_path))
+    try:
+        with capture_logs() as logs, client(node) as http:
+            typed_password = "Secret-typed-in-the-name-field"
+            assert post_login(http, typed_password).status_code == 200
+            for _ in range(5):
+                assert post_login(http, "olga", "not her password").status_code == 200
+            locked = post_login(http, "olga")  # the right password, too late
+            assert locked.status_code == 429 and "15 minutes" in locked.text
+            assert "deid_console=" not in locked.headers.get("set-cookie", "")
+            assert post_login(http, "vic").status_code == 303  # other names go on
+        assert typed_password not in repr(logs)
+        failed = [e for e in logs if e["event"] == "console_login_failed"]
+        assert [e["user"] for e in failed] == ["(unknown name)"] + ["olga"] * 5
+        assert any(e["event"] == "console_login_locked" for e in logs)
+    finally:
+        node.stop()
+
+
 def test_console_port_taken_stops_start_up_with_a_message_naming_it(tmp_path):
     raw = console_config(tmp_path)
     with socket.socket() as taken:

@@ -144,10 +144,17 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         expected, sent = request.cookies.get(LOGIN_COOKIE, ""), str(form.get("csrf", ""))
         if not expected or not hmac.compare_digest(expected, sent):
             raise HTTPException(403, "missing or wrong CSRF token: load /login again")
-        name, password = str(form.get("username", "")), str(form.get("password", ""))
+        name, password = str(form.get("username", ""))[:64], str(form.get("password", ""))
+        # A name nobody has is not logged: it may be a password typed in the wrong field.
+        shown = name if sessions.known(name) else "(unknown name)"
+        if sessions.locked(name):
+            log.warning("console_login_locked", user=shown)
+            response = login_page(request, "Too many failed logins: try again in 15 minutes")
+            response.status_code = 429
+            return response
         sid = sessions.login(name, password)
         if sid is None:
-            log.warning("console_login_failed", user=name[:64])
+            log.warning("console_login_failed", user=shown)
             return login_page(request, "Wrong name or password")
         log.info("console_login", user=name)
         response = RedirectResponse("/", status_code=303)

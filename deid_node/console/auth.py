@@ -35,6 +35,10 @@ Role = Literal["viewer", "operator"]
 ROLES: tuple[Role, ...] = ("viewer", "operator")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SESSION_SECONDS = 8 * 3600
+# Failed logins of one name: past MAX_FAILURES within LOCK_SECONDS, that name is refused until
+# the oldest of them is LOCK_SECONDS old (a password cannot be guessed at scrypt speed).
+MAX_FAILURES = 5
+LOCK_SECONDS = 15 * 60
 # scrypt parameters (RFC 7914's interactive-login figures): ~16 MiB and tens of ms per check.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
@@ -165,7 +169,18 @@ class Sessions:
     def __init__(self, users_file: Path) -> None:
         self.users_file = users_file
         self._sessions: dict[str, Session] = {}
+        self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
+
+    def locked(self, name: str) -> bool:
+        now = time.time()
+        with self._lock:
+            recent = [t for t in self._failures.get(name, []) if t > now - LOCK_SECONDS]
+            self._failures[name] = recent
+            return len(recent) >= MAX_FAILURES
+
+    def known(self, name: str) -> bool:
+        return name in load_users(self.users_file)
 
     def login(self, name: str, password: str) -> str | None:
         """A new session id when the name and password match, else None."""
@@ -173,6 +188,8 @@ class Sessions:
         # A check of the same cost when the user does not exist: no timing hint of who does.
         stored = user.hash if user else hash_password(secrets.token_hex(8))
         if not verify_password(password, stored) or user is None:
+            with self._lock:
+                self._failures.setdefault(name[:64], []).append(time.time())
             return None
         sid = secrets.token_urlsafe(32)
         with self._lock:
