@@ -356,3 +356,43 @@ def test_no_new_dciodvfy_errors_on_every_table_e11_attribute(tmp_path: Path, opt
     output = tmp_path / "deid.dcm"
     ds.save_as(output, enforce_file_format=True)
     assert _new_errors(original, output) == []
+
+
+def _animal(tmp_path: Path) -> Path:
+    """A valid CT of a cat: species, breed, registration and owner (Patient module, 1C/2C)."""
+    ds = _valid_instance("CT")
+    ds.PatientSpeciesDescription = "Feline"
+    ds.PatientBreedDescription = "Maine Coon"
+    ds.PatientBreedCodeSequence = Sequence([])
+    registry = Dataset()
+    registry.CodeValue = "109200"
+    registry.CodingSchemeDesignator = "DCM"
+    registry.CodeMeaning = "America Kennel Club"
+    registration = Dataset()
+    registration.BreedRegistrationNumber = "AKC-7731-QX"
+    registration.BreedRegistryCodeSequence = Sequence([registry])
+    ds.BreedRegistrationSequence = Sequence([registration])
+    ds.PatientSexNeutered = "ALTERED"
+    ds.ResponsiblePerson = "Quistgaard^Helmer"
+    ds.ResponsiblePersonRole = "OWNER"
+    ds.ResponsibleOrganization = "Quistgaard Cattery"
+    original = tmp_path / "original.dcm"
+    ds.save_as(original, enforce_file_format=True)
+    return original
+
+
+@pytest.mark.parametrize("options", [(), PROFILE_OPTIONS[:5] + PROFILE_OPTIONS[6:]])
+def test_non_human_subject_keeps_its_iod_without_the_owner(tmp_path: Path, options) -> None:
+    original = _animal(tmp_path)
+    assert _errors(original) == set(), "the generated instance must start valid"
+    ds = dcmread(original)
+    deidentify_tags(ds, DeidConfig(profile_options=options), Pseudonymizer(b"s" * 32))
+    output = tmp_path / "deid.dcm"
+    ds.save_as(output, enforce_file_format=True)
+    assert _errors(output) == set()
+    data = output.read_bytes()
+    for identifying in (b"Quistgaard", b"Helmer", b"Cattery", b"AKC-7731-QX"):
+        assert identifying not in data
+    assert ds.PatientSpeciesDescription == "Feline"
+    assert ds.PatientBreedDescription == "Maine Coon"
+    assert ds.ResponsiblePerson in ("", None) and ds.ResponsibleOrganization in ("", None)

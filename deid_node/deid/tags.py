@@ -234,6 +234,9 @@ _ENHANCED_SOP_CLASSES = frozenset(
 _PRESENT_ONLY_WITH = {
     "ClinicalTrialProtocolEthicsCommitteeName": "ClinicalTrialProtocolEthicsCommitteeApprovalNumber"
 }
+# ... and with another one that has a value: a non-human subject's owner is emptied (Type 2C),
+# so the owner's role (1C) goes.
+_PRESENT_ONLY_WITH_VALUE = {"ResponsiblePersonRole": "ResponsiblePerson"}
 
 
 def _top_level_scopes(ds: Dataset) -> frozenset[str]:
@@ -291,6 +294,9 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str, restricted: bool) ->
             _remove(ds, tag, ctx)
     for keyword, condition in _PRESENT_ONLY_WITH.items():
         if keyword in ds and condition not in ds:
+            _remove(ds, ds.data_element(keyword).tag, ctx)  # type: ignore[union-attr]
+    for keyword, condition in _PRESENT_ONLY_WITH_VALUE.items():
+        if keyword in ds and not ds.get(condition):
             _remove(ds, ds.data_element(keyword).tag, ctx)  # type: ignore[union-attr]
 
 

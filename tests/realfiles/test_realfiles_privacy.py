@@ -80,13 +80,7 @@ SUBSET = {
 CASES = [(source, name) for source, names in SUBSET.items() for name in names]
 # Known gaps in IOD conformance (issue 11 item 5), measured in docs/privacy.md: strict, so that
 # the test says so when they are closed.
-DCIODVFY_GAPS = {
-    ("nibabel", "philips_mprage.dcm"): "enhanced MR: MetaboliteMapDescription, MultiCoilElementName"
-    " (Type 1) and Receive/TransmitCoilManufacturerName (Type 2) removed in functional groups;"
-    " ReferencedImageEvidenceSequence present when its condition is unsatisfied",
-    ("deid-data", "cat.dcm"): "non-human subject: PatientSpeciesDescription/CodeSequence,"
-    " PatientBreedDescription, PatientSexNeutered, ResponsiblePerson/Organization removed",
-}
+DCIODVFY_GAPS: dict[tuple[str, str], str] = {}  # none left (philips_mprage and cat closed)
 DCIODVFY_CASES = [
     pytest.param(*case, marks=pytest.mark.xfail(strict=True, reason=DCIODVFY_GAPS[case]))
     if case in DCIODVFY_GAPS
