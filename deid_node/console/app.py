@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -19,6 +18,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from deid_node.console.auth import Session, Sessions, csrf_ok
+from deid_node.console.data import ConsoleData
 from deid_node.console.metrics import NodeView, health, make_registry
 from deid_node.console.thumbs import render_thumbnail
 from deid_node.log import get_logger
@@ -30,7 +30,6 @@ COOKIE = "deid_console"
 # The login form's CSRF token (double submit: this cookie and the form field must match), so
 # that another site cannot log a browser in under its own account.
 LOGIN_COOKIE = "deid_console_login"
-PAGE = 50
 
 
 class LoginRequired(Exception):
@@ -175,163 +174,14 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         response.delete_cookie(COOKIE, path="/")
         return response
 
-    # -- data (shared by pages and API) ----------------------------------------------------
-
-    def overview_data() -> dict[str, Any]:
-        now = datetime.now(UTC)
-        today = now.replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
-        hour_ago = (now - timedelta(hours=1)).isoformat(timespec="milliseconds")
-        counts = mq.metric_counts(store)
-        per_minute = mq.received_per_minute(store, hour_ago)
-        return {
-            "received_today": mq.received_since(store, today),
-            "series_by_state": {r["state"]: r["n"] for r in counts["series"]},
-            "destinations": [
-                {
-                    "name": name,
-                    "up": up,
-                    "pending": sum(
-                        r["n"]
-                        for r in counts["deliveries"]
-                        if r["destination"] == name and r["state"] == "pending"
-                    ),
-                }
-                for name, up in sorted(view.destinations_up().items())
-            ],
-            "quarantined": mq.quarantine_page(store, limit=1)[1],
-            "free_disk_bytes": _free_disk(store.data_dir),
-            "received_last_hour": per_minute,
-        }
-
-    def series_data(
-        state: str | None,
-        calling_ae: str | None,
-        page: int,
-        since: str | None = None,
-        until: str | None = None,
-    ) -> dict[str, Any]:
-        if state and state not in BATCH_STATES:
-            raise HTTPException(422, f"state: one of {', '.join(BATCH_STATES)}")
-        for name, value in (("since", since), ("until", until)):
-            if value:
-                try:
-                    date.fromisoformat(value)
-                except ValueError:
-                    raise HTTPException(422, f"{name}: a date YYYY-MM-DD") from None
-        rows, total = mq.series_page(
-            store,
-            state=state,
-            calling_ae=calling_ae,
-            since=since,
-            until=until,
-            limit=PAGE,
-            offset=(page - 1) * PAGE,
-        )
-        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
-
-    def detail_data(uid: str) -> dict[str, Any]:
-        detail = mq.series_detail(store, uid)
-        if detail is None:
-            raise HTTPException(404, "no such series")
-        return detail
-
-    def quarantine_data(page: int) -> dict[str, Any]:
-        rows, total = mq.quarantine_page(store, limit=PAGE, offset=(page - 1) * PAGE)
-        refused, refused_total = mq.refused_page(store, limit=PAGE, offset=(page - 1) * PAGE)
-        pages = max(1, -(-max(total, refused_total) // PAGE))
-        return {
-            "items": rows,
-            "total": total,
-            "refused": refused,
-            "refused_total": refused_total,
-            "page": page,
-            "pages": pages,
-        }
-
-    def audit_data(page: int) -> dict[str, Any]:
-        rows, total = mq.audit_page(store, limit=PAGE, offset=(page - 1) * PAGE)
-        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
-
-    def act_on_quarantine(session: Session, instance_id: int, action: str) -> dict[str, Any]:
-        row = mq.quarantined_instance(store, instance_id)
-        if row is None:
-            raise HTTPException(404, "no such quarantined file (discarded or retried already?)")
-        if action == "reprocess":
-            result = store.retry_processing(row["series_uid"])
-            view.request_reprocess()
-            detail = f"{result['instances']} instance(s) re-queued"
-        elif action == "release":
-            if view.series_policy != "per_instance":
-                raise HTTPException(
-                    409,
-                    'release needs series.policy "per_instance": under "all" the series stays '
-                    "held by this file's first round and the released file would be skipped",
-                )
-            if not mq.release_quarantined(store, instance_id):
-                raise HTTPException(
-                    409,
-                    "only a file held for pixel review (burned-in text) can be released; "
-                    "re-process or discard this one",
-                )
-            view.request_reprocess()
-            detail = "released after review: processed again without the pixel review hold"
-        elif action == "discard":
-            mq.discard_quarantined(store, instance_id)
-            detail = "original deleted"
-        else:
-            raise HTTPException(404, "unknown action (release, reprocess or discard)")
-        mq.record_audit(
-            store,
-            user=session.user,
-            role=session.role,
-            action=f"quarantine.{action}",
-            target=row["sop_uid"],
-            detail=detail,
-        )
-        log.info("console_action", user=session.user, action=action, sop_uid=row["sop_uid"])
-        return {"id": instance_id, "action": action, "detail": detail}
-
-    def discard_refused(session: Session, refused_id: int) -> dict[str, Any]:
-        row = mq.discard_refused(store, refused_id)
-        if row is None:
-            raise HTTPException(404, "no such refused instance kept")
-        mq.record_audit(
-            store,
-            user=session.user,
-            role=session.role,
-            action="refused.discard",
-            target=row["sop_uid"],
-            detail="kept bytes deleted",
-        )
-        log.info("console_action", user=session.user, action="discard", sop_uid=row["sop_uid"])
-        return {"id": refused_id, "action": "discard", "detail": "kept bytes deleted"}
-
-    def retry_series(session: Session, uid: str) -> dict[str, Any]:
-        detail_data(uid)
-        processing = store.retry_processing(uid)
-        deliveries = store.retry_series(uid)
-        view.request_reprocess()
-        detail = (
-            f"{deliveries} deliveries, {processing['batches']} rounds,"
-            f" {processing['instances']} instances re-queued"
-        )
-        mq.record_audit(
-            store,
-            user=session.user,
-            role=session.role,
-            action="series.retry",
-            target=uid,
-            detail=detail,
-        )
-        log.info("console_action", user=session.user, action="retry", series_uid=uid)
-        return {"series_uid": uid, "action": "retry", "detail": detail}
+    console = ConsoleData(view)
 
     # -- pages -------------------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse)
     def overview(request: Request) -> Response:
         session = page_session(request)
-        data = overview_data()
+        data = console.overview()
         peak = max([r["n"] for r in data["received_last_hour"]] or [1])
         return render(request, "overview.html", session, data=data, peak=peak)
 
@@ -345,7 +195,7 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         page: int = 1,
     ) -> Response:
         session = page_session(request)
-        data = series_data(
+        data = console.series(
             state or None, calling_ae or None, max(page, 1), since or None, until or None
         )
         return render(
@@ -362,7 +212,7 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     @app.get("/series/{uid}", response_class=HTMLResponse)
     def series_page(request: Request, uid: str) -> Response:
         session = page_session(request)
-        return render(request, "series_detail.html", session, data=detail_data(uid))
+        return render(request, "series_detail.html", session, data=console.detail(uid))
 
     @app.get("/series/{uid}/thumbnails/{instance_id}.png")
     def thumbnail(request: Request, uid: str, instance_id: int) -> Response:
@@ -378,20 +228,20 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         session = page_session(request)
         form = await request.form()
         check_action(session, str(form.get("csrf", "")))
-        retry_series(session, uid)
+        console.retry_series(session, uid)
         return RedirectResponse(f"/series/{uid}", status_code=303)
 
     @app.get("/quarantine", response_class=HTMLResponse)
     def quarantine(request: Request, page: int = 1) -> Response:
         session = page_session(request)
-        return render(request, "quarantine.html", session, data=quarantine_data(max(page, 1)))
+        return render(request, "quarantine.html", session, data=console.quarantine(max(page, 1)))
 
     @app.post("/quarantine/refused/{refused_id}/discard")
     async def refused_discard_form(request: Request, refused_id: int) -> Response:
         session = page_session(request)
         form = await request.form()
         check_action(session, str(form.get("csrf", "")))
-        discard_refused(session, refused_id)
+        console.discard_refused(session, refused_id)
         return RedirectResponse("/quarantine", status_code=303)
 
     @app.post("/quarantine/{instance_id}/{action}")
@@ -399,13 +249,13 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         session = page_session(request)
         form = await request.form()
         check_action(session, str(form.get("csrf", "")))
-        act_on_quarantine(session, instance_id, action)
+        console.act_on_quarantine(session, instance_id, action)
         return RedirectResponse("/quarantine", status_code=303)
 
     @app.get("/audit", response_class=HTMLResponse)
     def audit(request: Request, page: int = 1) -> Response:
         session = page_session(request)
-        return render(request, "audit.html", session, data=audit_data(max(page, 1)))
+        return render(request, "audit.html", session, data=console.audit(max(page, 1)))
 
     # -- JSON API ------------------------------------------------------------------------------
 
@@ -423,7 +273,7 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     @app.get("/api/v1/overview")
     def api_overview(request: Request) -> dict[str, Any]:
         api_session(request)
-        return overview_data()
+        return console.overview()
 
     @app.get("/api/v1/series")
     def api_series(
@@ -435,40 +285,40 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         page: int = 1,
     ) -> dict[str, Any]:
         api_session(request)
-        return series_data(state, calling_ae, max(page, 1), since, until)
+        return console.series(state, calling_ae, max(page, 1), since, until)
 
     @app.get("/api/v1/series/{uid}")
     def api_series_detail(request: Request, uid: str) -> dict[str, Any]:
         api_session(request)
-        return detail_data(uid)
+        return console.detail(uid)
 
     @app.post("/api/v1/series/{uid}/retry")
     def api_series_retry(request: Request, uid: str) -> dict[str, Any]:
         session = api_session(request)
         check_action(session, request.headers.get("X-CSRF-Token"))
-        return retry_series(session, uid)
+        return console.retry_series(session, uid)
 
     @app.get("/api/v1/quarantine")
     def api_quarantine(request: Request, page: int = 1) -> dict[str, Any]:
         api_session(request)
-        return quarantine_data(max(page, 1))
+        return console.quarantine(max(page, 1))
 
     @app.post("/api/v1/quarantine/refused/{refused_id}/discard")
     def api_refused_discard(request: Request, refused_id: int) -> dict[str, Any]:
         session = api_session(request)
         check_action(session, request.headers.get("X-CSRF-Token"))
-        return discard_refused(session, refused_id)
+        return console.discard_refused(session, refused_id)
 
     @app.post("/api/v1/quarantine/{instance_id}/{action}")
     def api_quarantine_action(request: Request, instance_id: int, action: str) -> dict[str, Any]:
         session = api_session(request)
         check_action(session, request.headers.get("X-CSRF-Token"))
-        return act_on_quarantine(session, instance_id, action)
+        return console.act_on_quarantine(session, instance_id, action)
 
     @app.get("/api/v1/audit")
     def api_audit(request: Request, page: int = 1) -> dict[str, Any]:
         api_session(request)
-        return audit_data(max(page, 1))
+        return console.audit(max(page, 1))
 
     @app.get("/api/v1/session")
     def api_me(request: Request) -> dict[str, Any]:
@@ -476,9 +326,3 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         return {"user": session.user, "role": session.role, "csrf": session.csrf}
 
     return app
-
-
-def _free_disk(path: Any) -> int:
-    import shutil
-
-    return shutil.disk_usage(path).free
