@@ -283,7 +283,8 @@ def render(results: list[dict], command: str) -> str:
         "(`hard_text_image`): 6-14 px text 50-80 grey levels above its background, the header's "
         'own name written in other orders, cases and initials ("Mary Smith", "SMITH, MARY", '
         '"M. Smith", "smith mary") next to other identifiers.',
-        "- String recall: identifying strings with >= 99% of their ink pixels blanked; min/seed: "
+        "- String recall (ordinary draws and cines; hard draws in their own column): "
+        "identifying strings with >= 99% of their ink pixels blanked; min/seed: "
         "the worst single image. Box recall: planted boxes >= 90% blanked (clinical too in "
         "REDACT_ALL_TEXT). Non-text changed: pixels changed outside planted boxes + margin + "
         "10 px. Clinical kept: REDACT_SENSITIVE_TEXT labels left readable. Over guard: images "
