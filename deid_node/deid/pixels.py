@@ -28,6 +28,7 @@ from math import ceil
 import cv2
 import numpy as np
 from pydicom import Dataset
+from pydicom.uid import AllTransferSyntaxes
 
 from deid_node.config import PixelsConfig, RegionTemplate
 from deid_node.deid.pixelcodec import (
@@ -121,9 +122,10 @@ def redact_pixels(
     if burned_in:
         reasons.append("burned_in_annotation=YES")
     syntax = transfer_syntax(ds)
-    if "PixelData" in ds and not syntax.is_transfer_syntax:
+    if "PixelData" in ds and syntax not in AllTransferSyntaxes:
         # Newer than our pydicom (Deflated Image Frame, JPEG XL ...): it can neither decode
-        # the pixels nor write the file back, in any mode.
+        # the pixels nor write the file back, in any mode. Not `syntax.is_transfer_syntax`:
+        # importing pynetdicom registers these UIDs, which made the answer depend on imports.
         raise PixelError(f"unsupported pixel data encoding {syntax_label(syntax)}")
     if mode is DeidentifyRedactTextMode.REDACT_NO_TEXT:
         cleared = clear_unused_bits(ds) > 0
