@@ -24,6 +24,7 @@ from deid_node.deid.uids import load_or_create_secret
 from deid_node.errors import ConfigError, DestinationUnreachableError
 from deid_node.forward import DestinationLink, Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
+from deid_node.modes import SeriesPolicy
 from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
 from deid_node.scp import enable_chunked_receive, start_server
 from deid_node.store import Store
@@ -246,6 +247,18 @@ class Node:
     def process_batch(self, batch_id: int) -> str:
         started = time.monotonic()
         batch = self.store.batch(batch_id)
+        if self.settings.policy is SeriesPolicy.ALL:
+            # A new attempt at the instance that held the series back (retry, re-send,
+            # release): what the policy withheld because of it goes again, with it.
+            joined = self.store.join_withheld(batch_id)
+            if joined:
+                log.info(
+                    "withheld_joined",
+                    series_uid=batch["series_uid"],
+                    batch_id=batch_id,
+                    round=batch["round"],
+                    instances=joined,
+                )
         rows = self.store.batch_instances(batch_id)
         sources = [
             SourceFile(

@@ -413,6 +413,64 @@ def test_retry_processes_a_quarantined_instance_again_once_the_cause_is_fixed(tm
         node.stop()
 
 
+def test_retry_under_policy_all_forwards_the_whole_series_once(tmp_path, capsys):
+    """Policy "all": one unreadable file holds the series back (nothing forwarded); once it is
+    fixed, `retry` sends it again with the two the policy withheld: each exactly once."""
+    out = tmp_path / "out"
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(out)}, policy="all")
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(_toml({**raw, "series": {**raw["series"], "stable_seconds": 1}}))
+    series = make_series(3, "CT")
+    paths = write_series(series, tmp_path / "in")
+    uid = series[0].SeriesInstanceUID
+    node, good, kept = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
+    try:
+        assert batches(node)[0]["state"] in ("rejected", "failed")
+        assert list(out.rglob("*.dcm")) == []
+        kept.write_bytes(good)  # the operator restored the file
+        assert cli_main(["retry", "--config", str(config_path), "--series", uid]) == 0
+        assert "1 quarantined instances" in capsys.readouterr().out
+        rows = wait_until(lambda: settled(node, 2), 60, what="second round processed")
+        assert [(r["round"], r["state"]) for r in rows][1] == (2, "forwarded")
+        sent = sorted(p.name for p in out.rglob("*.dcm"))
+        assert len(sent) == 3 and len(set(sent)) == 3, sent
+        second = node.store.reports(series_uid=uid)[-3:]
+        assert all(
+            r["round"] == 2 and r["url_deid"] and r["save_condition_series_agg"] for r in second
+        )
+        assert sorted(r.get("attempt") or 1 for r in second) == [1, 1, 2]
+        # Nothing is left to retry, and a second retry sends nothing again.
+        assert cli_main(["retry", "--config", str(config_path), "--series", uid]) == 1
+        assert len(list(out.rglob("*.dcm"))) == 3
+    finally:
+        node.stop()
+
+
+def test_re_sent_quarantined_instance_under_policy_all_takes_the_withheld_ones(tmp_path):
+    """Policy "all": the modality sends only the instance that was quarantined again (its
+    cause fixed): the two withheld with it in round 1 go in its round, the series whole."""
+    out = tmp_path / "out"
+    raw = node_config(tmp_path, {"name": "out", "type": "folder", "path": str(out)}, policy="all")
+    series = make_series(3, "CT")
+    paths = write_series(series, tmp_path / "in")
+    node, _good, _kept = _quarantine_one_by_an_unreadable_spool_file(tmp_path, raw, paths)
+    try:
+        assert list(out.rglob("*.dcm")) == []
+        (bad,) = node.store.query("SELECT sop_uid FROM instances WHERE state = 'quarantined'")
+        again = [
+            p for p, ds in zip(paths, series, strict=True) if ds.SOPInstanceUID == bad["sop_uid"]
+        ]
+        assert storescu(node.port, again).returncode == 0
+        rows = wait_until(lambda: settled(node, 2), 60, what="re-sent instance processed")
+        assert rows[1]["state"] == "forwarded"
+        assert len(node.store.batch_instances(rows[1]["id"])) == 3
+        assert len(list(out.rglob("*.dcm"))) == 3
+        reports = node.store.reports(series_uid=series[0].SeriesInstanceUID)[-3:]
+        assert sorted(r.get("attempt") or 1 for r in reports) == [1, 1, 2]
+    finally:
+        node.stop()
+
+
 def test_re_sent_instance_that_was_quarantined_is_processed_again(tmp_path):
     out = tmp_path / "out"
     raw = node_config(

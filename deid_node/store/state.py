@@ -36,6 +36,12 @@ _UNSENT = (
     " AND r.destination = ?2)"
 )
 
+# A newer copy of instance i's SOP Instance (a retry, re-send or release), in batch nb.
+_NEWER_COPY = (
+    "SELECT 1 FROM instances n JOIN batches nb ON nb.id = n.batch_id"
+    " WHERE n.series_uid = i.series_uid AND n.sop_uid = i.sop_uid AND n.id > i.id"
+)
+
 
 @dataclass(frozen=True)
 class Receipt:
@@ -297,13 +303,85 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         return row
 
     def earlier_reports(self, series_uid: str, before_round: int) -> list[dict[str, Any]]:
-        """Reports of this series from earlier rounds (a series is judged as a whole)."""
+        """Reports of this series from earlier rounds (a series is judged as a whole). A report
+        superseded by a newer copy of its SOP Instance up to this round (retried, re-sent,
+        released) is history, not evidence: the new attempt speaks for that instance."""
         rows = self.query(
             "SELECT i.report FROM instances i JOIN batches b ON b.id = i.batch_id"
-            " WHERE b.series_uid = ? AND b.round < ? AND i.report IS NOT NULL",
+            " WHERE b.series_uid = ?1 AND b.round < ?2 AND i.report IS NOT NULL"
+            f" AND NOT EXISTS ({_NEWER_COPY} AND nb.round <= ?2)",
             (series_uid, before_round),
         )
         return [json.loads(r["report"]) for r in rows]
+
+    def join_withheld(self, batch_id: int) -> int:
+        """Series policy "all": a round holding a new attempt at an instance that held its
+        series back (retried, re-sent or released: an earlier copy was quarantined or failed
+        its conditions) takes with it every instance of earlier rounds the policy withheld
+        (never sent anywhere, original still kept), so that a fixed series is judged, and
+        leaves, whole. Their earlier rows are superseded. Returns how many joined; joining
+        again finds nothing (the newest copy is then in this round)."""
+        with self.transaction() as conn:
+            series_uid, round_ = conn.execute(
+                "SELECT series_uid, round FROM batches WHERE id = ?", (batch_id,)
+            ).fetchone()
+            renewed = conn.execute(
+                "SELECT 1 FROM instances i JOIN instances p ON p.series_uid = i.series_uid"
+                " AND p.sop_uid = i.sop_uid AND p.id < i.id WHERE i.batch_id = ?"
+                " AND (p.state = 'quarantined' OR p.error IS NOT NULL"
+                " OR json_extract(p.report, '$.save_condition') = 0) LIMIT 1",
+                (batch_id,),
+            ).fetchone()
+            if renewed is None:
+                return 0
+            columns = [d[0] for d in conn.execute("SELECT * FROM instances LIMIT 0").description]
+            withheld = [
+                dict(zip(columns, values, strict=True))
+                for values in conn.execute(
+                    "SELECT i.* FROM instances i JOIN batches b ON b.id = i.batch_id"
+                    " WHERE b.series_uid = ?1 AND b.round < ?2 AND i.spool_path IS NOT NULL"
+                    " AND json_extract(i.report, '$.withheld') IS NOT NULL"
+                    " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id)"
+                    f" AND NOT EXISTS ({_NEWER_COPY}) ORDER BY i.id",
+                    (series_uid, round_),
+                )
+            ]
+            stamp = utcnow()
+            joined = 0
+            for row in withheld:
+                if not self.absolute(row["spool_path"]).exists():
+                    continue  # released by retention: nothing left to send
+                self._new_attempt(conn, batch_id, row, row["spool_path"], stamp)
+                joined += 1
+        return joined
+
+    def _new_attempt(
+        self, conn: sqlite3.Connection, batch_id: int, row: dict[str, Any], path: str, stamp: str
+    ) -> None:
+        """A new row for an instance in round `batch_id`, owning its original at `path`; the
+        old row keeps its report (history) and no longer the file (its clean-up must not
+        delete it)."""
+        conn.execute(
+            "INSERT INTO instances (batch_id, series_uid, study_uid, sop_uid, sop_class_uid,"
+            " transfer_syntax, calling_ae, peer, url, spool_path, size, received_at, sha256,"
+            " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
+            (
+                batch_id,
+                row["series_uid"],
+                row["study_uid"],
+                row["sop_uid"],
+                row["sop_class_uid"],
+                row["transfer_syntax"],
+                row["calling_ae"],
+                row["peer"],
+                row["url"],
+                path,
+                row["size"],
+                stamp,
+                row["sha256"],
+            ),
+        )
+        conn.execute("UPDATE instances SET spool_path = NULL WHERE id = ?", (row["id"],))
 
     def finish_processing(
         self,
@@ -528,7 +606,9 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
         """Re-queue what failed processing in a series (operator's `deid-node retry`, after
         fixing the cause): batches whose processing raised until they failed go back to
         complete; every quarantined instance whose original is still kept gets a new attempt,
-        in a new round (its earlier report stays, as the first attempt's)."""
+        in a new round (its earlier report stays, as the first attempt's, superseded: no longer
+        evidence when the series is judged). Under series policy "all" the node's processing
+        of that round brings the instances the policy withheld along (`join_withheld`)."""
         now, stamp = time.time(), utcnow()
         with self.transaction() as conn:
             batches = conn.execute(
@@ -565,31 +645,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries):
                     (series_uid, last + 1, kept[0][0]["calling_ae"], stamp, stamp, now),
                 ).lastrowid
                 for row, path in kept:
-                    conn.execute(
-                        "INSERT INTO instances (batch_id, series_uid, study_uid, sop_uid,"
-                        " sop_class_uid, transfer_syntax, calling_ae, peer, url, spool_path, size,"
-                        " received_at, sha256, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-                        " ?, 'received')",
-                        (
-                            batch_id,
-                            row["series_uid"],
-                            row["study_uid"],
-                            row["sop_uid"],
-                            row["sop_class_uid"],
-                            row["transfer_syntax"],
-                            row["calling_ae"],
-                            row["peer"],
-                            row["url"],
-                            path,
-                            row["size"],
-                            stamp,
-                            row["sha256"],
-                        ),
-                    )
-                    # The new attempt owns the file: the old row's clean-up must not delete it.
-                    conn.execute(
-                        "UPDATE instances SET spool_path = NULL WHERE id = ?", (row["id"],)
-                    )
+                    self._new_attempt(conn, batch_id, row, path, stamp)
         return {"batches": batches, "instances": len(kept)}
 
     def retry_series(self, series_uid: str) -> int:
