@@ -432,23 +432,52 @@ def test_operator_releases_a_burned_in_image_held_for_review_and_it_is_forwarded
 
 @pytest.mark.network
 @pytest.mark.ocr
-def test_release_is_refused_under_series_policy_all(tmp_path):
+def test_release_under_series_policy_all_forwards_the_whole_series_once(tmp_path):
+    """Policy "all": the image held for review holds its series back (the plain one withheld,
+    nothing sent); released, it goes again with the withheld one: the series leaves whole."""
     raw = console_config(tmp_path)
     raw["deid"]["redact_pixels_mode"] = "REDACT_ALL_TEXT"
     node = start_node(raw)  # policy "all"
     try:
-        sent = send_test_data(node, tmp_path, burned_in=True)
+        flat = np.full((64, 64), 700, np.uint16)  # no text for OCR to find
+        plain, held = make_series(2, "CT", pixel_array=flat)
+        held.BurnedInAnnotation = "YES"
+        assert storescu(node.port, write_series([plain, held], tmp_path / "in")).returncode == 0
+        wait_until(
+            lambda: (
+                node.store.query("SELECT state FROM batches")
+                in ([{"state": "failed"}], [{"state": "rejected"}])
+            ),
+            120,
+            what="first round held back",
+        )
+        out = tmp_path / "out"
+        assert list(out.rglob("*.dcm")) == []
         with client(node) as http:
             csrf = login(http, "olga")
-            assert 'class="release"' not in http.get("/quarantine").text
-            items = {q["sop_uid"]: q for q in http.get("/api/v1/quarantine").json()["items"]}
-            held = items[sent["held"].SOPInstanceUID]
-            assert held["reason"].endswith("held for review")
-            response = http.post(
-                f"/api/v1/quarantine/{held['id']}/release", headers={"X-CSRF-Token": csrf}
+            assert http.get("/quarantine").text.count('class="release"') == 1
+            (item,) = http.get("/api/v1/quarantine").json()["items"]
+            assert item["sop_uid"] == held.SOPInstanceUID
+            released = http.post(
+                f"/api/v1/quarantine/{item['id']}/release", headers={"X-CSRF-Token": csrf}
             )
-            assert response.status_code == 409 and "per_instance" in response.text
-            assert http.get("/api/v1/audit").json()["total"] == 0
+            assert released.status_code == 200
+            wait_until(
+                lambda: (
+                    [r["state"] for r in node.store.query("SELECT state FROM batches")][-1:]
+                    == ["forwarded"]
+                ),
+                120,
+                what="released series forwarded",
+            )
+            assert len(list(out.rglob("*.dcm"))) == 2
+            reports = node.store.reports(series_uid=plain.SeriesInstanceUID)[-2:]
+            assert all(r["round"] == 2 and r["url_deid"] for r in reports)
+            assert {r["SOPInstanceUID"]: r.get("attempt") for r in reports} == {
+                plain.SOPInstanceUID: None,
+                held.SOPInstanceUID: 2,
+            }
+            assert http.get("/api/v1/quarantine").json()["items"] == []
     finally:
         node.stop()
 
@@ -779,7 +808,7 @@ def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
     shots.mkdir()
     raw = console_config(tmp_path)
     raw["deid"]["redact_pixels_mode"] = "REDACT_ALL_TEXT"
-    raw["series"]["policy"] = "per_instance"  # release needs it (see the next test)
+    raw["series"]["policy"] = "per_instance"  # a release under "all" is tested above
     node = start_node(raw)
     try:
         base = f"http://127.0.0.1:{node.console_port}"

@@ -88,7 +88,7 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
             {
                 "session": session,
                 "states": BATCH_STATES,
-                "can_release": view.series_policy == "per_instance",
+                "can_release": True,  # both series policies (node: join_withheld)
                 **context,
             },
         )

@@ -109,12 +109,8 @@ class ConsoleData:
             self.view.request_reprocess()
             detail = f"{result['instances']} instance(s) re-queued"
         elif action == "release":
-            if self.view.series_policy != "per_instance":
-                raise HTTPException(
-                    409,
-                    'release needs series.policy "per_instance": under "all" the series stays '
-                    "held by this file's first round and the released file would be skipped",
-                )
+            # Under series policy "all" the instances withheld because of this one go with it
+            # (node: join_withheld): the series leaves whole once the released file passes.
             if not mq.release_quarantined(self.store, instance_id):
                 raise HTTPException(
                     409,
