@@ -151,6 +151,20 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """A PACS to pull studies from (`deid-node pull`, deid_node/pull.py): C-FIND, then C-MOVE
+    to the node's own AE title (the PACS must know it) or C-GET."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    retrieve: Literal["move", "get"] = "move"
+    max_concurrent: int = 2
+    pause_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class ConsoleConfig:
     """The operator console and /metrics, /healthz (deid_node/console); off unless enabled."""
 
@@ -172,6 +186,7 @@ class Config:
     destinations: tuple[DestinationConfig, ...] = ()
     source: Path | None = None
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    sources: tuple[SourceConfig, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -198,7 +213,8 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _reject_unknown(
-        raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations", "console"}, ""
+        raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations", "console", "sources"},
+        "",
     )
     if not isinstance(raw.get("node", {}), Mapping):
         raise ConfigError("node: expected a table")
@@ -253,7 +269,36 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
     console = _parse_console(raw.get("console", {}))
-    return Config(node, series, deid, pixels, conditions, destinations, source, console)
+    sources = tuple(_parse_source(entry, index) for index, entry in enumerate(_list(raw, "sources")))
+    if len({s.name for s in sources}) != len(sources):
+        raise ConfigError("sources: names must be unique")
+    return Config(
+        node, series, deid, pixels, conditions, destinations, source, console, sources=sources
+    )
+
+
+def _parse_source(entry: Any, index: int) -> SourceConfig:
+    label = f"sources[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{label}: expected a table")
+    for key in ("name", "ae_title", "host", "port"):
+        if key not in entry:
+            raise ConfigError(f"{label}.{key}: required")
+    src = _section(SourceConfig, entry, label)
+    if not src.name:
+        raise ConfigError(f"{label}.name: must not be empty")
+    if not src.ae_title or len(src.ae_title) > 16 or not src.ae_title.isascii():
+        raise ConfigError(f"{label}.ae_title: must be 1-16 ASCII characters")
+    if not src.host:
+        raise ConfigError(f"{label}.host: must not be empty")
+    _check_port(src.port, f"{label}.port")
+    if src.retrieve not in ("move", "get"):
+        raise ConfigError(f"{label}.retrieve: {src.retrieve!r} is not one of move, get")
+    if src.max_concurrent < 1:
+        raise ConfigError(f"{label}.max_concurrent: must be >= 1")
+    if src.pause_seconds < 0:
+        raise ConfigError(f"{label}.pause_seconds: must be >= 0")
+    return src
 
 
 def _parse_console(raw: Any) -> ConsoleConfig:
