@@ -355,7 +355,7 @@ def _collect(
                     technical_ok and not listed,
                 )
             continue
-        values = [_text(v) for v in _values(elem)]
+        values = [value_text(v) for v in element_values(elem)]
         if elem.VR == "PN":
             for value in values:
                 for part in _name_parts(value):
@@ -798,7 +798,7 @@ def _pseudonym_pattern(prefix: str) -> re.Pattern[str]:
 def _texts(elem: DataElement, pseudonym: re.Pattern[str]) -> list[str]:
     """The value as the texts to search: one per value for text VRs; bytes read two ways.
     The node's own dummies and pseudonyms are left out."""
-    values = _values(elem)
+    values = element_values(elem)
     if elem.VR.split(" or ")[0] in BINARY_VRS:
         texts = []
         for value in values:
@@ -806,7 +806,7 @@ def _texts(elem: DataElement, pseudonym: re.Pattern[str]) -> list[str]:
             texts.append(data.decode("latin-1"))
             texts.append(data.decode("utf-8", "ignore"))
         return texts
-    texts = [_text(v) for v in values]
+    texts = [value_text(v) for v in values]
     texts = [
         t
         for t in texts
@@ -815,7 +815,7 @@ def _texts(elem: DataElement, pseudonym: re.Pattern[str]) -> list[str]:
     return ["\\".join(texts)] if texts else []
 
 
-def _values(elem: DataElement) -> list[Any]:
+def element_values(elem: DataElement) -> list[Any]:
     value = elem.value
     if value is None or value == "" or value == b"":
         return []
@@ -824,9 +824,8 @@ def _values(elem: DataElement) -> list[Any]:
     return [value]
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A value as text: bytes read as latin-1 (every byte a character), anything else str()."""
     if isinstance(value, bytes):
         return value.decode("latin-1")
-    if isinstance(value, PersonName):
-        return str(value)
     return str(value)

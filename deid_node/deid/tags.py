@@ -41,7 +41,6 @@ from typing import Any
 
 from pydicom import Dataset, FileMetaDataset
 from pydicom.dataelem import DataElement
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
@@ -62,9 +61,11 @@ from deid_node.deid.profile import (
 )
 from deid_node.deid.residual import (  # identifying_values, residual_scan: the pipeline's
     Matcher,
+    element_values,
     evidence,
     identifying_values,
     residual_scan,
+    value_text,
 )
 from deid_node.deid.uids import Pseudonymizer
 from deid_node.errors import InputError
@@ -402,12 +403,12 @@ def _clean(ds: Dataset, elem: DataElement, ctx: _Context, parent: str) -> None:
         elif not ctx.full_dates:
             _apply(ds, elem, "X/Z/D", ctx, parent)
     else:
-        if any(ctx.matcher.find(_text(v)) for v in _values(elem)):
+        if any(ctx.matcher.find(value_text(v)) for v in element_values(elem)):
             _apply(ds, elem, "X/Z/D", ctx, parent)
 
 
 def _shift(ds: Dataset, elem: DataElement, ctx: _Context, parent: str) -> None:
-    values = _values(elem)
+    values = element_values(elem)
     shifted = [_shift_value(str(v), elem.VR, ctx.shift_days) for v in values]
     if any(v is None for v in shifted):
         _apply(ds, elem, "X/Z/D", ctx, parent)  # unparseable: cannot shift, so do not keep
@@ -433,7 +434,7 @@ def _shift_value(value: str, vr: str, days: int) -> str | None:
 
 
 def _map_uids(elem: DataElement, ctx: _Context) -> None:
-    values = _values(elem)
+    values = element_values(elem)
     mapped = [v if _is_well_known(str(v)) else ctx.keys.uid(str(v)) for v in values]
     if mapped != [str(v) for v in values]:
         elem.value = mapped if len(mapped) > 1 else (mapped[0] if mapped else "")
@@ -535,18 +536,3 @@ def _rebuild_file_meta(ds: Dataset, transfer_syntax: str | None) -> None:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _values(elem: DataElement) -> list[Any]:
-    value = elem.value
-    if value is None or value == "" or value == b"":
-        return []
-    if isinstance(value, MultiValue | list | tuple):
-        return list(value)
-    return [value]
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("latin-1")
-    return str(value)
