@@ -1,4 +1,4 @@
-"""Command line: `deid-node serve | deidentify | status | retry | check-config | console`."""
+"""Command line: `deid-node serve | deidentify | status | retry | check-config | console | pull`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--config", required=True, type=Path)
     retry.add_argument("--series", required=True, help="original SeriesInstanceUID")
     retry.set_defaults(func=cmd_retry)
+
+    _add_pull_parsers(sub)
 
     console = sub.add_parser("console", help="operator console: manage its users")
     console_sub = console.add_subparsers(required=True, metavar="ACTION")
@@ -173,7 +175,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"no database in {config.node.data_dir}: has the node run with this config?"
         )
     store = Store(config.node.data_dir, readonly=True)
-    print(json.dumps(store.status(), indent=2))
+    status = store.status()
+    status["pull_jobs"] = [
+        {k: v for k, v in job.items() if k != "study_list"} for job in store.pull_jobs()
+    ]
+    print(json.dumps(status, indent=2))
     return 0
 
 
@@ -195,6 +201,40 @@ def cmd_retry(args: argparse.Namespace) -> int:
         "retry_requested", series_uid=args.series, deliveries=deliveries, **processing
     )
     return 0 if deliveries or processing["batches"] or processing["instances"] else EXIT_ERROR
+
+
+def _add_pull_parsers(sub: argparse._SubParsersAction) -> None:
+    from deid_node.pull_cli import cmd_pull, cmd_pull_cancel, cmd_pull_status
+
+    pull = sub.add_parser(
+        "pull", help="submit a pull job to the running node: C-FIND + C-MOVE from a source PACS"
+    )
+    pull.add_argument("--config", required=True, type=Path)
+    pull.add_argument("--source", required=True, help="a [[sources]] name")
+    what = pull.add_mutually_exclusive_group(required=True)
+    what.add_argument("--accession", nargs="+", metavar="A")
+    what.add_argument("--study-uid", nargs="+", metavar="UID")
+    what.add_argument("--patient-id", nargs="+", metavar="ID")
+    what.add_argument(
+        "--csv", type=Path, help="header: accession_number | study_instance_uid | patient_id"
+    )
+    pull.add_argument("--study-date", metavar="YYYYMMDD-YYYYMMDD")
+    pull.add_argument("--modality", metavar="CT")
+    pull.add_argument(
+        "--no-wait", action="store_true", help="submit and return (no progress bar)"
+    )
+    pull.set_defaults(func=cmd_pull)
+    pull_status = sub.add_parser("pull-status", help="pull jobs: counts and study UIDs")
+    pull_status.add_argument("--config", required=True, type=Path)
+    pull_status.add_argument("job", nargs="?", type=int, metavar="JOB")
+    pull_status.add_argument(
+        "--detail", action="store_true", help="also each input line (identifying values)"
+    )
+    pull_status.set_defaults(func=cmd_pull_status)
+    pull_cancel = sub.add_parser("pull-cancel", help="stop a pull job")
+    pull_cancel.add_argument("--config", required=True, type=Path)
+    pull_cancel.add_argument("job", type=int, metavar="JOB")
+    pull_cancel.set_defaults(func=cmd_pull_cancel)
 
 
 def cmd_console_add_user(args: argparse.Namespace) -> int:

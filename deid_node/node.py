@@ -94,6 +94,10 @@ class Node:
         self._spawn("scheduler", self._schedule_loop)
         for dest in self.config.destinations:
             self._spawn(f"forward-{dest.name}", self._forward_loop, dest)
+        if self.config.sources:
+            from deid_node.pull import PullWorker
+
+            self._spawn("pull", PullWorker(self.config, self.store, self._stop).run)
         log.info(
             "node_started",
             ae_title=node.ae_title,

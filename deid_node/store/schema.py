@@ -209,6 +209,59 @@ def _migration_7(db: sqlite_utils.Database) -> None:
         db["instances"].add_column("pixels_reviewed", int, not_null_default=0)
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """Pull jobs (`deid-node pull`, deid_node/pull.py): a job, its input lines (identifying:
+    accession numbers, patient IDs; shown only by pull-status --detail) and the studies found."""
+    db["pull_jobs"].create(
+        {
+            "id": int,
+            "source": str,
+            "state": str,  # queued, running, done, failed, cancelled
+            "cancel_requested": int,
+            "created_at": str,
+            "updated_at": str,
+            "finished_at": str,
+            "error": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db["pull_lines"].create(
+        {
+            "id": int,
+            "job_id": int,
+            "line_no": int,
+            "query": str,  # JSON: the C-FIND keys of this line
+            "state": str,  # pending, found, not_found, failed
+            "error": str,
+        },
+        pk="id",
+        foreign_keys=[("job_id", "pull_jobs", "id")],
+        if_not_exists=True,
+    )
+    db["pull_lines"].create_index(["job_id", "state"], if_not_exists=True)
+    db["pull_studies"].create(
+        {
+            "id": int,
+            "job_id": int,
+            "line_id": int,
+            "study_uid": str,
+            "state": str,  # pending, retrieving, retrieved, failed, cancelled
+            "expected": int,  # NumberOfStudyRelatedInstances from the C-FIND, when given
+            "completed": int,
+            "failed": int,
+            "attempts": int,
+            "next_at": str,
+            "error": str,
+            "updated_at": str,
+        },
+        pk="id",
+        foreign_keys=[("job_id", "pull_jobs", "id"), ("line_id", "pull_lines", "id")],
+        if_not_exists=True,
+    )
+    db["pull_studies"].create_index(["job_id", "state"], if_not_exists=True)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -217,6 +270,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deid_node.store.pulls import PullQueries
 from deid_node.store.quarantine import QuarantineFiles
 from deid_node.store.reports import ReportQueries
 from deid_node.store.schema import utcnow
@@ -65,7 +66,7 @@ class StoredInstance:
     duplicate: bool
 
 
-class Store(SpoolFiles, QuarantineFiles, ReportQueries):
+class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
     """The node's state in `data_dir`; the only writer of its database."""
 
     def __init__(self, data_dir: Path, *, readonly: bool = False, exclusive: bool = False) -> None:
