@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := dcmtk orthanc dicom3tools tesseract-ocr chromium chromium-driver
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools tesseract-ocr chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test venv system-deps lint bench bench-pixels clean

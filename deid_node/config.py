@@ -127,7 +127,7 @@ class PixelsConfig:
 @dataclass(frozen=True)
 class DestinationConfig:
     name: str
-    type: Literal["dicom", "folder"]
+    type: Literal["dicom", "folder", "dicomweb"]
     ae_title: str = ""
     host: str = ""
     port: int = 0
@@ -143,10 +143,22 @@ class DestinationConfig:
     # While down, the destination is asked C-ECHO at most this far apart (0.5 s, doubling up
     # to it); its first answer makes every waiting delivery due at once.
     probe_max_seconds: float = 5.0
+    # dicomweb (STOW-RS): instances are POSTed to {base_url}/studies. The config file holds
+    # no secret: a password or token is read from the environment (or a token file).
+    base_url: str = ""  # the `url` key (the method below keeps that name)
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str = ""
+    password_env: str = ""
+    token_env: str = ""
+    token_file: Path | None = None
+    instances_per_request: int = 50
+    ca_file: Path | None = None  # a private CA for https; public CAs are verified by default
 
     def url(self) -> str:
         if self.type == "folder":
             return str(self.path)
+        if self.type == "dicomweb":
+            return self.base_url
         return f"dicom://{self.ae_title}@{self.host}:{self.port}"
 
 
@@ -394,8 +406,15 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
     for key in ("name", "type"):
         if key not in entry:
             raise ConfigError(f"{label}.{key}: required")
+    if "base_url" in entry:
+        raise ConfigError(f"{label}.base_url: unknown key (the base URL is `url`)")
+    if not isinstance(entry.get("url", ""), str):
+        raise ConfigError(f"{label}.url: expected a string")
+    entry = {("base_url" if k == "url" else k): v for k, v in entry.items()}
     dest = _section(DestinationConfig, entry, label)
-    if dest.type == "dicom":
+    if dest.type == "dicomweb":
+        dest = _check_dicomweb(dest, label)
+    elif dest.type == "dicom":
         if not dest.ae_title or len(dest.ae_title) > 16:
             raise ConfigError(
                 f"{label}.ae_title: required for a dicom destination, 1-16 characters"
@@ -410,7 +429,9 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
             raise ConfigError(f"{label}.path: required for a folder destination")
         dest = _replace(dest, path=Path(dest.path).absolute())
     else:
-        raise ConfigError(f"{label}.type: must be 'dicom' or 'folder', not {dest.type!r}")
+        raise ConfigError(
+            f"{label}.type: must be 'dicom', 'dicomweb' or 'folder', not {dest.type!r}"
+        )
     for key in ("tls_ca", "tls_cert", "tls_key"):
         path = getattr(dest, key)
         if path is not None:
@@ -426,6 +447,44 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
     if dest.probe_max_seconds <= 0:
         raise ConfigError(f"{label}.probe_max_seconds: must be > 0")
     return dest
+
+
+def _check_dicomweb(dest: DestinationConfig, label: str) -> DestinationConfig:
+    """A STOW-RS destination: an http(s) base URL, auth from the environment, a bounded batch."""
+    url = dest.base_url.rstrip("/")
+    scheme, _, rest = url.partition("://")
+    if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ConfigError(f"{label}.url: required for a dicomweb destination, http(s)://host/...")
+    if "@" in rest.split("/", 1)[0]:
+        raise ConfigError(f"{label}.url: no credentials in the URL (use auth and password_env)")
+    if dest.auth not in ("none", "basic", "bearer"):
+        raise ConfigError(f"{label}.auth: must be 'none', 'basic' or 'bearer', not {dest.auth!r}")
+    if dest.auth == "basic":
+        if not dest.username:
+            raise ConfigError(f"{label}.username: required with auth = 'basic'")
+        if not dest.password_env:
+            raise ConfigError(
+                f"{label}.password_env: required with auth = 'basic' (the name of an"
+                " environment variable holding the password)"
+            )
+    if dest.auth == "bearer" and bool(dest.token_env) == (dest.token_file is not None):
+        raise ConfigError(f"{label}.token_env: auth = 'bearer' needs token_env or token_file")
+    for key in ("ca_file", "token_file"):
+        path = getattr(dest, key)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"{label}.{key}: no such file {path}")
+            dest = _replace(dest, **{key: Path(path).absolute()})
+    if dest.ca_file is not None and scheme != "https":
+        raise ConfigError(f"{label}.ca_file: only for an https url")
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        if getattr(dest, key) is not None:
+            raise ConfigError(f"{label}.{key}: not for a dicomweb destination (use ca_file)")
+    if not 1 <= dest.instances_per_request <= 1000:
+        raise ConfigError(f"{label}.instances_per_request: must be 1-1000")
+    if dest.timeout_seconds <= 0:
+        raise ConfigError(f"{label}.timeout_seconds: must be > 0")
+    return _replace(dest, base_url=url)
 
 
 def _section(cls: type, raw: Any, label: str) -> Any:

@@ -1,4 +1,5 @@
-"""Send de-identified series to their destinations: C-STORE SCU or a folder.
+"""Send de-identified series to their destinations: C-STORE SCU, a folder, or DICOMweb
+STOW-RS (deid_node/forward_dicomweb.py, same per-instance contract).
 
 One association per series and destination (never one per file). Each instance is on its own:
 acknowledged ones are recorded by the caller at once (a retry sends only what is missing), one
@@ -87,6 +88,10 @@ def send_batch(
     """
     if dest.type == "folder":
         _copy_to_folder(dest, items, on_stored)
+    elif dest.type == "dicomweb":
+        from deid_node.forward_dicomweb import stow  # it imports this module's types
+
+        stow(dest, items, on_stored, on_refused)
     else:
         _c_store(dest, items, on_stored, on_refused, max_decoded_bytes)
 
@@ -284,7 +289,12 @@ def _decoded_size(ds: Dataset) -> int:
 
 def echo(dest: DestinationConfig, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
     """Whether the destination answers DICOM now: an association accepted (C-ECHO sent if it
-    took Verification) or rejected (it answered, it is up). Never raises for a peer's fault."""
+    took Verification) or rejected (it answered, it is up). Never raises for a peer's fault.
+    A DICOMweb destination is up when its base URL answers HTTP at all."""
+    if dest.type == "dicomweb":
+        from deid_node.forward_dicomweb import probe
+
+        return probe(dest, timeout)
     try:
         _check_reachable(dest, timeout)
     except DestinationUnreachableError:

@@ -354,12 +354,12 @@ class Node:
     def _forward_loop(self, dest: DestinationConfig) -> None:
         link = DestinationLink(dest)
         self._links[dest.name] = link
-        if dest.type == "dicom":
+        if dest.type != "folder":
             # Unknown until asked: deliveries a previous run left waiting out a backoff go as
             # soon as the first probe is answered.
             link.mark_down()
         while not self._stop.is_set():
-            if link.down and dest.type == "dicom":
+            if link.down and dest.type != "folder":
                 down_for = time.monotonic() - (link.down_since or 0.0)
                 if link.probe():
                     # It answers again: what waits out a backoff goes now, not at its next try.

@@ -1,0 +1,220 @@
+"""DICOMweb STOW-RS destination: a real Orthanc with its DICOMweb plugin (Debian package
+orthanc-dicomweb) and HTTP basic authentication. The node runs in-process (a real SCP, a real
+SQLite file); instances are counted through Orthanc's REST API. Skipped when the plugin is not
+installed (`make system-deps` installs it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from dicomgen import make_series, write_series
+from faultpeers import node_raw
+from peers import Orthanc, require, storescu, wait_until
+
+from deid_node.config import parse_config
+from deid_node.errors import ConfigError
+from deid_node.forward import Outgoing, echo, send_batch
+from deid_node.node import Node
+
+PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+USER, PASSWORD_ENV, PASSWORD = "alice", "DEID_TEST_DICOMWEB_PASSWORD", "s3cret-for-tests"
+
+pytestmark = [pytest.mark.network]
+
+
+def web_orthanc(workdir: Path) -> Orthanc:
+    """Not started: a test starts it (Orthanc's ports are chosen now)."""
+    require("Orthanc")
+    if not PLUGIN.is_file():
+        pytest.skip("orthanc-dicomweb is not installed")
+    return Orthanc(
+        workdir,
+        extra_config={
+            "Plugins": [str(PLUGIN)],
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {USER: PASSWORD},
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        },
+    )
+
+
+def count(orthanc: Orthanc) -> int:
+    url = f"http://127.0.0.1:{orthanc.http_port}/statistics"
+    return int(httpx.get(url, auth=(USER, PASSWORD), timeout=10).json()["CountInstances"])
+
+
+def web_destination(orthanc: Orthanc, **extra) -> dict:
+    return {
+        "name": "research-web",
+        "type": "dicomweb",
+        "url": f"http://127.0.0.1:{orthanc.http_port}/dicom-web",
+        "auth": "basic",
+        "username": USER,
+        "password_env": PASSWORD_ENV,
+        "instances_per_request": 2,
+        "backoff_initial_seconds": 0.2,
+        "backoff_max_seconds": 1,
+        "timeout_seconds": 5,
+        **extra,
+    }
+
+
+def start(raw: dict) -> Node:
+    node = Node(parse_config(raw))
+    node.start()
+    return node
+
+
+def deliveries(node: Node) -> list[dict]:
+    return node.store.query("SELECT * FROM deliveries")
+
+
+def settled(node: Node):
+    rows = node.store.query("SELECT * FROM batches")
+    return rows and all(r["state"] in ("forwarded", "rejected", "failed") for r in rows) and rows
+
+
+def test_series_is_forwarded_by_stow_rs_with_basic_auth(tmp_path, monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    orthanc = web_orthanc(tmp_path / "orthanc").start()
+    node = None
+    try:
+        node = start(node_raw(tmp_path / "data", [web_destination(orthanc)]))
+        files = write_series(make_series(5, "CT"), tmp_path / "in")
+        assert storescu(node.port, files).returncode == 0
+        rows = wait_until(lambda: settled(node), 30, what="series settled")
+        assert [r["state"] for r in rows] == ["forwarded"]
+        assert count(orthanc) == 5  # three requests of at most 2 instances
+        assert [(d["state"], d["attempts"]) for d in deliveries(node)] == [("done", 1)]
+        sent = node.store.query("SELECT url_deid, status FROM sent")
+        base = f"http://127.0.0.1:{orthanc.http_port}/dicom-web/studies/"
+        assert len(sent) == 5 and all(r["url_deid"].startswith(base) for r in sent)
+        # The URL is the instance's WADO-RS address: Orthanc serves it.
+        got = httpx.get(
+            sent[0]["url_deid"], auth=(USER, PASSWORD), timeout=10, headers={"Accept": "*/*"}
+        )
+        assert got.status_code == 200
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def test_wrong_password_is_retried_never_refused_for_good(tmp_path, monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, "not-the-password")
+    orthanc = web_orthanc(tmp_path / "orthanc").start()
+    node = None
+    try:
+        dest = web_destination(orthanc, max_attempts=2)
+        node = start(node_raw(tmp_path / "data", [dest]))
+        files = write_series(make_series(2, "CT"), tmp_path / "in")
+        assert storescu(node.port, files).returncode == 0
+        rows = wait_until(lambda: settled(node), 30, what="series settled")
+        assert [r["state"] for r in rows] == ["failed"]
+        delivery = deliveries(node)[0]
+        assert delivery["attempts"] == 2 and "HTTP 401" in delivery["last_error"]
+        assert "not-the-password" not in delivery["last_error"]
+        assert node.store.refused_by_destination(rows[0]["id"], "research-web") == []
+        assert count(orthanc) == 0
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def test_destination_down_then_up_resumes_delivery(tmp_path, monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    orthanc = web_orthanc(tmp_path / "orthanc")  # down: its ports are free until start()
+    node = None
+    try:
+        # Backoff far longer than the test: only the probe (an HTTP GET) can bring it back.
+        dest = web_destination(orthanc, backoff_initial_seconds=60, backoff_max_seconds=60)
+        node = start(node_raw(tmp_path / "data", [dest]))
+        files = write_series(make_series(3, "CT"), tmp_path / "in")
+        assert storescu(node.port, files).returncode == 0
+        failed = wait_until(
+            lambda: [d for d in deliveries(node) if d["attempts"] >= 1],
+            30,
+            what="first attempt failed",
+        )
+        assert "cannot connect" in failed[0]["last_error"]
+        assert not echo(parse_config(node_raw(tmp_path / "x", [dest])).destinations[0])
+        orthanc.start()
+        wait_until(lambda: count(orthanc) == 3, 20, what="delivered after the restart")
+        wait_until(lambda: settled(node), 10, what="series forwarded")
+        assert [(d["state"], d["attempts"]) for d in deliveries(node)] == [("done", 2)]
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def test_instance_the_server_cannot_parse_is_refused_for_good_and_the_rest_is_stored(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    orthanc = web_orthanc(tmp_path / "orthanc").start()
+    try:
+        raw = node_raw(tmp_path / "data", [web_destination(orthanc, instances_per_request=10)])
+        dest = parse_config(raw).destinations[0]
+        series = make_series(3, "CT")
+        paths = write_series(series, tmp_path / "in")
+        bad = tmp_path / "in" / "bad.dcm"
+        bad.write_bytes(b"not a DICOM file" * 20)
+        items = [
+            Outgoing(n, path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), "1.2.3")
+            for n, (ds, path) in enumerate(zip(series, paths, strict=True))
+        ]
+        items.insert(1, Outgoing(99, bad, "1.2.3.99", items[0].study_uid, "1.2.3"))
+        stored, refused = [], []
+        send_batch(
+            dest,
+            items,
+            lambda item, url, status: stored.append((item.instance_id, status)),
+            lambda item, status, reason: refused.append((item.instance_id, status, reason)),
+        )
+        assert sorted(stored) == [(0, 0), (1, 0), (2, 0)]
+        assert refused == [(99, None, "HTTP 400 to STOW-RS")]
+        assert count(orthanc) == 3
+    finally:
+        orthanc.stop()
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"url": ""}, "url"),
+        ({"url": "ftp://host/dicom-web"}, "url"),
+        ({"url": "http://alice:pw@host/dicom-web"}, "url"),
+        ({"password_env": ""}, "password_env"),
+        ({"username": ""}, "username"),
+        ({"auth": "bearer"}, "token_env"),
+        ({"auth": "digest"}, "auth"),
+        ({"instances_per_request": 0}, "instances_per_request"),
+        ({"ca_file": "/no/such/ca.pem"}, "ca_file"),
+        ({"tls_ca": "/etc/hostname"}, "tls_ca"),
+        ({"timeout_seconds": 0}, "timeout_seconds"),
+    ],
+)
+def test_dicomweb_config_errors_name_the_key(tmp_path, change, key):
+    dest = {
+        "name": "web",
+        "type": "dicomweb",
+        "url": "http://127.0.0.1:8042/dicom-web",
+        "auth": "basic",
+        "username": USER,
+        "password_env": PASSWORD_ENV,
+        **change,
+    }
+    with pytest.raises(ConfigError, match=rf"destinations\[0\]\.{key}\b"):
+        parse_config(node_raw(tmp_path / "data", [dest]))
+
+
+def test_dicomweb_config_defaults_and_trailing_slash(tmp_path):
+    dest = {"name": "web", "type": "dicomweb", "url": "https://pacs.example/dicom-web/"}
+    parsed = parse_config(node_raw(tmp_path / "data", [dest])).destinations[0]
+    assert parsed.url() == "https://pacs.example/dicom-web"
+    assert (parsed.auth, parsed.instances_per_request) == ("none", 50)
