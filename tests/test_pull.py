@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from dicomgen import make_series
-from peers import Orthanc, free_port, wait_until
+from peers import NodeProcess, Orthanc, free_port, wait_until
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
@@ -18,6 +18,7 @@ from deid_node.config import parse_config
 from deid_node.errors import ConfigError
 from deid_node.node import Node
 from deid_node.pull_cli import follow
+from deid_node.store import Store
 
 pytestmark = [pytest.mark.network]
 
@@ -86,7 +87,7 @@ def setup(tmp_path):
         upload(pacs, datasets)
     nodes: list[Node] = []
 
-    def start(**source) -> tuple[Node, Path]:
+    def start(in_process: bool = True, **source) -> tuple[Node, Path]:
         raw = {
             "node": {
                 "ae_title": NODE_AET,
@@ -112,6 +113,8 @@ def setup(tmp_path):
         }
         config_path = tmp_path / "node.toml"
         config_path.write_text(_toml(raw))
+        if in_process is False:
+            return raw, config_path
         node = Node(parse_config(raw))
         node.start()
         nodes.append(node)
@@ -277,3 +280,39 @@ def test_a_restarted_node_resumes_without_pulling_finished_studies_again(setup, 
     # The study finished before the restart was moved once.
     assert [s["attempts"] for s in job["study_list"]] == [1, 1]
     node.stop()
+
+
+def test_a_killed_node_resumes_the_job_after_restart(setup, capsys):
+    """kill -9 of a real node process between two studies; the next one finishes the job and
+    does not move the finished study again."""
+    pacs, studies, start, tmp_path = setup
+    raw, config_path = start(in_process=False, max_concurrent=1, pause_seconds=30)
+    port = raw["node"]["port"]
+    log_path = tmp_path / "node.log"
+    proc = NodeProcess(config_path, port, log_path).start()
+    try:
+        job_id = submit(config_path, capsys, "--accession", "ACCPULL0001", "ACCPULL0002")
+        store = Store(Path(raw["node"]["data_dir"]), readonly=True)
+        wait_until(
+            lambda: store.pull_jobs(job_id)[0]["studies"].get("retrieved") == 1,
+            20,
+            what="first study",
+        )
+        proc.proc.kill()
+        proc.proc.wait(timeout=10)
+        proc.log.close()
+        raw["sources"][0]["pause_seconds"] = 0
+        config_path.write_text(_toml(raw))
+        proc = NodeProcess(config_path, port, log_path).start()
+        job = wait_until(
+            lambda: (j := store.pull_jobs(job_id)[0])["state"] == "done" and j, 20, what="done"
+        )
+        assert job["studies"] == {"found": 2, "retrieved": 2}
+        assert [s["attempts"] for s in job["study_list"]] == [1, 1]
+        assert job["instances_retrieved"] == 5
+        store.close()
+    finally:
+        proc.stop()
+    logged = log_path.read_text()
+    assert "pull_resumed" in logged or "pull_study_retrieved" in logged
+    assert "PULL" not in logged and "PIDPULL" not in logged
