@@ -223,6 +223,9 @@ def _add_pull_parsers(sub: argparse._SubParsersAction) -> None:
     pull.add_argument(
         "--no-wait", action="store_true", help="submit and return (no progress bar)"
     )
+    pull.add_argument(
+        "--dry-run", action="store_true", help="C-FIND only: what would be retrieved, per line"
+    )
     pull.set_defaults(func=cmd_pull)
     pull_status = sub.add_parser("pull-status", help="pull jobs: counts and study UIDs")
     pull_status.add_argument("--config", required=True, type=Path)

@@ -70,13 +70,75 @@ def find_identifier(query: dict[str, str]) -> Dataset:
     ds.PatientID = query.get("patient_id", "")
     ds.StudyDate = query.get("study_date", "")
     ds.ModalitiesInStudy = query.get("modality", "")
+    ds.NumberOfStudyRelatedSeries = ""
     ds.NumberOfStudyRelatedInstances = ""
     return ds
+
+
+def _count(identifier: Dataset, keyword: str) -> int | None:
+    value = identifier.get(keyword, None)
+    return int(value) if value not in (None, "") else None
 
 
 def backoff_until(attempts: int) -> str:
     delay = min(BACKOFF_INITIAL_SECONDS * 2 ** (attempts - 1), BACKOFF_MAX_SECONDS)
     return (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(timespec="milliseconds")
+
+
+def find_studies(assoc: Any, query: dict[str, str]) -> list[tuple[str, int | None, int | None]]:
+    """One line's C-FIND at STUDY level: (StudyInstanceUID, series, instances) per match."""
+    studies: list[tuple[str, int | None, int | None]] = []
+    final = None
+    for status, identifier in assoc.send_c_find(
+        find_identifier(query), StudyRootQueryRetrieveInformationModelFind
+    ):
+        if not status:
+            raise PullError("C-FIND: no answer (association aborted or timed out)")
+        code = int(status.Status)
+        if code in (0xFF00, 0xFF01) and identifier is not None:
+            uid = str(identifier.get("StudyInstanceUID", "") or "")
+            if uid:
+                studies.append(
+                    (
+                        uid,
+                        _count(identifier, "NumberOfStudyRelatedSeries"),
+                        _count(identifier, "NumberOfStudyRelatedInstances"),
+                    )
+                )
+        else:
+            final = code
+    if final != 0x0000:
+        raise PullError(f"C-FIND status 0x{final or 0:04X}")
+    return studies
+
+
+def dry_run(
+    config: Config, source: SourceConfig, queries: list[dict[str, str]]
+) -> list[dict[str, Any]]:
+    """`pull --dry-run`: the C-FIND only; per input line, the number of studies, series and
+    instances it would retrieve (no input value in the result)."""
+    worker = PullWorker(config, None, threading.Event())  # type: ignore[arg-type]
+    assoc = worker._associate(source, StudyRootQueryRetrieveInformationModelFind)
+    lines = []
+    try:
+        for number, query in enumerate(queries, 1):
+            try:
+                found = find_studies(assoc, query)
+            except PullError as exc:
+                lines.append({"line": number, "error": str(exc)})
+                continue
+            lines.append(
+                {
+                    "line": number,
+                    "studies": len(found),
+                    "series": sum(s or 0 for _, s, _ in found),
+                    "instances": sum(i or 0 for _, _, i in found),
+                    "study_uids": [uid for uid, _, _ in found],
+                }
+            )
+    finally:
+        assoc.release()
+    return lines
 
 
 class PullWorker:
@@ -192,24 +254,7 @@ class PullWorker:
         return assoc
 
     def _find(self, assoc: Any, query: dict[str, str]) -> list[tuple[str, int | None]]:
-        studies: list[tuple[str, int | None]] = []
-        final = None
-        for status, identifier in assoc.send_c_find(
-            find_identifier(query), StudyRootQueryRetrieveInformationModelFind
-        ):
-            if not status:
-                raise PullError("C-FIND: no answer (association aborted or timed out)")
-            code = int(status.Status)
-            if code in (0xFF00, 0xFF01) and identifier is not None:
-                uid = str(identifier.get("StudyInstanceUID", "") or "")
-                if uid:
-                    count = identifier.get("NumberOfStudyRelatedInstances", None)
-                    studies.append((uid, int(count) if count not in (None, "") else None))
-            else:
-                final = code
-        if final != 0x0000:
-            raise PullError(f"C-FIND status 0x{final or 0:04X}")
-        return studies
+        return [(uid, instances) for uid, _series, instances in find_studies(assoc, query)]
 
     # -- C-MOVE ---------------------------------------------------------------------------
 

@@ -80,6 +80,19 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if sources[args.source].retrieve != "move":
         raise DeidNodeError(f"sources {args.source}: retrieve = 'get' is not implemented yet")
     queries = queries_from_args(args)
+    if args.dry_run:
+        from deid_node.pull import dry_run
+
+        lines = dry_run(config, sources[args.source], queries)
+        print(json.dumps(lines, indent=2))
+        totals = {k: sum(line.get(k, 0) for line in lines) for k in ("studies", "instances")}
+        print(
+            f"dry run: {totals['studies']} studies, {totals['instances']} instances would be"
+            f" retrieved; {sum(1 for line in lines if line.get('studies') == 0)} lines match"
+            " nothing",
+            file=sys.stderr,
+        )
+        return 0
     store = _open_store(config)
     try:
         job_id = store.create_pull_job(args.source, queries)

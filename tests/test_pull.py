@@ -316,3 +316,22 @@ def test_a_killed_node_resumes_the_job_after_restart(setup, capsys):
     logged = log_path.read_text()
     assert "pull_resumed" in logged or "pull_study_retrieved" in logged
     assert "PULL" not in logged and "PIDPULL" not in logged
+
+
+def test_dry_run_only_finds(setup, capsys):
+    pacs, studies, start, tmp_path = setup
+    node, config_path = start()
+    capsys.readouterr()
+    args = ["pull", "--config", str(config_path), "--source", "clinical", "--dry-run"]
+    assert cli_main([*args, "--accession", "ACCPULL0001", "ACCNOSUCH99"]) == 0
+    captured = capsys.readouterr()
+    lines = json.loads(captured.out)
+    assert [(x["line"], x["studies"], x["series"], x["instances"]) for x in lines] == [
+        (1, 1, 2, 3),
+        (2, 0, 0, 0),
+    ]
+    assert lines[0]["study_uids"] == [studies["ACCPULL0001"][0].StudyInstanceUID]
+    assert "PULL" not in captured.err and "NOSUCH" not in captured.err
+    assert node.store.pull_jobs() == []
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
+    node.stop()
