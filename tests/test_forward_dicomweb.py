@@ -6,6 +6,10 @@ installed (`make system-deps` installs it).
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
 from pathlib import Path
 
 import httpx
@@ -13,9 +17,10 @@ import pytest
 from dicomgen import make_series, write_series
 from faultpeers import node_raw
 from peers import Orthanc, require, storescu, wait_until
+from pydicom import dcmread
 
 from deid_node.config import parse_config
-from deid_node.errors import ConfigError
+from deid_node.errors import ConfigError, DestinationUnreachableError, ForwardError
 from deid_node.forward import Outgoing, echo, send_batch
 from deid_node.node import Node
 
@@ -218,3 +223,158 @@ def test_dicomweb_config_defaults_and_trailing_slash(tmp_path):
     parsed = parse_config(node_raw(tmp_path / "data", [dest])).destinations[0]
     assert parsed.url() == "https://pacs.example/dicom-web"
     assert (parsed.auth, parsed.instances_per_request) == ("none", 50)
+
+
+class StowPeer:
+    """A minimal STOW-RS server in this process (http.server on a free loopback port) for the
+    answers Orthanc does not give: 202 with a FailureReason per instance, 409, 503.
+    reason_for(sop_uid) -> FailureReason or None (stored); http_status overrides the answer."""
+
+    # bare=True: a request with any refused instance gets 409 and no body (nothing named).
+
+    def __init__(
+        self, reason_for=lambda uid: None, http_status: int | None = None, bare: bool = False
+    ) -> None:
+        self.reason_for = reason_for
+        self.http_status = http_status
+        self.bare = bare  # refuse with 409 and no body, naming no instance
+        self.requests: list[tuple[str, list[str]]] = []  # (Authorization, SOP UIDs)
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                boundary = self.headers["Content-Type"].split("boundary=")[1].encode()
+                uids = []
+                for part in body.split(b"--" + boundary)[1:-1]:
+                    data = part.split(b"\r\n\r\n", 1)[1][:-2]
+                    uids.append(str(dcmread(BytesIO(data)).SOPInstanceUID))
+                peer.requests.append((self.headers.get("Authorization", ""), uids))
+                failed, stored = [], []
+                for uid in uids:
+                    reason = peer.reason_for(uid)
+                    entry = {"00081155": {"vr": "UI", "Value": [uid]}}
+                    if reason is None:
+                        stored.append(entry)
+                    else:
+                        failed.append({**entry, "00081197": {"vr": "US", "Value": [reason]}})
+                status = peer.http_status or (200 if not failed else 202 if stored else 409)
+                content: dict = {}
+                if failed:
+                    content["00081198"] = {"vr": "SQ", "Value": failed}
+                if stored:
+                    content["00081199"] = {"vr": "SQ", "Value": stored}
+                answer = json.dumps(content).encode()
+                if peer.bare and failed:
+                    status, answer = 409, b""
+                self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StowPeer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def outgoing(tmp_path: Path, count: int) -> list[Outgoing]:
+    series = make_series(count, "CT")
+    paths = write_series(series, tmp_path / "in")
+    return [
+        Outgoing(n, path, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), "1.2.3")
+        for n, (ds, path) in enumerate(zip(series, paths, strict=True))
+    ]
+
+
+def stow_destination(tmp_path: Path, peer: StowPeer, **extra):
+    raw = {
+        "name": "web",
+        "type": "dicomweb",
+        "url": f"http://127.0.0.1:{peer.port}/dicom-web",
+        "timeout_seconds": 5,
+        **extra,
+    }
+    return parse_config(node_raw(tmp_path / "data", [raw])).destinations[0]
+
+
+def test_partial_answer_sorts_instances_into_stored_refused_for_good_and_retried(tmp_path):
+    items = outgoing(tmp_path, 5)
+    reasons = {items[1].sop_uid: 0xA900, items[2].sop_uid: 0xA700}  # permanent, transient
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    with StowPeer(lambda uid: reasons.get(uid)) as peer:
+        dest = stow_destination(
+            tmp_path, peer, auth="bearer", token_file=str(token), instances_per_request=3
+        )
+        stored, refused = [], []
+        with pytest.raises(ForwardError, match=r"1 instance\(s\) not stored: FailureReason 0xA700"):
+            send_batch(
+                dest,
+                items,
+                lambda item, url, status: stored.append(item.instance_id),
+                lambda item, status, reason: refused.append((item.instance_id, status)),
+            )
+        assert sorted(stored) == [0, 3, 4]
+        assert refused == [(1, 0xA900)]
+        assert [len(uids) for _, uids in peer.requests] == [3, 2]
+        assert {auth for auth, _ in peer.requests} == {"Bearer tok-123"}
+        # The retry sends only the transient one; the server now takes it.
+        reasons.clear()
+        send_batch(dest, [items[2]], lambda i, u, s: stored.append(i.instance_id), None)
+        assert sorted(stored) == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("http_status", [503, 401, 429])
+def test_server_and_auth_errors_are_transient(tmp_path, http_status):
+    items = outgoing(tmp_path, 2)
+    with StowPeer(http_status=http_status) as peer:
+        dest = stow_destination(tmp_path, peer)
+        refused = []
+        with pytest.raises(ForwardError, match=f"HTTP {http_status}") as caught:
+            send_batch(dest, items, lambda *a: None, lambda *a: refused.append(a))
+        assert not isinstance(caught.value, DestinationUnreachableError)
+        assert refused == [] and len(peer.requests) == 1
+        assert echo(dest)  # it answers HTTP: up
+
+
+def test_conflict_naming_no_instance_is_isolated_to_the_instance_at_fault(tmp_path):
+    items = outgoing(tmp_path, 3)
+    bad = items[1].sop_uid
+    with StowPeer(lambda uid: 0xC000 if uid == bad else None, bare=True) as peer:
+        dest = stow_destination(tmp_path, peer, instances_per_request=3)
+        stored, refused = [], []
+        send_batch(
+            dest,
+            items,
+            lambda item, url, status: stored.append(item.instance_id),
+            lambda item, status, reason: refused.append((item.instance_id, status, reason)),
+        )
+        assert sorted(stored) == [0, 2]
+        assert refused == [(1, None, "HTTP 409 to STOW-RS")]
+        assert [len(uids) for _, uids in peer.requests] == [3, 1, 1, 1]
+
+
+def test_nothing_listening_is_unreachable(tmp_path):
+    with StowPeer() as peer:
+        dest = stow_destination(tmp_path, peer)
+    with pytest.raises(DestinationUnreachableError, match="cannot connect"):
+        send_batch(dest, outgoing(tmp_path, 1), lambda *a: None, lambda *a: None)
+    assert not echo(dest)
