@@ -158,8 +158,10 @@ def _post(
             f"{dest.base_url}/studies", content=bytes(body), headers=request_headers
         )
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        # The reason (refused, timed out, certificate not verified) names no patient value.
+        reason = str(exc)[:200] or type(exc).__name__
         raise DestinationUnreachableError(
-            f"{dest.name}: cannot connect to {dest.base_url}: {type(exc).__name__}"
+            f"{dest.name}: cannot connect to {dest.base_url}: {reason}"
         ) from None
     except httpx.HTTPError as exc:
         raise ForwardError(f"{dest.name}: STOW-RS request failed ({type(exc).__name__})") from None

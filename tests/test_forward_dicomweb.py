@@ -7,6 +7,7 @@ installed (`make system-deps` installs it).
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
@@ -18,6 +19,7 @@ from dicomgen import make_series, write_series
 from faultpeers import node_raw
 from peers import Orthanc, require, storescu, wait_until
 from pydicom import dcmread
+from test_access import pki  # noqa: F401 (a fixture: a CA and a certificate for 127.0.0.1)
 
 from deid_node.config import parse_config
 from deid_node.errors import ConfigError, DestinationUnreachableError, ForwardError
@@ -233,7 +235,11 @@ class StowPeer:
     # bare=True: a request with any refused instance gets 409 and no body (nothing named).
 
     def __init__(
-        self, reason_for=lambda uid: None, http_status: int | None = None, bare: bool = False
+        self,
+        reason_for=lambda uid: None,
+        http_status: int | None = None,
+        bare: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.reason_for = reason_for
         self.http_status = http_status
@@ -283,6 +289,8 @@ class StowPeer:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
+        if ssl_context is not None:
+            self.server.socket = ssl_context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> StowPeer:
@@ -378,3 +386,19 @@ def test_nothing_listening_is_unreachable(tmp_path):
     with pytest.raises(DestinationUnreachableError, match="cannot connect"):
         send_batch(dest, outgoing(tmp_path, 1), lambda *a: None, lambda *a: None)
     assert not echo(dest)
+
+
+def test_https_is_verified_against_ca_file_and_refused_without_it(tmp_path, pki):  # noqa: F811
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pki["server.pem"], pki["server.key"])
+    items = outgoing(tmp_path, 2)
+    with StowPeer(ssl_context=server) as peer:
+        url = f"https://127.0.0.1:{peer.port}/dicom-web"
+        trusted = stow_destination(tmp_path, peer, url=url, ca_file=str(pki["ca.pem"]))
+        stored = []
+        send_batch(trusted, items, lambda i, u, s: stored.append(u), lambda *a: None)
+        assert len(stored) == 2 and all(u.startswith(url) for u in stored)
+        untrusted = stow_destination(tmp_path, peer, url=url)  # system CAs only
+        with pytest.raises(DestinationUnreachableError, match="CERTIFICATE_VERIFY_FAILED"):
+            send_batch(untrusted, items, lambda *a: None, lambda *a: None)
+        assert len(peer.requests) == 1
