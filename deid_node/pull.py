@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -184,10 +185,6 @@ class PullWorker:
             self.store.set_pull_job_state(job_id, "failed", f"no source named {job['source']!r}")
             log.error("pull_failed", job_id=job_id, reason="unknown source")
             return
-        if source.retrieve != "move":
-            self.store.set_pull_job_state(job_id, "failed", "retrieve = 'get' is not implemented")
-            log.error("pull_failed", job_id=job_id, reason="retrieve get not implemented")
-            return
         if job["state"] == "queued":
             self.store.set_pull_job_state(job_id, "running")
             log.info("pull_started", job_id=job_id, source=source.name)
@@ -331,18 +328,27 @@ class PullWorker:
         self.wake.set()
 
     def _move(self, source: SourceConfig, study_uid: str) -> tuple[int, int]:
-        assoc = self._associate(source, StudyRootQueryRetrieveInformationModelMove)
+        """C-MOVE (to the node's own AE title) or C-GET (on this association, the instances
+        handed to the SCP's own store handler): (completed, failed) sub-operations."""
         ds = Dataset()
         ds.QueryRetrieveLevel = "STUDY"
         ds.StudyInstanceUID = study_uid
+        if source.retrieve == "get":
+            name = "C-GET"
+            assoc = self._associate_get(source)
+            responses = assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet)
+        else:
+            name = "C-MOVE"
+            assoc = self._associate(source, StudyRootQueryRetrieveInformationModelMove)
+            responses = assoc.send_c_move(
+                ds, self.config.node.ae_title, StudyRootQueryRetrieveInformationModelMove
+            )
         completed = failed = 0
         final = None
         try:
-            for status, _identifier in assoc.send_c_move(
-                ds, self.config.node.ae_title, StudyRootQueryRetrieveInformationModelMove
-            ):
+            for status, _identifier in responses:
                 if not status:
-                    raise PullError("C-MOVE: no answer (association aborted or timed out)")
+                    raise PullError(f"{name}: no answer (association aborted or timed out)")
                 code = int(status.Status)
                 completed = int(status.get("NumberOfCompletedSuboperations", completed) or 0)
                 failed = int(status.get("NumberOfFailedSuboperations", failed) or 0)
@@ -353,5 +359,35 @@ class PullWorker:
         finally:
             assoc.release()
         if final not in (0x0000, 0xB000):
-            raise PullError(f"C-MOVE status 0x{final or 0:04X}")
+            raise PullError(f"{name} status 0x{final or 0:04X}")
         return completed, failed
+
+    def _associate_get(self, source: SourceConfig) -> Any:
+        """A C-GET association: the Get context, storage contexts with us in the SCP role, and
+        the SCP's handlers, so that what arrives takes the same path as a C-STORE to the node."""
+        from pynetdicom import build_role
+        from pynetdicom.presentation import StoragePresentationContexts
+
+        from deid_node.scp.ae import store_limits
+        from deid_node.scp.handlers import handlers
+
+        ae = self._ae(StudyRootQueryRetrieveInformationModelGet)
+        # 128 presentation contexts at most: the Get context and 127 storage classes.
+        storage = [cx.abstract_syntax for cx in StoragePresentationContexts[:127]]
+        for uid in storage:
+            ae.add_requested_context(uid)
+        try:
+            assoc = ae.associate(
+                source.host,
+                source.port,
+                ae_title=source.ae_title,
+                ext_neg=[build_role(uid, scp_role=True) for uid in storage],
+                evt_handlers=handlers(self.store, store_limits(self.config.node)),
+            )
+        except Exception as exc:
+            raise PullError(
+                f"cannot connect to source {source.name}: {type(exc).__name__}"
+            ) from None
+        if not assoc.is_established:
+            raise PullError(f"source {source.name} refused or did not answer the association")
+        return assoc

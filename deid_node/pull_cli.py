@@ -77,8 +77,6 @@ def cmd_pull(args: argparse.Namespace) -> int:
             f"--source: no [[sources]] named {args.source!r} in {args.config}"
             f" (known: {', '.join(sources) or 'none'})"
         )
-    if sources[args.source].retrieve != "move":
-        raise DeidNodeError(f"sources {args.source}: retrieve = 'get' is not implemented yet")
     queries = queries_from_args(args)
     if args.dry_run:
         from deid_node.pull import dry_run

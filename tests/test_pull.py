@@ -335,3 +335,19 @@ def test_dry_run_only_finds(setup, capsys):
     assert node.store.pull_jobs() == []
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("*.dcm"))
     node.stop()
+
+
+def test_pull_by_c_get_takes_the_same_path(setup, capsys):
+    pacs, studies, start, tmp_path = setup
+    node, config_path = start(retrieve="get", max_concurrent=1)
+    job_id = submit(config_path, capsys, "--study-uid", studies["ACCPULL0001"][0].StudyInstanceUID)
+    job = wait_until(
+        lambda: (j := job_of(node, job_id))["state"] in ("done", "failed") and j, 20, what="over"
+    )
+    assert job["state"] == "done" and job["studies"] == {"found": 1, "retrieved": 1}, job
+    assert job["instances_retrieved"] == 3
+    out = tmp_path / "out"
+    wait_until(lambda: len(list(out.rglob("*.dcm"))) == 3, 20, what="3 files forwarded")
+    for path in out.rglob("*.dcm"):
+        assert "PULL" not in str(dcmread(path).get("AccessionNumber", ""))
+    node.stop()
