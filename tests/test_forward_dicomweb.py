@@ -16,11 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 from dicomgen import make_series, write_series
-from faultpeers import node_raw
+from faultpeers import node_raw, write_config
 from peers import Orthanc, require, storescu, wait_until
 from pydicom import dcmread
 from test_access import pki  # noqa: F401 (a fixture: a CA and a certificate for 127.0.0.1)
 
+from deid_node.cli import main as cli_main
 from deid_node.config import parse_config
 from deid_node.errors import ConfigError, DestinationUnreachableError, ForwardError
 from deid_node.forward import Outgoing, echo, send_batch
@@ -402,3 +403,51 @@ def test_https_is_verified_against_ca_file_and_refused_without_it(tmp_path, pki)
         with pytest.raises(DestinationUnreachableError, match="CERTIFICATE_VERIFY_FAILED"):
             send_batch(untrusted, items, lambda *a: None, lambda *a: None)
         assert len(peer.requests) == 1
+
+
+def test_node_reports_an_instance_refused_for_good_and_retry_sends_only_it(tmp_path, capsys):
+    seen: list[str] = []
+    refuse = {"on": True}
+
+    def reason_for(uid: str) -> int | None:
+        seen.append(uid)
+        return 0xA900 if refuse["on"] and len(seen) == 2 else None
+
+    with StowPeer(reason_for) as peer:
+        dest = {
+            "name": "research-web",
+            "type": "dicomweb",
+            "url": f"http://127.0.0.1:{peer.port}/dicom-web",
+            "instances_per_request": 3,
+            "max_attempts": 3,
+            "backoff_initial_seconds": 0.2,
+            "timeout_seconds": 5,
+        }
+        raw = node_raw(tmp_path / "data", [dest])
+        config = write_config(tmp_path / "node.toml", raw)
+        node = start(raw)
+        try:
+            series = make_series(4, "CT")
+            assert storescu(node.port, write_series(series, tmp_path / "in")).returncode == 0
+            rows = wait_until(lambda: settled(node), 30, what="series settled")
+            assert [r["state"] for r in rows] == ["failed"]
+            row = deliveries(node)[0]
+            assert (row["state"], row["attempts"]) == ("failed", 1)
+            assert "0xA900" in row["last_error"]
+            states = [r["destinations"]["research-web"] for r in node.store.reports()]
+            assert sorted(s["state"] for s in states) == ["refused", "sent", "sent", "sent"]
+            assert len(seen) == 4, "the refused instance was offered once"
+
+            # The cause is fixed: `retry` offers the refused instance again, and only it.
+            refuse["on"] = False
+            uid = series[0].SeriesInstanceUID
+            assert cli_main(["retry", "--config", str(config), "--series", uid]) == 0
+            capsys.readouterr()
+            wait_until(
+                lambda: (settled(node) or [{}])[0].get("state") == "forwarded",
+                30,
+                what="forwarded after retry",
+            )
+        finally:
+            node.stop()
+    assert len(seen) == 5 and len(set(seen)) == 4
