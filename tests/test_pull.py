@@ -13,6 +13,7 @@ from peers import NodeProcess, Orthanc, free_port, wait_until
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
+from deid_node import pull
 from deid_node.cli import main as cli_main
 from deid_node.config import parse_config
 from deid_node.errors import ConfigError
@@ -87,7 +88,7 @@ def setup(tmp_path):
         upload(pacs, datasets)
     nodes: list[Node] = []
 
-    def start(in_process: bool = True, **source) -> tuple[Node, Path]:
+    def start(in_process: bool = True, node_extra: dict | None = None, **source):
         raw = {
             "node": {
                 "ae_title": NODE_AET,
@@ -97,6 +98,7 @@ def setup(tmp_path):
                 "min_free_disk_mb": 1,
                 "poll_seconds": 0.2,
                 "network_timeout_seconds": 10,
+                **(node_extra or {}),
             },
             "series": {"stable_seconds": 1},
             "deid": {"redact_pixels_mode": "REDACT_NO_TEXT"},
@@ -350,4 +352,22 @@ def test_pull_by_c_get_takes_the_same_path(setup, capsys):
     wait_until(lambda: len(list(out.rglob("*.dcm"))) == 3, 20, what="3 files forwarded")
     for path in out.rglob("*.dcm"):
         assert "PULL" not in str(dcmread(path).get("AccessionNumber", ""))
+    node.stop()
+
+
+def test_a_study_that_never_arrives_is_retried_then_reported_failed(setup, capsys, monkeypatch):
+    """Planted fault: the node refuses the PACS's AE title, so every C-MOVE sub-operation
+    fails; the study is tried MAX_ATTEMPTS times with backoff, then failed with the reason."""
+    monkeypatch.setattr(pull, "BACKOFF_INITIAL_SECONDS", 0.2)
+    pacs, studies, start, tmp_path = setup
+    node, config_path = start(node_extra={"allowed_calling_aets": ["SOMEONE_ELSE"]})
+    job_id = submit(config_path, capsys, "--accession", "ACCPULL0002")
+    job = wait_until(
+        lambda: (j := job_of(node, job_id))["state"] in ("done", "failed") and j, 25, what="over"
+    )
+    assert job["studies"] == {"found": 1, "failed": 1}, job
+    study = job["study_list"][0]
+    assert study["attempts"] == pull.MAX_ATTEMPTS
+    assert study["error"].startswith("C-MOVE status 0x")  # Orthanc: 0xC000
+    assert job["instances_retrieved"] == 0
     node.stop()
