@@ -18,7 +18,8 @@ from deid_node.conditions import SaveDeidentifiedDicomCondition
 from deid_node.config import Config, DeidConfig, PixelsConfig
 from deid_node.errors import ConfigError
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
-from deid_node.pipeline import PipelineSettings, make_process_pool
+from deid_node.pipeline import PipelineSettings
+from deid_node.workers import make_process_pool
 
 DEFAULT_DATA_DIR = Path("var")
 

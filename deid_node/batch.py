@@ -31,11 +31,11 @@ from deid_node.pipeline import (
     FileResult,
     PipelineSettings,
     SourceFile,
-    make_process_pool,
     read_header,
     run_series,
 )
 from deid_node.report import build_report
+from deid_node.workers import make_process_pool
 
 log = get_logger("deid_node.batch")
 

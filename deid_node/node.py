@@ -25,9 +25,10 @@ from deid_node.errors import ConfigError, DestinationUnreachableError
 from deid_node.forward import DestinationLink, Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
 from deid_node.modes import SeriesPolicy
-from deid_node.pipeline import PipelineSettings, SourceFile, make_process_pool, run_series
+from deid_node.pipeline import PipelineSettings, SourceFile, run_series
 from deid_node.scp import enable_chunked_receive, start_server
 from deid_node.store import Store
+from deid_node.workers import make_process_pool
 
 log = get_logger("deid_node.node")
 

@@ -2,21 +2,20 @@
 
 Shared by the node, the batch CLI and the Python API; nothing here knows where files came from
 or where they go next. The per-file work (`deidentify_file`) is a plain picklable function so
-that it runs in worker processes: each process builds its pseudonymizer and OCR model once.
+that it runs in worker processes (`deid_node.workers`): each process builds its pseudonymizer and
+OCR model once.
 """
 
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
 import re
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from deid_node.files import fsync_tree, write_durably
 from deid_node.log import quiet_pydicom
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.report import build_report
+from deid_node.workers import map_jobs
 
 quiet_pydicom()  # worker processes import this module; they never configure logging
 
@@ -447,26 +447,6 @@ def _pixel_summary(outcome: Any) -> dict[str, Any]:
     }
 
 
-def make_process_pool(workers: int, *, start_method: str = "forkserver") -> Executor:
-    """Worker processes for deidentify_file, started now (each imports what it needs at once,
-    so that the first series does not wait for them).
-
-    forkserver (the node): workers never inherit the node's threads, sockets or SQLite handle.
-    fork (the batch front door, a single-threaded process): workers start from the parent's
-    memory with everything already imported.
-    """
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context(start_method)
-    )
-    for _ in range(workers):
-        pool.submit(_warm_up)
-    return pool
-
-
-def _warm_up() -> None:
-    import deid_node.deid.tags  # noqa: F401  (pydicom and the profile tables)
-
-
 # -- the series --------------------------------------------------------------------------------
 
 
@@ -490,7 +470,8 @@ def run_series(
         for e, go in zip(evaluations, send, strict=True)
         if go
     ]
-    outcomes = _map(functools.partial(deidentify_file, settings=settings), jobs, executor)
+    deidentify = functools.partial(deidentify_file, settings=settings)
+    outcomes = map_jobs(deidentify, jobs, executor, _failed)
     keys = pseudonymizer_for(settings) if not settings.retains_uids else None
 
     results: list[FileResult] = []
@@ -539,62 +520,9 @@ WITHHELD_CONDITIONS = (
 )
 
 
-def _map(
-    fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], executor: Executor | None
-) -> Iterable[DeidOutcome]:
-    if executor is None:
-        return iter([fn(job) for job in jobs])
-    # Even a single file goes to the pool: the node's own process must not hold a large
-    # instance in memory (one 1 GiB multi-frame would cost it 2 GiB for its whole life).
-    # One future per file: a worker that dies (a decoder crash, the kernel's OOM killer) fails
-    # the files it had, with a reason, instead of raising out of the series.
-    futures: list[Future | None] = []
-    for job in jobs:
-        try:
-            futures.append(executor.submit(fn, job))
-        except BrokenProcessPool:
-            futures.append(None)  # broken before this file: it runs alone below
-    return _outcomes(fn, jobs, futures)
-
-
-def _outcomes(
-    fn: Callable[[DeidJob], DeidOutcome], jobs: list[DeidJob], futures: list[Future | None]
-) -> Iterable[DeidOutcome]:
-    """Each file's outcome. A worker that dies breaks the whole shared pool: every file in
-    flight, of every series, fails with BrokenProcessPool, though at most one caused it. Those
-    files run again one at a time in a pool of their own, so that only a file that kills that
-    worker too is failed; the others (and their series) are processed as if nothing happened.
-    The caller replaces the broken shared pool."""
-    alone: Executor | None = None
-    try:
-        for job, future in zip(jobs, futures, strict=True):
-            if future is not None:
-                try:
-                    yield future.result()
-                    continue
-                except BrokenProcessPool:
-                    pass
-                except Exception as exc:  # noqa: BLE001 - pickling errors...
-                    yield _worker_failed(exc)
-                    continue
-            alone = alone or make_process_pool(1)
-            try:
-                yield alone.submit(fn, job).result()
-            except BrokenProcessPool:
-                alone.shutdown(wait=False, cancel_futures=True)
-                alone = None
-                yield DeidOutcome(
-                    None, "", "", "", {}, error="worker process died on this file (crash or memory)"
-                )
-            except Exception as exc:  # noqa: BLE001
-                yield _worker_failed(exc)
-    finally:
-        if alone is not None:
-            alone.shutdown(wait=False)
-
-
-def _worker_failed(exc: Exception) -> DeidOutcome:
-    return DeidOutcome(None, "", "", "", {}, error=f"worker process failed: {type(exc).__name__}")
+def _failed(reason: str) -> DeidOutcome:
+    """The outcome of a file whose worker process failed (`workers.map_jobs`)."""
+    return DeidOutcome(None, "", "", "", {}, error=reason)
 
 
 def _file_result(
