@@ -77,8 +77,14 @@ def find_identifier(query: dict[str, str]) -> Dataset:
 
 
 def _count(identifier: Dataset, keyword: str) -> int | None:
+    """A count from the PACS (an IS value); None when absent or not a number."""
     value = identifier.get(keyword, None)
-    return int(value) if value not in (None, "") else None
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def backoff_until(attempts: int) -> str:
@@ -258,7 +264,7 @@ class PullWorker:
     def _retrieve_studies(self, job_id: int, source: SourceConfig) -> None:
         """C-MOVE the job's pending studies, at most max_concurrent at once, the next one
         started pause_seconds after the last one ended; a cancel is seen within a second."""
-        running: dict[Future, int] = {}
+        running: dict[Future, dict[str, Any]] = {}
         next_start = 0.0
         with ThreadPoolExecutor(source.max_concurrent, thread_name_prefix="pull") as pool:
             while not self.stop.is_set() and not self._cancelled(job_id):
@@ -267,7 +273,7 @@ class PullWorker:
                     for study in self.store.due_pull_studies(job_id, free):
                         self.store.update_pull_study(study["id"], "retrieving")
                         future = pool.submit(self._retrieve_one, job_id, source, study)
-                        running[future] = study["id"]
+                        running[future] = study
                 if not running:
                     if not self.store.pull_studies_waiting(job_id):
                         return
@@ -276,8 +282,19 @@ class PullWorker:
                     continue
                 done, _ = wait(list(running), timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
-                    running.pop(future)
+                    study = running.pop(future)
                     next_start = time.monotonic() + source.pause_seconds
+                    exc = future.exception()
+                    if exc is not None:
+                        # _retrieve_one itself failed (its except path raised): the study
+                        # must not stay 'retrieving' for ever.
+                        self._retry_or_fail(study, study["attempts"] + 1, type(exc).__name__)
+                        log.error(
+                            "pull_study_crashed",
+                            job_id=job_id,
+                            study_uid=study["study_uid"],
+                            **safe_error(exc),
+                        )
 
     def _retrieve_one(self, job_id: int, source: SourceConfig, study: dict[str, Any]) -> None:
         attempts = study["attempts"] + 1
@@ -291,16 +308,7 @@ class PullWorker:
                 raise PullError(f"incomplete: {completed} of {expected} instances")
         except Exception as exc:
             reason = str(exc) if isinstance(exc, DeidNodeError) else type(exc).__name__
-            if attempts < MAX_ATTEMPTS:
-                self.store.update_pull_study(
-                    study["id"],
-                    "pending",
-                    attempts=attempts,
-                    next_at=backoff_until(attempts),
-                    error=reason,
-                )
-            else:
-                self.store.update_pull_study(study["id"], "failed", attempts=attempts, error=reason)
+            self._retry_or_fail(study, attempts, reason)
             log.warning(
                 "pull_study_failed",
                 job_id=job_id,
@@ -326,6 +334,19 @@ class PullWorker:
                 seconds=round(time.monotonic() - started, 3),
             )
         self.wake.set()
+
+    def _retry_or_fail(self, study: dict[str, Any], attempts: int, reason: str) -> None:
+        """Back to 'pending' after a backoff, or 'failed' after MAX_ATTEMPTS."""
+        if attempts < MAX_ATTEMPTS:
+            self.store.update_pull_study(
+                study["id"],
+                "pending",
+                attempts=attempts,
+                next_at=backoff_until(attempts),
+                error=reason,
+            )
+        else:
+            self.store.update_pull_study(study["id"], "failed", attempts=attempts, error=reason)
 
     def _move(self, source: SourceConfig, study_uid: str) -> tuple[int, int]:
         """C-MOVE (to the node's own AE title) or C-GET (on this association, the instances

@@ -371,3 +371,57 @@ def test_a_study_that_never_arrives_is_retried_then_reported_failed(setup, capsy
     assert study["error"].startswith("C-MOVE status 0x")  # Orthanc: 0xC000
     assert job["instances_retrieved"] == 0
     node.stop()
+
+
+def test_a_study_whose_retrieve_itself_crashes_is_retried_then_failed(tmp_path, monkeypatch):
+    """_retrieve_one's own error path raising must not leave the study 'retrieving'."""
+    monkeypatch.setattr(pull, "BACKOFF_INITIAL_SECONDS", 0.0)
+
+    class Crashing(pull.PullWorker):
+        def _retrieve_one(self, job_id, source, study):
+            raise RuntimeError("planted")
+
+    config = parse_config(
+        {
+            "node": {"data_dir": str(tmp_path / "data")},
+            "sources": [
+                {"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": free_port()}
+            ],
+        }
+    )
+    store = Store(tmp_path / "data")
+    job_id = store.create_pull_job("pacs", [{"study_instance_uid": "1.2.3"}])
+    line = store.pending_pull_lines(job_id)[0]
+    store.record_pull_line(job_id, line["id"], [("1.2.3", 1)])
+    worker = Crashing(config, store, pull.threading.Event())
+    worker._retrieve_studies(job_id, config.sources[0])
+    (study,) = store.query(
+        "SELECT state, attempts, error FROM pull_studies WHERE job_id = ?", (job_id,)
+    )
+    assert (study["state"], study["attempts"], study["error"]) == (
+        "failed",
+        pull.MAX_ATTEMPTS,
+        "RuntimeError",
+    )
+
+
+def test_count_of_a_malformed_is_value_is_none():
+    """A PACS's NumberOfStudyRelated* that is not one integer gives None, not a crash."""
+    import warnings
+
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+
+    def answer(raw: bytes) -> Dataset:
+        tag = Tag("NumberOfStudyRelatedInstances")
+        ds = Dataset()
+        ds[tag] = RawDataElement(tag, "IS", len(raw), raw, 0, True, True)
+        return ds
+
+    assert pull._count(answer(b"12"), "NumberOfStudyRelatedInstances") == 12
+    assert pull._count(Dataset(), "NumberOfStudyRelatedInstances") is None
+    assert pull._count(answer(b"3\\4"), "NumberOfStudyRelatedInstances") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid IS on reading it
+        assert pull._count(answer(b"x1"), "NumberOfStudyRelatedInstances") is None
