@@ -352,6 +352,10 @@ def test_pull_by_c_get_takes_the_same_path(setup, capsys):
     wait_until(lambda: len(list(out.rglob("*.dcm"))) == 3, 20, what="3 files forwarded")
     for path in out.rglob("*.dcm"):
         assert "PULL" not in str(dcmread(path).get("AccessionNumber", ""))
+    # On a C-GET the node requested the association: the instances came from the PACS.
+    reports = node.store.reports(study_uid=studies["ACCPULL0001"][0].StudyInstanceUID)
+    assert [r["calling_ae"] for r in reports] == [PACS_AET] * 3
+    assert all(r["url"].startswith(f"dicom://{PACS_AET}/") for r in reports), reports
     node.stop()
 
 

@@ -110,7 +110,7 @@ def _accept_file(
     received: Path,
 ) -> int:
     request = event.request
-    peer = str(event.assoc.requestor.address)
+    peer = str(_remote(event).address)
 
     def refuse(status: int, reason: str, keep: bool = True, **fields: Any) -> int:
         quarantined = store.quarantine_file(received) if keep else None
@@ -186,8 +186,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _remote(event: evt.Event) -> Any:
+    """The peer's side of the association: the requestor when a modality sends to us, the
+    acceptor on a C-GET the node itself requested (the PACS sends the instances back)."""
+    assoc = event.assoc
+    return assoc.acceptor if assoc.is_requestor else assoc.requestor
+
+
 def _calling_ae(event: evt.Event) -> str:
-    return ae_title_text(event.assoc.requestor.ae_title)
+    """The AE title of the peer that sent the instances (on a C-GET, the PACS's)."""
+    return ae_title_text(_remote(event).ae_title)
 
 
 def ae_title_text(title: object) -> str:
@@ -199,7 +207,7 @@ def handle_association_event(event: evt.Event) -> None:
     log.info(
         event.event.name.lower(),
         calling_ae=_calling_ae(event),
-        peer=f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+        peer=f"{_remote(event).address}:{_remote(event).port}",
     )
 
 
