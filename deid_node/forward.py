@@ -26,6 +26,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from deid_node.config import DestinationConfig
+from deid_node.deid.pixelsize import declared_decoded_bytes
 from deid_node.errors import DestinationUnreachableError, ForwardError
 from deid_node.files import fsync_tree, write_durably
 
@@ -254,7 +255,12 @@ def _payload(
         # Nothing encapsulated (a deflated SR, say): the data set itself is re-encoded.
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         return ds
-    decoded = _decoded_size(ds)
+    decoded = declared_decoded_bytes(ds)
+    if decoded is None:
+        raise ForwardError(
+            f"{item.sop_uid}: cannot decompress {UID(syntax).name}: pixel data without valid"
+            " Rows, Columns, SamplesPerPixel, BitsAllocated or NumberOfFrames"
+        )
     if max_decoded_bytes is not None and decoded > max_decoded_bytes:
         raise ForwardError(
             f"{item.sop_uid}: would be {decoded / 2**20:.1f} MiB decompressed, over the"
@@ -274,16 +280,6 @@ def _no_context(sop_class_name: str, syntax: str) -> ForwardError:
     return ForwardError(
         f"no accepted presentation context for {sop_class_name} in {UID(syntax).name}"
         " or an uncompressed syntax"
-    )
-
-
-def _decoded_size(ds: Dataset) -> int:
-    """Bytes of the native pixel data the header announces (checked before decoding)."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = int(ds.get("BitsAllocated", 8) or 8)
-    return (
-        int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * samples * frames * bits // 8
     )
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deid_node.deid.pixelsize import declared_decoded_bytes
+
 MB = 1 << 20
 
 # PDU types (PS3.8 9.3.1).
@@ -203,21 +205,14 @@ def pixel_size_problem(header: Any, file_size: int, max_decoded_bytes: int) -> P
     element = header.get_item(0x7FE00010, keep_deferred=True)
     if element is None:
         return None
-    try:
-        rows, columns = int(header.Rows), int(header.Columns)
-        samples = int(header.get("SamplesPerPixel", 1) or 1)
-        bits = int(header.BitsAllocated)
-        frames_value = header.get("NumberOfFrames", 1)
-        frames = int(frames_value) if frames_value not in (None, "") else 1
-    except (AttributeError, TypeError, ValueError):
+    decoded = declared_decoded_bytes(header)
+    if decoded is None:
         return PixelProblem(
-            CANNOT_UNDERSTAND, "pixel data without valid Rows, Columns or BitsAllocated", {}
+            CANNOT_UNDERSTAND,
+            "pixel data without valid (positive integer) Rows, Columns, SamplesPerPixel,"
+            " BitsAllocated or NumberOfFrames",
+            {},
         )
-    if min(rows, columns, samples, bits, frames) < 1:
-        return PixelProblem(
-            CANNOT_UNDERSTAND, "pixel data with zero or negative image attributes", {}
-        )
-    decoded = rows * columns * samples * frames * math.ceil(bits / 8)
     if max_decoded_bytes and decoded > max_decoded_bytes:
         return PixelProblem(
             OUT_OF_RESOURCES, "decoded size larger than node.max_decoded_mb", {"decoded": decoded}
@@ -225,7 +220,9 @@ def pixel_size_problem(header: Any, file_size: int, max_decoded_bytes: int) -> P
     length = element.length
     if length == 0xFFFFFFFF:
         return None  # encapsulated: fragments, checked when decoded
-    expected = math.ceil(rows * columns * samples * frames * bits / 8)
+    # Valid, as declared_decoded_bytes said: the packed length (BitsAllocated 1 packs 8 a byte).
+    bits = int(header.BitsAllocated)
+    expected = math.ceil(decoded // math.ceil(bits / 8) * bits / 8)
     if length not in (expected, expected + (expected & 1)):
         return PixelProblem(
             CANNOT_UNDERSTAND,
