@@ -124,8 +124,9 @@ def dry_run(
 ) -> list[dict[str, Any]]:
     """`pull --dry-run`: the C-FIND only; per input line, the number of studies, series and
     instances it would retrieve (no input value in the result)."""
-    worker = PullWorker(config, None, threading.Event())  # type: ignore[arg-type]
-    assoc = worker._associate(source, StudyRootQueryRetrieveInformationModelFind)
+    assoc = open_association(
+        application_entity(config, StudyRootQueryRetrieveInformationModelFind), source
+    )
     lines = []
     try:
         for number, query in enumerate(queries, 1):
@@ -148,6 +149,28 @@ def dry_run(
     return lines
 
 
+def application_entity(config: Config, *contexts: Any) -> AE:
+    """The node's AE as a requestor (its own AE title, its network timeouts)."""
+    node = config.node
+    ae = AE(ae_title=node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.network_timeout_seconds
+    for context in contexts:
+        ae.add_requested_context(context)
+    return ae
+
+
+def open_association(ae: AE, source: SourceConfig, **options: Any) -> Any:
+    """An established association with the source; PullError (no value in it) otherwise.
+    `options` go to `AE.associate` (ext_neg, evt_handlers for a C-GET)."""
+    try:
+        assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, **options)
+    except Exception as exc:
+        raise PullError(f"cannot connect to source {source.name}: {type(exc).__name__}") from None
+    if not assoc.is_established:
+        raise PullError(f"source {source.name} refused or did not answer the association")
+    return assoc
+
+
 class PullWorker:
     def __init__(self, config: Config, store: Store, stop: threading.Event) -> None:
         self.config = config
@@ -155,14 +178,6 @@ class PullWorker:
         self.stop = stop
         self.sources = {s.name: s for s in config.sources}
         self.wake = threading.Event()
-
-    def _ae(self, *contexts: Any) -> AE:
-        node = self.config.node
-        ae = AE(ae_title=node.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = node.network_timeout_seconds
-        for context in contexts:
-            ae.add_requested_context(context)
-        return ae
 
     def run(self) -> None:
         """The node's pull thread: works on open jobs, oldest first, until stop."""
@@ -246,15 +261,7 @@ class PullWorker:
             assoc.release()
 
     def _associate(self, source: SourceConfig, context: Any) -> Any:
-        try:
-            assoc = self._ae(context).associate(source.host, source.port, ae_title=source.ae_title)
-        except Exception as exc:
-            raise PullError(
-                f"cannot connect to source {source.name}: {type(exc).__name__}"
-            ) from None
-        if not assoc.is_established:
-            raise PullError(f"source {source.name} refused or did not answer the association")
-        return assoc
+        return open_association(application_entity(self.config, context), source)
 
     def _find(self, assoc: Any, query: dict[str, str]) -> list[tuple[str, int | None]]:
         return [(uid, instances) for uid, _series, instances in find_studies(assoc, query)]
@@ -392,23 +399,14 @@ class PullWorker:
         from deid_node.scp.ae import store_limits
         from deid_node.scp.handlers import handlers
 
-        ae = self._ae(StudyRootQueryRetrieveInformationModelGet)
+        ae = application_entity(self.config, StudyRootQueryRetrieveInformationModelGet)
         # 128 presentation contexts at most: the Get context and 127 storage classes.
         storage = [cx.abstract_syntax for cx in StoragePresentationContexts[:127]]
         for uid in storage:
             ae.add_requested_context(uid)
-        try:
-            assoc = ae.associate(
-                source.host,
-                source.port,
-                ae_title=source.ae_title,
-                ext_neg=[build_role(uid, scp_role=True) for uid in storage],
-                evt_handlers=handlers(self.store, store_limits(self.config.node)),
-            )
-        except Exception as exc:
-            raise PullError(
-                f"cannot connect to source {source.name}: {type(exc).__name__}"
-            ) from None
-        if not assoc.is_established:
-            raise PullError(f"source {source.name} refused or did not answer the association")
-        return assoc
+        return open_association(
+            ae,
+            source,
+            ext_neg=[build_role(uid, scp_role=True) for uid in storage],
+            evt_handlers=handlers(self.store, store_limits(self.config.node)),
+        )
