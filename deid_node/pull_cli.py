@@ -45,6 +45,14 @@ def read_csv(path: Path) -> list[dict[str, str]]:
             rows = list(csv.DictReader(handle))
     except OSError as exc:
         raise DeidNodeError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        # Its message quotes the bytes, which may be part of a name: the type only.
+        raise DeidNodeError(
+            f"cannot read {path}: not UTF-8 text ({type(exc).__name__}); save it as UTF-8 CSV"
+        ) from None
+    except csv.Error:
+        # Its message may quote a field: the type only.
+        raise DeidNodeError(f"cannot read {path}: not a valid CSV file (csv.Error)") from None
     queries = []
     for number, row in enumerate(rows, 2):
         row = {(k or "").strip().lower(): (v or "") for k, v in row.items()}

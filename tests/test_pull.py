@@ -429,3 +429,21 @@ def test_count_of_a_malformed_is_value_is_none():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid IS on reading it
         assert pull._count(answer(b"x1"), "NumberOfStudyRelatedInstances") is None
+
+
+def test_a_csv_that_is_not_utf8_or_not_csv_gives_a_clear_error_without_values(tmp_path):
+    from deid_node.errors import DeidNodeError
+    from deid_node.pull_cli import read_csv
+
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("patient_id\nMÜLLER01\n".encode("latin-1"))
+    with pytest.raises(DeidNodeError, match="not UTF-8 text") as caught:
+        read_csv(latin1)
+    assert str(latin1) in str(caught.value) and "UnicodeDecodeError" in str(caught.value)
+    assert "0xdc" not in str(caught.value).lower() and "LLER" not in str(caught.value)
+
+    huge = tmp_path / "huge.csv"
+    huge.write_text("accession_number\n" + "ACC" * 50_000 + "\n")  # past csv's field limit
+    with pytest.raises(DeidNodeError, match=r"not a valid CSV file \(csv.Error\)") as caught:
+        read_csv(huge)
+    assert "ACCACC" not in str(caught.value)
