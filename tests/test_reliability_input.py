@@ -291,6 +291,10 @@ def test_decompression_bomb_is_refused_at_receive_next_to_an_innocent_series(nod
     batch = node.settled_batch(innocent[0].SeriesInstanceUID, "forwarded")
     assert batch["processing_attempts"] == 1, "the innocent series was charged an attempt"
     assert len(node.rows("SELECT id FROM instances WHERE batch_id = ?", (batch["id"],))) == 3
+    # The modality retries (0xA7xx): refused again, but no second copy in the quarantine.
+    assert send_raw(node.port, [bomb]) == [OUT_OF_RESOURCES]
+    rows = node.rows("SELECT quarantine_path FROM refused WHERE sop_uid = ? ORDER BY id", (sop_uid,))
+    assert [r["quarantine_path"] is not None for r in rows] == [True, False]
 
 
 def test_enormous_and_malformed_values_are_accepted_and_de_identified(node, tmp_path):

@@ -151,7 +151,11 @@ def _accept_file(
         return refuse(DATASET_MISMATCH, "dataset UIDs differ from the C-STORE request")
     problem = pixel_size_problem(header, size, limits.max_decoded_bytes)
     if problem is not None:
-        return refuse(problem.status, problem.reason, **problem.fields)
+        # A decoded-size refusal is retried by modalities (0xA7xx): one copy kept is enough.
+        keep = problem.status != OUT_OF_RESOURCES or not store.refused_copy_kept(
+            str(request.AffectedSOPInstanceUID)
+        )
+        return refuse(problem.status, problem.reason, keep=keep, **problem.fields)
     digest = file_sha256(received)
     path = store.spool_adopt(received)
     receipt = Receipt(

@@ -57,6 +57,15 @@ class QuarantineFiles(StoreBase):
                 moved += 1
         return moved
 
+    def refused_copy_kept(self, sop_uid: str) -> bool:
+        """Whether a refused row for this SOPInstanceUID already holds a copy still in the
+        quarantine: a modality that retries a refusal (0xA7xx) does not fill the disk."""
+        rows = self.query(
+            "SELECT quarantine_path FROM refused WHERE sop_uid = ? AND quarantine_path IS NOT NULL",
+            (sop_uid,),
+        )
+        return any(self.absolute(row["quarantine_path"]).exists() for row in rows)
+
     def record_refused(self, **row: Any) -> None:
         """A report row for an instance the SCP refused (with the DIMSE status and why)."""
         if row.get("quarantine_path"):
