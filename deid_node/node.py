@@ -138,6 +138,7 @@ class Node:
             destinations_up=self.destinations_up,
             request_reprocess=self._scheduler_wake.set,
             series_policy=self.config.series.policy.value,
+            max_decoded_bytes=self.config.node.max_decoded_mb * 2**20,
         )
         console = ConsoleServer(self.config.console, view)
         console.start()

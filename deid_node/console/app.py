@@ -218,7 +218,11 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     def thumbnail(request: Request, uid: str, instance_id: int) -> Response:
         page_session(request)
         path = mq.deid_output(store, uid, instance_id)
-        png = render_thumbnail(path) if path is not None else None
+        png = (
+            render_thumbnail(path, max_decoded_bytes=view.max_decoded_bytes)
+            if path is not None
+            else None
+        )
         if png is None:
             raise HTTPException(404, "no de-identified image kept for this instance")
         return Response(png, media_type="image/png")

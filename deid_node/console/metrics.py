@@ -39,6 +39,8 @@ class NodeView:
     # series.policy: under "all" a series held back once stays held (pipeline.judge_series
     # counts earlier rounds), so a released file would only be skipped: release is refused.
     series_policy: str = "all"
+    # node.max_decoded_mb in bytes (0: no limit): a thumbnail above it is not rendered.
+    max_decoded_bytes: int = 0
 
 
 class DatabaseCollector:

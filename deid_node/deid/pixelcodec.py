@@ -79,8 +79,9 @@ def syntax_label(syntax: UID) -> str:
     return f"{name} ({syntax})"
 
 
-def decode(ds: Dataset) -> Decoded:
-    """Every frame as stored values; PixelError naming the transfer syntax when it cannot be."""
+def decode(ds: Dataset, index: int | None = None) -> Decoded:
+    """Every frame (or only frame `index`) as stored values; PixelError naming the transfer
+    syntax when it cannot be."""
     syntax = transfer_syntax(ds)
     source_pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if int(ds.get("BitsAllocated", 0)) not in (8, 16, 32):
@@ -92,7 +93,7 @@ def decode(ds: Dataset) -> Decoded:
     if not decoder.is_available:
         raise PixelError(f"decoder for {syntax_label(syntax)} is missing its plugins")
     try:
-        array, info = decoder.as_array(ds, as_rgb=True)
+        array, info = decoder.as_array(ds, index=index, as_rgb=True)
     except Exception as exc:  # a library's message may quote values: keep only its type
         raise PixelError(
             f"cannot decode pixel data ({syntax_label(syntax)}): {type(exc).__name__}"
