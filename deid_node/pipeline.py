@@ -275,8 +275,13 @@ def judge_series(
     whole series, so a series rejected once stays rejected under policy "all".
     """
     # An earlier file that failed its conditions, or could not be de-identified, holds the
-    # series back as much as one of this round.
-    disabling = [r["url"] for r in earlier if not r.get("save_condition") or r.get("error")]
+    # series back as much as one of this round; one removed on purpose (its report's
+    # `removed`, save_condition false) does not, as it does not in its own round.
+    disabling = [
+        r["url"]
+        for r in earlier
+        if not r.get("removed") and (not r.get("save_condition") or r.get("error"))
+    ]
     disabling += [e.source.url for e in evaluations if e.holds_series_back]
     series_passed = not disabling
     if policy is SeriesPolicy.ALL:

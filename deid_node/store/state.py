@@ -330,7 +330,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 "SELECT 1 FROM instances i JOIN instances p ON p.series_uid = i.series_uid"
                 " AND p.sop_uid = i.sop_uid AND p.id < i.id WHERE i.batch_id = ?"
                 " AND (p.state = 'quarantined' OR p.error IS NOT NULL"
-                " OR json_extract(p.report, '$.save_condition') = 0) LIMIT 1",
+                " OR (json_extract(p.report, '$.save_condition') = 0"
+                " AND json_extract(p.report, '$.removed') IS NULL)) LIMIT 1",
                 (batch_id,),
             ).fetchone()
             if renewed is None:
