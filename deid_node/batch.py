@@ -35,7 +35,7 @@ from deid_node.pipeline import (
     run_series,
 )
 from deid_node.report import build_report
-from deid_node.workers import make_process_pool
+from deid_node.workers import pool_is_broken, replace_pool
 
 log = get_logger("deid_node.batch")
 
@@ -230,10 +230,10 @@ def run_batch(
             bar.series_done(reports[0].get("SeriesInstanceUID") if reports else None, summary)
             if on_series:
                 on_series(reports)
-            if executor is not None and _pool_is_broken(executor):
+            if executor is not None and pool_is_broken(executor):
                 # A worker died (a decoder crash, the OOM killer): run_series ran the files it
                 # took down again one at a time; the next series get a fresh pool.
-                executor = _fresh_pool_like(executor)
+                executor = replace_pool(executor, start_method="fork")
                 owned.append(executor)
     finally:
         for pool in owned:
@@ -263,17 +263,6 @@ def _failed_report(source: SourceFile, error: str) -> dict[str, Any]:
         SOPInstanceUID=uid("SOPInstanceUID"),
         error=error,
     )
-
-
-def _pool_is_broken(executor: Executor) -> bool:
-    # ProcessPoolExecutor has no public "broken" flag; the private one is read here only.
-    return bool(getattr(executor, "_broken", False))
-
-
-def _fresh_pool_like(executor: Executor) -> Executor:
-    executor.shutdown(wait=False, cancel_futures=True)
-    workers = int(getattr(executor, "_max_workers", 1) or 1)
-    return make_process_pool(workers, start_method="fork")
 
 
 def check_inputs(inputs: Iterable[str | os.PathLike[str]]) -> None:

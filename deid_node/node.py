@@ -28,7 +28,7 @@ from deid_node.modes import SeriesPolicy
 from deid_node.pipeline import PipelineSettings, SourceFile, run_series
 from deid_node.scp import enable_chunked_receive, start_server
 from deid_node.store import Store
-from deid_node.workers import make_process_pool
+from deid_node.workers import make_process_pool, pool_is_broken, replace_pool
 
 log = get_logger("deid_node.node")
 
@@ -244,11 +244,9 @@ class Node:
         """A worker died (killed, out of memory, crash in a decoder): start a new pool, once,
         even when every batch running on the old one reports it."""
         with self._pool_lock:
-            broken = self._pool
-            if not getattr(broken, "_broken", False):
+            if not pool_is_broken(self._pool):
                 return  # another thread replaced it already
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = make_process_pool(self.config.node.workers)
+            self._pool = replace_pool(self._pool, workers=self.config.node.workers)
 
     def process_batch(self, batch_id: int) -> str:
         started = time.monotonic()
@@ -300,7 +298,7 @@ class Node:
         )
         # A worker died under this series or another one: the pipeline ran the files it took
         # down again alone (no series is charged for it); the next series get a new pool.
-        if getattr(self._pool, "_broken", False):
+        if pool_is_broken(self._pool):
             self._replace_broken_pool()
         for r in outcome.results:
             if r.state == "quarantined":

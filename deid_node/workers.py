@@ -34,6 +34,24 @@ def make_process_pool(workers: int, *, start_method: str = "forkserver") -> Exec
     return pool
 
 
+def pool_is_broken(executor: Executor | None) -> bool:
+    """Whether a worker process died under this pool, so that every later submit would raise
+    BrokenProcessPool. ProcessPoolExecutor has no public flag: its private `_broken` is read
+    here only (tests/test_workers.py fails if a Python upgrade removes it)."""
+    return bool(getattr(executor, "_broken", False))
+
+
+def replace_pool(
+    executor: Executor, *, workers: int | None = None, start_method: str = "forkserver"
+) -> Executor:
+    """A new pool for a broken one: the old one is shut down without waiting (what was queued on
+    it cancelled), the new one has `workers` processes (default: as many as the old one)."""
+    executor.shutdown(wait=False, cancel_futures=True)
+    if workers is None:
+        workers = int(getattr(executor, "_max_workers", 1) or 1)
+    return make_process_pool(workers, start_method=start_method)
+
+
 def _warm_up() -> None:
     # What deidentify_file needs, before the first file: the pipeline (it quiets pydicom's
     # logging in the worker), pydicom and the profile tables.
