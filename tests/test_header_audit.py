@@ -449,7 +449,9 @@ def test_sr_text_person_name_items_and_local_codes_naming_a_person_are_dummied(
     ds.ContentSequence = Sequence([text, person])
     outcome = _run(ds, tmp_path)
     assert outcome.error is None
-    assert _left(outcome, FAMILY, "Drovak", PATIENT_ID, "1943", "Hartwell") == []
+    # The whole written date, not "1943" alone: the remapped UIDs (random inputs) hold any
+    # 4 digits now and then, which made this test fail about once in a hundred runs.
+    assert _left(outcome, FAMILY, "Drovak", PATIENT_ID, "07/11/1943", "Hartwell") == []
     assert dcmread(outcome.path).ContentSequence[0].TextValue == "ANONYMOUS"
 
     coded = Dataset()
