@@ -222,6 +222,29 @@ def test_pull_by_accession_csv_retrieves_deidentifies_forwards_and_reports_not_f
     assert "PULL" not in logged and "NOSUCH" not in logged
 
 
+def test_max_concurrent_1_moves_one_study_at_a_time(setup, capsys):
+    """max_concurrent = 1: no two studies' C-MOVEs overlap. Orthanc's C-MOVE is synchronous
+    (every sub-operation is stored at the node before its final response) and the node
+    records each instance before answering its C-STORE, so in the order of arrival (the
+    instances' row ids) each study's instances form one unbroken run."""
+    pacs, studies, start, tmp_path = setup
+    node, config_path = start(max_concurrent=1, pause_seconds=0)
+    job_id = submit(config_path, capsys, "--accession", *studies)
+    job = wait_until(
+        lambda: (j := job_of(node, job_id))["state"] in ("done", "failed") and j,
+        25,
+        what="pull job over",
+    )
+    assert job["state"] == "done" and job["studies"] == {"found": 3, "retrieved": 3}, job
+    arrivals = [
+        r["study_uid"] for r in node.store.query("SELECT study_uid FROM instances ORDER BY id")
+    ]
+    assert len(arrivals) == sum(len(d) for d in studies.values())
+    runs = [uid for i, uid in enumerate(arrivals) if i == 0 or arrivals[i - 1] != uid]
+    assert sorted(runs) == sorted(d[0].StudyInstanceUID for d in studies.values()), arrivals
+    node.stop()
+
+
 def test_pull_by_patient_and_date_range(setup, capsys):
     pacs, studies, start, tmp_path = setup
     node, config_path = start(max_concurrent=1)
