@@ -298,8 +298,13 @@ def test_originals_are_deleted_once_forwarded_or_rejected(tmp_path):
         assert storescu(node.port, files).returncode == 0
         rows = wait_until(lambda: settled(node, 2), 30, what="both series settled")
         assert sorted(r["state"] for r in rows) == ["forwarded", "rejected"]
-        wait_until(lambda: not list((data / "spool").rglob("*.dcm")), 10, what="originals deleted")
-        assert not list((data / "deid").rglob("*.dcm")), "de-identified copies kept"
+        # Originals and de-identified copies are deleted one after the other: wait for both.
+        wait_until(
+            lambda: not list((data / "spool").rglob("*.dcm"))
+            and not list((data / "deid").rglob("*.dcm")),
+            10,
+            what="originals and de-identified copies deleted",
+        )
         assert not list((data / "tmp").iterdir()), "received files left in tmp/"
         assert not node.store.query("SELECT id FROM instances WHERE spool_path IS NOT NULL")
     finally:
