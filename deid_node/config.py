@@ -8,6 +8,7 @@ process, and are made absolute here so that the rest of the code never depends o
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,10 @@ PROFILE_OPTIONS = (
     "Clean Graphics",
 )
 OCR_ENGINES = ("rapidocr", "easyocr")
+# The project every config without [[projects]] has: the top-level sections, the node's AE title,
+# every destination, and the installation secret (data_dir/secret.key).
+DEFAULT_PROJECT = "default"
+_PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,34 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class ProjectConfig:
+    """One research project: which associations and instances it takes, its own rules, secret
+    and destinations. Its sections are complete: unset keys were filled from the top level."""
+
+    name: str
+    called_ae_titles: tuple[str, ...]
+    calling_ae_titles: tuple[str, ...] = ()  # empty: any calling AE that [node] allows
+    destinations: tuple[str, ...] = ()
+    match: tuple[SaveDeidentifiedDicomCondition, ...] = ()  # empty: every instance
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    deid: DeidConfig = field(default_factory=DeidConfig)
+    pixels: PixelsConfig = field(default_factory=PixelsConfig)
+    save_conditions: tuple[SaveDeidentifiedDicomCondition, ...] = ()
+    # Projects naming the same secret derive the same UIDs and pseudonyms (linkable); the
+    # default is the project's own name. "default" is the installation secret, secret.key.
+    secret_name: str = ""
+
+    @property
+    def secret(self) -> str:
+        return self.secret_name or self.name
+
+    def accepts_association(self, called_ae: str, calling_ae: str) -> bool:
+        return called_ae.strip() in self.called_ae_titles and (
+            not self.calling_ae_titles or calling_ae.strip() in self.calling_ae_titles
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
@@ -199,6 +232,33 @@ class Config:
     source: Path | None = None
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
     sources: tuple[SourceConfig, ...] = ()
+    # As written in [[projects]]; none: one implicit project (all_projects).
+    projects: tuple[ProjectConfig, ...] = ()
+
+    @property
+    def all_projects(self) -> tuple[ProjectConfig, ...]:
+        """The projects the node runs: those configured, else the implicit `default` one made
+        of the top-level sections (today's single pipeline, UIDs unchanged)."""
+        if self.projects:
+            return self.projects
+        return (
+            ProjectConfig(
+                name=DEFAULT_PROJECT,
+                called_ae_titles=(self.node.ae_title,),
+                destinations=tuple(d.name for d in self.destinations),
+                series=self.series,
+                deid=self.deid,
+                pixels=self.pixels,
+                save_conditions=self.save_conditions,
+            ),
+        )
+
+    def project(self, name: str) -> ProjectConfig:
+        for project in self.all_projects:
+            if project.name == name:
+                return project
+        known = ", ".join(p.name for p in self.all_projects)
+        raise ConfigError(f"--project: no project {name!r} in the config (known: {known})")
 
     @property
     def data_dir(self) -> Path:
@@ -225,7 +285,18 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _reject_unknown(
-        raw, {"node", "series", "deid", "pixels", "save_conditions", "destinations", "console", "sources"},
+        raw,
+        {
+            "node",
+            "series",
+            "deid",
+            "pixels",
+            "save_conditions",
+            "destinations",
+            "console",
+            "sources",
+            "projects",
+        },
         "",
     )
     if not isinstance(raw.get("node", {}), Mapping):
@@ -244,34 +315,10 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     _check_network_limits(node)
     node = _replace(node, data_dir=Path(node.data_dir).absolute())
 
-    series = _section(SeriesConfig, raw.get("series", {}), "series")
-    if series.stable_seconds < 0:
-        raise ConfigError("series.stable_seconds: must be >= 0")
-
-    deid = _section(DeidConfig, raw.get("deid", {}), "deid")
-    for option in deid.profile_options:
-        if option not in PROFILE_OPTIONS:
-            raise ConfigError(
-                f"deid.profile_options: unknown option {option!r}; known: {', '.join(PROFILE_OPTIONS)}"
-            )
-    if {PROFILE_OPTIONS[5], PROFILE_OPTIONS[6]} <= set(deid.profile_options):
-        raise ConfigError("deid.profile_options: choose Full Dates or Modified Dates, not both")
-    if deid.encapsulated_documents not in ("quarantine", "remove"):
-        raise ConfigError(
-            f"deid.encapsulated_documents: {deid.encapsulated_documents!r} is not one of "
-            "quarantine, remove"
-        )
-    if len(deid.patient_id_prefix) > 48 or "\\" in deid.patient_id_prefix:
-        raise ConfigError("deid.patient_id_prefix: at most 48 characters, no backslash")
-    if deid.lookup_table is not None:
-        deid = _replace(deid, lookup_table=Path(deid.lookup_table).absolute())
-
+    series = _parse_series(raw.get("series", {}), "series")
+    deid = _parse_deid(raw.get("deid", {}), "deid")
     pixels = _parse_pixels(raw.get("pixels", {}))
-
-    try:
-        conditions = tuple(parse_conditions(_list(raw, "save_conditions")))
-    except ConditionError as exc:
-        raise ConfigError(str(exc)) from None
+    conditions = _parse_condition_list(_list(raw, "save_conditions"), "save_conditions")
 
     destinations = tuple(
         _parse_destination(entry, index, node)
@@ -284,8 +331,128 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     sources = tuple(_parse_source(entry, index) for index, entry in enumerate(_list(raw, "sources")))
     if len({s.name for s in sources}) != len(sources):
         raise ConfigError("sources: names must be unique")
-    return Config(
+    config = Config(
         node, series, deid, pixels, conditions, destinations, source, console, sources=sources
+    )
+    projects = tuple(
+        _parse_project(entry, index, raw, config) for index, entry in enumerate(_list(raw, "projects"))
+    )
+    if len({p.name for p in projects}) != len(projects):
+        raise ConfigError("projects: names must be unique")
+    return _replace(config, projects=projects)
+
+
+def _parse_series(raw: Any, label: str) -> SeriesConfig:
+    series = _section(SeriesConfig, raw, label)
+    if series.stable_seconds < 0:
+        raise ConfigError(f"{label}.stable_seconds: must be >= 0")
+    return series
+
+
+def _parse_deid(raw: Any, label: str) -> DeidConfig:
+    deid = _section(DeidConfig, raw, label)
+    for option in deid.profile_options:
+        if option not in PROFILE_OPTIONS:
+            raise ConfigError(
+                f"{label}.profile_options: unknown option {option!r};"
+                f" known: {', '.join(PROFILE_OPTIONS)}"
+            )
+    if {PROFILE_OPTIONS[5], PROFILE_OPTIONS[6]} <= set(deid.profile_options):
+        raise ConfigError(f"{label}.profile_options: choose Full Dates or Modified Dates, not both")
+    if deid.encapsulated_documents not in ("quarantine", "remove"):
+        raise ConfigError(
+            f"{label}.encapsulated_documents: {deid.encapsulated_documents!r} is not one of "
+            "quarantine, remove"
+        )
+    if len(deid.patient_id_prefix) > 48 or "\\" in deid.patient_id_prefix:
+        raise ConfigError(f"{label}.patient_id_prefix: at most 48 characters, no backslash")
+    if deid.lookup_table is not None:
+        deid = _replace(deid, lookup_table=Path(deid.lookup_table).absolute())
+    return deid
+
+
+def _parse_condition_list(raw: list[Any], label: str) -> tuple[SaveDeidentifiedDicomCondition, ...]:
+    try:
+        return tuple(parse_conditions(raw, label))
+    except ConditionError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _inherited(raw: Mapping[str, Any], entry: Mapping[str, Any], key: str, label: str) -> dict:
+    """A project's section: the top-level table with the project's keys over it."""
+    top, own = raw.get(key, {}), entry.get(key, {})
+    for table, name in ((top, key), (own, f"{label}.{key}")):
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{name}: expected a table")
+    return {**top, **own}
+
+
+def _parse_project(entry: Any, index: int, raw: Mapping[str, Any], config: Config) -> ProjectConfig:
+    label = f"projects[{index}]"
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{label}: expected a table")
+    _reject_unknown(
+        entry,
+        {
+            "name",
+            "called_ae_titles",
+            "calling_ae_titles",
+            "destinations",
+            "match",
+            "series",
+            "deid",
+            "pixels",
+            "save_conditions",
+            "secret_name",
+        },
+        label,
+    )
+    name = entry.get("name")
+    if not isinstance(name, str) or not _PROJECT_NAME.match(name):
+        raise ConfigError(f"{label}.name: required, 1-64 characters of a-z, 0-9 and -")
+    titles = {}
+    for key, default in (
+        ("called_ae_titles", [config.node.ae_title]),
+        ("calling_ae_titles", []),
+    ):
+        values = _coerce(entry.get(key, default), "tuple[str, ...]", f"{label}.{key}")
+        for title in values:
+            if not title.strip() or len(title.strip()) > 16 or not title.isascii() or "\\" in title:
+                raise ConfigError(f"{label}.{key}: {title!r} is not an AE title (1-16 ASCII)")
+        titles[key] = tuple(t.strip() for t in values)
+    if not titles["called_ae_titles"]:
+        raise ConfigError(f"{label}.called_ae_titles: at least one AE title")
+    if "destinations" not in entry:
+        raise ConfigError(f"{label}.destinations: required (names of [[destinations]])")
+    destinations = _coerce(entry["destinations"], "tuple[str, ...]", f"{label}.destinations")
+    known = {d.name for d in config.destinations}
+    for dest in destinations:
+        if dest not in known:
+            raise ConfigError(
+                f"{label}.destinations: no destination named {dest!r}"
+                f" (known: {', '.join(sorted(known)) or 'none'})"
+            )
+    secret_name = entry.get("secret_name", "")
+    if secret_name and (not isinstance(secret_name, str) or not _PROJECT_NAME.match(secret_name)):
+        raise ConfigError(f"{label}.secret_name: 1-64 characters of a-z, 0-9 and -")
+    if not isinstance(entry.get("match", []), list):
+        raise ConfigError(f"{label}.match: expected an array of conditions")
+    own_conditions = _list(entry, "save_conditions") if "save_conditions" in entry else []
+    return ProjectConfig(
+        name=name,
+        called_ae_titles=titles["called_ae_titles"],
+        calling_ae_titles=titles["calling_ae_titles"],
+        destinations=destinations,
+        match=_parse_condition_list(entry.get("match", []), f"{label}.match"),
+        series=_parse_series(_inherited(raw, entry, "series", label), f"{label}.series"),
+        deid=_parse_deid(_inherited(raw, entry, "deid", label), f"{label}.deid"),
+        pixels=_parse_pixels(_inherited(raw, entry, "pixels", label), f"{label}.pixels"),
+        save_conditions=(
+            _parse_condition_list(own_conditions, f"{label}.save_conditions")
+            if own_conditions
+            else config.save_conditions
+        ),
+        secret_name=secret_name,
     )
 
 
@@ -363,21 +530,21 @@ def _parse_tls(raw: Any) -> TlsConfig | None:
     return tls
 
 
-def _parse_pixels(raw: Any) -> PixelsConfig:
+def _parse_pixels(raw: Any, where: str = "pixels") -> PixelsConfig:
     if not isinstance(raw, Mapping):
-        raise ConfigError("pixels: expected a table")
+        raise ConfigError(f"{where}: expected a table")
     templates_raw = raw.get("templates", [])
     rest = {k: v for k, v in raw.items() if k != "templates"}
-    pixels = _section(PixelsConfig, rest, "pixels")
+    pixels = _section(PixelsConfig, rest, where)
     if pixels.ocr_engine not in OCR_ENGINES:
-        raise ConfigError(f"pixels.ocr_engine: must be one of {', '.join(OCR_ENGINES)}")
+        raise ConfigError(f"{where}.ocr_engine: must be one of {', '.join(OCR_ENGINES)}")
     fraction = pixels.max_redacted_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
-        raise ConfigError("pixels.max_redacted_fraction: expected a number in (0, 1], e.g. 0.05")
+        raise ConfigError(f"{where}.max_redacted_fraction: expected a number in (0, 1], e.g. 0.05")
     pixels = _replace(pixels, max_redacted_fraction=float(fraction))
     templates = []
     for index, entry in enumerate(templates_raw):
-        label = f"pixels.templates[{index}]"
+        label = f"{where}.templates[{index}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{label}: expected a table")
         _reject_unknown(entry, {"manufacturer", "model", "rows", "columns", "regions"}, label)

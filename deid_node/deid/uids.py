@@ -27,15 +27,20 @@ _PATIENT = b"patient-id\x00"
 _SHIFT = b"date-shift\x00"
 
 
-def load_or_create_secret(data_dir: Path) -> bytes:
-    """Read data_dir/secret.key, creating it (0600, directory 0700) with 32 random bytes if absent.
+def load_or_create_secret(data_dir: Path, name: str = "default") -> bytes:
+    """Read a secret, creating it (0600, directory 0700) with 32 random bytes if absent: the
+    installation secret data_dir/secret.key for "default" (the implicit project's, from before
+    projects existed), else data_dir/secrets/<name>.key, a project's own (or one shared by the
+    projects that name it in `secret_name`).
 
     Creation is atomic and race-free: the key is written to a private temporary file and linked
     into place, so a concurrent start either wins or reads the winner's key.
     """
     data_dir = Path(data_dir)
+    folder = data_dir if name == "default" else data_dir / "secrets"
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = data_dir / SECRET_FILE
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / (SECRET_FILE if name == "default" else f"{name}.key")
     if not path.exists():
         _create_secret(path)
     return _read_secret(path)

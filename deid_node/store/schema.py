@@ -262,6 +262,18 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     db["pull_studies"].create_index(["job_id", "state"], if_not_exists=True)
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    """Projects (issue 14): each batch and instance belongs to one project, a series is one per
+    (project, SeriesInstanceUID), and a pull job feeds one project. Rows from before belong to
+    the implicit project "default"; an instance no project took (unrouted) has none (NULL)."""
+    for table in ("batches", "instances", "pull_jobs"):
+        db[table].add_column("project", str)
+        db.execute(f"UPDATE {table} SET project = 'default'")  # noqa: S608 - fixed names
+    db.execute("DROP INDEX IF EXISTS idx_batches_series_uid_round")
+    db["batches"].create_index(["project", "series_uid", "round"], unique=True)
+    db["instances"].create_index(["project", "series_uid", "sop_uid"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -271,6 +283,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 
 
