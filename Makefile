@@ -2,19 +2,34 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# Optional extras for `make run`/`make install`, comma-separated: `make run EXTRAS=easyocr`
+# adds EasyOCR and torch (several GB). The base install (RapidOCR) has no torch.
+EXTRAS ?=
+# `make test`, `make lint` and the benchmarks install every extra and test both engines.
+ALL_EXTRAS := test,easyocr
+comma := ,
+RUN_STAMP := $(VENV)/.installed-base$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
+ALL_STAMP := $(VENV)/.installed-all
 APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools tesseract-ocr chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test venv system-deps lint bench bench-pixels clean
+.PHONY: run install test venv system-deps lint bench bench-pixels clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-venv: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install --quiet -e '.$(if $(EXTRAS),[$(EXTRAS)])'
+	touch $@
+
+$(ALL_STAMP): pyproject.toml | $(VENV)/bin/pip
+	$(VENV)/bin/pip install --quiet -e '.[$(ALL_EXTRAS)]'
+	touch $@
+
+install: $(RUN_STAMP)
+
+venv: $(ALL_STAMP)
 
 # Debian packages the tests use as real peers: DCMTK (storescu/echoscu), Orthanc (research
 # PACS), dicom3tools (dciodvfy), Tesseract (independent OCR). Installed only when missing.
@@ -25,7 +40,7 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-run: venv
+run: install
 	$(VENV)/bin/deid-node serve --config config/deid-node.toml
 
 test: venv system-deps

@@ -77,7 +77,10 @@ def build_settings(
     data_dir: Path,
 ) -> PipelineSettings:
     from deid_node.deid.uids import load_or_create_secret
+    from deid_node.ocr import check_engine
 
+    # Before any file: EasyOCR without its extra, or device "cuda" without a GPU, fails here.
+    check_engine(pixels.ocr_engine, pixels.device)
     return PipelineSettings(
         deid, pixels, conditions, policy, load_or_create_secret(data_dir.absolute()), durable=False
     )

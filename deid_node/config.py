@@ -120,6 +120,10 @@ class RegionTemplate:
 @dataclass(frozen=True)
 class PixelsConfig:
     ocr_engine: Literal["rapidocr", "easyocr"] = "rapidocr"
+    # Where OCR runs: "auto" is a CUDA GPU when the engine can use one (EasyOCR: torch sees a
+    # GPU; RapidOCR: onnxruntime-gpu starts on one), else the CPU; "cuda" without one fails at
+    # start-up (deid_node.ocr.check_engine).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     margin_px: int = 4
     # Longest image side used for text detection; larger images are downscaled to it.
     max_detect_side: int = 1600
@@ -538,6 +542,10 @@ def _parse_pixels(raw: Any, where: str = "pixels") -> PixelsConfig:
     pixels = _section(PixelsConfig, rest, where)
     if pixels.ocr_engine not in OCR_ENGINES:
         raise ConfigError(f"{where}.ocr_engine: must be one of {', '.join(OCR_ENGINES)}")
+    from deid_node.ocr import check_engine  # numpy only; engines are found, not imported
+
+    # At start-up, not at the first image: EasyOCR without its extra, device "cuda" without a GPU.
+    check_engine(pixels.ocr_engine, pixels.device, where)
     fraction = pixels.max_redacted_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         raise ConfigError(f"{where}.max_redacted_fraction: expected a number in (0, 1], e.g. 0.05")

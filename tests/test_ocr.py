@@ -58,6 +58,7 @@ def test_rapidocr_boxes_are_in_input_coordinates_for_upscaled_and_wide_images() 
 
 @pytest.mark.ocr
 @pytest.mark.slow
+@pytest.mark.easyocr
 def test_easyocr_detects_and_reads_offline() -> None:
     engine = get_engine("easyocr")
     assert engine is get_engine("easyocr") and engine.name == "easyocr"
@@ -70,6 +71,7 @@ def test_easyocr_detects_and_reads_offline() -> None:
 
 @pytest.mark.ocr
 @pytest.mark.slow
+@pytest.mark.easyocr
 def test_easyocr_engine_redacts_through_pixels() -> None:
     from dicomgen import make_instance
     from textimages import found_strings, tesseract_text

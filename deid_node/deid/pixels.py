@@ -147,7 +147,7 @@ def redact_pixels(
         reasons.append(f"template:{template.manufacturer}/{template.model}")
         template_boxes.extend(TextBox(x, y, w, h) for x, y, w, h in template.regions)
 
-    engine = get_engine(config.ocr_engine)
+    engine = get_engine(config.ocr_engine, config.device)
     classifier = (
         SensitiveTextClassifier(identifiers)
         if mode is DeidentifyRedactTextMode.REDACT_SENSITIVE_TEXT

@@ -1,42 +1,167 @@
-"""OCR engines behind one protocol: `get_engine("rapidocr" | "easyocr")`, one load per process.
+"""OCR engines behind one protocol: `get_engine(name, device)`, one load per process and device,
+and the start-up check that an engine can run here (`check_engine`).
 
 Engine modules import their heavy dependencies (onnxruntime, torch) only when first built.
+EasyOCR and torch are an optional extra (`pip install 'deid-node[easyocr]'`): the base install
+has RapidOCR only, and selecting EasyOCR without the extra fails at start-up, not at the first
+image.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
 
 from deid_node.errors import ConfigError
 from deid_node.ocr.base import OcrEngine, TextBox
 
-__all__ = ["ENGINES", "OcrEngine", "TextBox", "get_engine"]
+__all__ = [
+    "DEVICES",
+    "EASYOCR_EXTRA",
+    "ENGINES",
+    "OcrEngine",
+    "TextBox",
+    "check_engine",
+    "cuda_unavailable",
+    "get_engine",
+    "recognize_frames",
+    "resolve_device",
+]
 
 ENGINES = ("rapidocr", "easyocr")
+DEVICES = ("auto", "cpu", "cuda")
+EASYOCR_EXTRA = "pip install 'deid-node[easyocr]'"
 
-_engines: dict[str, OcrEngine] = {}
+# The top-level modules each engine imports; found (not imported) by check_engine.
+_ENGINE_MODULES = {
+    "rapidocr": ("rapidocr_onnxruntime", "onnxruntime"),
+    "easyocr": ("easyocr", "easyocr_en_models", "torch"),
+}
+_CUDA_EP = "CUDAExecutionProvider"
+
+_engines: dict[tuple[str, str], OcrEngine] = {}
 _lock = threading.Lock()
 
 
-def get_engine(name: str) -> OcrEngine:
-    """The process-wide engine called `name`, built (models loaded) on first use."""
+def get_engine(name: str, device: str = "auto") -> OcrEngine:
+    """The process-wide engine called `name` on `device`, built (models loaded) on first use."""
     with _lock:
-        engine = _engines.get(name)
+        engine = _engines.get((name, device))
         if engine is None:
-            engine = _build(name)
-            _engines[name] = engine
+            engine = _build(name, device)
+            _engines[(name, device)] = engine
         return engine
 
 
-def _build(name: str) -> OcrEngine:
+def check_engine(name: str, device: str = "auto", where: str = "pixels") -> None:
+    """Raise ConfigError, naming what to install or change, when engine `name` cannot run here:
+    its packages are missing (EasyOCR without the extra), or device = "cuda" and it would not
+    run on a GPU. Cheap for device auto/cpu (modules are found, not imported); with "cuda" it
+    imports torch (EasyOCR) or starts one ONNX Runtime session (RapidOCR). `where` names the
+    config section in the message."""
+    _check_installed(name, device, where)
+    if device == "cuda":
+        reason = cuda_unavailable(name)
+        if reason is not None:
+            raise ConfigError(f'{where}.device = "cuda": {reason}; or set device = "auto" or "cpu"')
+
+
+def _check_installed(name: str, device: str, where: str = "pixels") -> None:
+    if name not in ENGINES:
+        raise ConfigError(
+            f"{where}.ocr_engine: unknown OCR engine {name!r}; known: {', '.join(ENGINES)}"
+        )
+    if device not in DEVICES:
+        raise ConfigError(f"{where}.device: {device!r} is not one of {', '.join(DEVICES)}")
+    missing = [m for m in _ENGINE_MODULES[name] if importlib.util.find_spec(m) is None]
+    if missing and name == "easyocr":
+        raise ConfigError(
+            f'{where}.ocr_engine = "easyocr" needs the easyocr extra (EasyOCR, torch and its '
+            f"English models; not installed here: {', '.join(missing)}): "
+            f'{EASYOCR_EXTRA} (or make run EXTRAS=easyocr), or use ocr_engine = "rapidocr"'
+        )
+    if missing:
+        raise ConfigError(
+            f"{where}.ocr_engine = {name!r}: {', '.join(missing)} not installed; "
+            "reinstall deid-node (pip install deid-node)"
+        )
+
+
+def cuda_unavailable(name: str) -> str | None:
+    """Why engine `name` cannot run on a CUDA GPU in this process, or None when it can."""
+    if name == "easyocr":
+        import torch  # the easyocr extra
+
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA GPU (torch.cuda.is_available() is False) for EasyOCR"
+        return None
+    return _onnxruntime_cuda_unavailable()
+
+
+def resolve_device(name: str, device: str) -> Literal["cpu", "cuda"]:
+    """The device engine `name` runs on: "auto" is CUDA when it is usable here, else the CPU."""
+    if device == "cpu":
+        return "cpu"
+    reason = cuda_unavailable(name)
+    if reason is None:
+        return "cuda"
+    if device == "cuda":
+        raise ConfigError(f'pixels.device = "cuda": {reason}; or set device = "auto" or "cpu"')
+    return "cpu"
+
+
+def recognize_frames(engine: OcrEngine, images: Sequence[np.ndarray]) -> list[list[TextBox]]:
+    """`engine.recognize` of each image, in batched calls where the engine has them (EasyOCR on
+    CUDA: same-sized frames go through the detector together)."""
+    batched = getattr(engine, "recognize_batch", None)
+    if batched is not None:
+        return batched(images)
+    return [engine.recognize(image) for image in images]
+
+
+def _build(name: str, device: str) -> OcrEngine:
+    _check_installed(name, device)
+    on = resolve_device(name, device)  # raises for "cuda" without a usable GPU
     if name == "rapidocr":
         from deid_node.ocr.rapid import RapidOcrEngine
 
-        return RapidOcrEngine()
-    if name == "easyocr":
-        from deid_node.ocr.easy import EasyOcrEngine
+        return RapidOcrEngine(use_cuda=on == "cuda")
+    from deid_node.ocr.easy import EasyOcrEngine
 
-        return EasyOcrEngine()
-    raise ConfigError(
-        f"pixels.ocr_engine: unknown OCR engine {name!r}; known: {', '.join(ENGINES)}"
-    )
+    return EasyOcrEngine(device=on)
+
+
+def _onnxruntime_cuda_unavailable() -> str | None:
+    """None when ONNX Runtime has a CUDA provider that starts a session on a GPU here."""
+    import onnxruntime
+
+    if _CUDA_EP not in onnxruntime.get_available_providers():
+        return (
+            "ONNX Runtime has no CUDAExecutionProvider for RapidOCR: replace onnxruntime by "
+            "onnxruntime-gpu (README, GPU)"
+        )
+    # The provider is compiled in; whether a GPU and its libraries are there shows only when a
+    # session starts: ONNX Runtime falls back to the CPU instead of failing.
+    model = _rapidocr_detector_model()
+    try:
+        session = onnxruntime.InferenceSession(str(model), providers=[_CUDA_EP])
+    except Exception as exc:  # any failure means: not on a GPU here
+        return f"ONNX Runtime's CUDA provider did not start ({type(exc).__name__})"
+    if session.get_providers()[:1] != [_CUDA_EP]:
+        return "ONNX Runtime's CUDA provider did not start (no GPU, or CUDA/cuDNN missing)"
+    return None
+
+
+def _rapidocr_detector_model() -> Path:
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or spec.origin is None:
+        raise ConfigError("pixels.ocr_engine: rapidocr_onnxruntime is not installed")
+    models = sorted((Path(spec.origin).parent / "models").glob("*det*.onnx"))
+    if not models:
+        raise ConfigError("pixels.ocr_engine: RapidOCR's detection model is missing")
+    return models[0]

@@ -21,7 +21,7 @@ _DETECT_LONG_SIDE_MAX = 2000
 class RapidOcrEngine:
     name = "rapidocr"
 
-    def __init__(self) -> None:
+    def __init__(self, *, use_cuda: bool = False) -> None:
         from rapidocr_onnxruntime import RapidOCR  # lazy: onnxruntime loads only when OCR runs
 
         # Lower box/score thresholds and looser boxes than the defaults: a missed identifier
@@ -34,7 +34,14 @@ class RapidOcrEngine:
             det_limit_side_len=32,
             max_side_len=_DETECT_LONG_SIDE_MAX * 2,
             text_score=0.0,  # every detected box comes back with its score: callers judge
+            # ONNX Runtime's CUDA provider (onnxruntime-gpu), chosen by ocr.resolve_device.
+            det_use_cuda=use_cuda,
+            cls_use_cuda=use_cuda,
+            rec_use_cuda=use_cuda,
         )
+        # Where the detector really runs: ONNX Runtime falls back to the CPU instead of failing.
+        providers = self._ocr.text_det.infer.session.get_providers()
+        self.device = "cuda" if providers[:1] == ["CUDAExecutionProvider"] else "cpu"
         self._lock = threading.Lock()
 
     def detect(self, image: np.ndarray) -> list[TextBox]:
