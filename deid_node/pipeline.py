@@ -418,16 +418,41 @@ def _detach_pixel_data(ds: Dataset) -> _StreamedElement | None:
     return streamed
 
 
+def _detach_pixel_bytes(ds: Dataset) -> tuple[_StreamedElement, bytes] | None:
+    """Take a native PixelData held in memory, the last element, out of `ds`: written after the
+    header in one write, where pydicom's writer copies it through two buffers (a third of the
+    time to write a 512 KB CT)."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if (
+        PIXEL_DATA_TAG not in ds
+        or syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        or max(ds.keys()) != PIXEL_DATA_TAG
+    ):
+        return None
+    elem = ds[PIXEL_DATA_TAG]
+    value = elem.value
+    if (
+        not isinstance(value, bytes)
+        or len(value) % 2
+        or elem.is_undefined_length
+        or (syntax == ExplicitVRLittleEndian and elem.VR not in ("OB", "OW"))
+    ):
+        return None
+    del ds[PIXEL_DATA_TAG]
+    return _StreamedElement(0, len(value), elem.VR, syntax == ImplicitVRLittleEndian), value
+
+
 def _save(ds: Dataset, handle: Any, src: Path, streamed: _StreamedElement | None) -> None:
+    in_memory = _detach_pixel_bytes(ds) if streamed is None else None
     ds.save_as(handle, enforce_file_format=True)
+    if in_memory is not None:
+        handle.write(_element_header(in_memory[0]))
+        handle.write(in_memory[1])
+        return
     if streamed is None:
         return
     # PixelData is the last element: append its header and copy its value from the source.
-    tag = struct.pack("<HH", 0x7FE0, 0x0010)
-    if streamed.implicit_vr:
-        handle.write(tag + struct.pack("<I", streamed.length))
-    else:
-        handle.write(tag + streamed.vr.encode() + b"\x00\x00" + struct.pack("<I", streamed.length))
+    handle.write(_element_header(streamed))
     with src.open("rb") as source:
         source.seek(streamed.offset)
         remaining = streamed.length
@@ -437,6 +462,14 @@ def _save(ds: Dataset, handle: Any, src: Path, streamed: _StreamedElement | None
                 raise InputError("pixel data shorter than its declared length")
             handle.write(chunk)
             remaining -= len(chunk)
+
+
+def _element_header(element: _StreamedElement) -> bytes:
+    """The tag, VR (explicit VR) and length of a PixelData element, little endian."""
+    tag = struct.pack("<HH", 0x7FE0, 0x0010)
+    if element.implicit_vr:
+        return tag + struct.pack("<I", element.length)
+    return tag + element.vr.encode() + b"\x00\x00" + struct.pack("<I", element.length)
 
 
 def _pixel_summary(outcome: Any) -> dict[str, Any]:

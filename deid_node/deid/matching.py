@@ -59,6 +59,8 @@ _LETTERS = str.maketrans(
 
 def fold(text: str) -> str:
     """Case and accents folded: 'Müller' and 'MULLER', 'Bjørn' and 'BJORN' compare equal."""
+    if text.isascii():
+        return text.lower()  # the same result, without a pass over every character
     decomposed = unicodedata.normalize("NFKD", text.translate(_LETTERS))
     return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 

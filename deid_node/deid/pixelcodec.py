@@ -236,7 +236,8 @@ def unused_bits_set(ds: Dataset) -> int:
     raw = _raw_samples(ds)
     if raw is None:
         return 0
-    return int(np.count_nonzero(raw != _cleared(raw, ds)))
+    cleared = _cleared(raw, ds)
+    return 0 if cleared is raw else int(np.count_nonzero(raw != cleared))
 
 
 def clear_unused_bits(ds: Dataset) -> int:
@@ -246,7 +247,7 @@ def clear_unused_bits(ds: Dataset) -> int:
     if raw is None:
         return 0
     cleared = _cleared(raw, ds)
-    changed = int(np.count_nonzero(raw != cleared))
+    changed = 0 if cleared is raw else int(np.count_nonzero(raw != cleared))
     if changed:
         data = cleared.astype(raw.dtype).tobytes()  # ufuncs answer in native byte order
         ds.PixelData = data + (b"\x00" if len(data) % 2 else b"")
@@ -279,6 +280,9 @@ def _raw_samples(ds: Dataset) -> np.ndarray | None:
 
 def _cleared(raw: np.ndarray, ds: Dataset) -> np.ndarray:
     stored = int(ds.BitsStored)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if raw.size == 0 or int(raw.max()) < 1 << (stored - 1 if signed else stored):
+        return raw  # one pass: no sample has a bit set above Bits Stored (nor a sign bit)
     bits = raw.dtype.itemsize * 8
     mask = raw.dtype.type((1 << stored) - 1)
     low = raw & mask

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import Any, overload
 
@@ -492,19 +492,51 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
     that a Retain option keeps; a numeric ID equal to a kept number.
     Anything else typed into a kept attribute (an ID, a whole name, a date in a technical field,
     a name word inside a longer defined term) stays evidence."""
-    candidates = [v if hasattr(v, "kind") else _guess(v) for v in identifiers if v]
-    own = "\\".join(getattr(identifiers, "own", DUMMY_TEXT))
-    terms = {"".join(tokenize(fold(t))) for t in getattr(identifiers, "terms", ())}
-    codes = "\\".join(getattr(identifiers, "codes", ()))
-    technical = "\\".join(getattr(identifiers, "technical", ()))
-    retained = "\\".join(getattr(identifiers, "retained", ()))
+    candidates = tuple(
+        (str(v), v.kind) if hasattr(v, "kind") else (str(v), _guess(v).kind)
+        for v in identifiers
+        if v
+    )
+    kept = _not_excused(
+        candidates,
+        "\\".join(getattr(identifiers, "own", DUMMY_TEXT)),
+        frozenset("".join(tokenize(fold(t))) for t in getattr(identifiers, "terms", ())),
+        "\\".join(getattr(identifiers, "codes", ())),
+        "\\".join(getattr(identifiers, "technical", ())),
+        "\\".join(getattr(identifiers, "retained", ())),
+    )
     numbers = getattr(identifiers, "numbers", frozenset())
+    if numbers:  # differ from file to file (InstanceNumber): applied after the cache
+        kept = tuple(pair for pair in kept if not _is_kept_number(*pair, numbers))
+    return _matcher(kept)
+
+
+def _is_kept_number(value: str, kind: str, numbers: frozenset[int]) -> bool:
+    """A numeric ID equal to a number the input keeps (an ID 107 and a kept SeriesNumber 107)."""
+    compact = "".join(tokenize(fold(value)))
+    return kind == ID and compact.isdigit() and int(compact) in numbers
+
+
+# The files of a series share their identifying values (the same patient, study, physicians and
+# institution): what is evidence is worked out once per distinct set, not once per file.
+@lru_cache(maxsize=64)
+def _not_excused(
+    candidates: tuple[tuple[str, str], ...],
+    own: str,
+    terms: frozenset[str],
+    codes: str,
+    technical: str,
+    retained: str,
+) -> tuple[tuple[str, str], ...]:
+    """The (value, kind) pairs that the node's own values, the kept defined terms, codes,
+    technical text and retained values do not excuse (see `evidence`)."""
     kept = []
-    for value in candidates:
+    for text, kind in candidates:
+        value = IdentifyingValue(text, kind)
         single = Matcher([value])
         if not single or single.find(own):
             continue
-        kind, tokens = value.kind, tokenize(fold(value))
+        tokens = tokenize(fold(value))
         compact = "".join(tokens)
         if kind == DEVICE and single.find(technical):
             continue
@@ -519,10 +551,14 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
         )
         if named and (compact in terms or single.find(codes)):
             continue
-        if kind == ID and compact.isdigit() and int(compact) in numbers:
-            continue
-        kept.append(value)
-    return Matcher(kept)
+        kept.append((text, kind))
+    return tuple(kept)
+
+
+@lru_cache(maxsize=64)
+def _matcher(values: tuple[tuple[str, str], ...]) -> Matcher:
+    """One matcher per distinct set of evidence (a Matcher is not changed by `find`)."""
+    return Matcher(IdentifyingValue(text, kind) for text, kind in values)
 
 
 def _guess(value: str) -> IdentifyingValue:
