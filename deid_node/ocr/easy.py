@@ -61,11 +61,16 @@ class EasyOcrEngine:
             result = self._reader.readtext(rgb, batch_size=self._batch, **_THRESHOLDS)
         return _read_boxes(result, *rgb.shape[:2])
 
-    def recognize_batch(self, images: Sequence[np.ndarray]) -> list[list[TextBox]]:
-        """`recognize` of each image. On CUDA, same-sized images go through the detector
-        GPU_BATCH_FRAMES at a time (readtext_batched); on the CPU a batch is no faster."""
+    def recognize_batch(
+        self, images: Sequence[np.ndarray], *, batched: bool | None = None
+    ) -> list[list[TextBox]]:
+        """`recognize` of each image. Same-sized images go through the detector
+        GPU_BATCH_FRAMES at a time (readtext_batched) when `batched`; by default on CUDA only,
+        as on the CPU a batch is no faster."""
         rgbs = [as_rgb(image) for image in images]
-        if self.device != "cuda" or len({rgb.shape for rgb in rgbs}) > 1:
+        if batched is None:
+            batched = self.device == "cuda"
+        if not batched or len({rgb.shape for rgb in rgbs}) > 1:
             return [self.recognize(rgb) for rgb in rgbs]
         out: list[list[TextBox]] = []
         for start in range(0, len(rgbs), GPU_BATCH_FRAMES):

@@ -1,0 +1,143 @@
+"""[pixels] device: "cuda" without a GPU fails at start-up, "auto" runs where it can, and on a
+CUDA GPU both engines run there and redact (the GPU tests skip on a machine without one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dicomgen import make_instance
+from textimages import blank_image, draw_text, found_strings, normalise, tesseract_text
+
+from deid_node.config import PixelsConfig, parse_config
+from deid_node.deid.pixels import redact_pixels
+from deid_node.errors import ConfigError
+from deid_node.modes import DeidentifyRedactTextMode
+from deid_node.ocr import cuda_unavailable, get_engine, recognize_frames
+
+PHI = "PIDQX778812"
+
+
+def burned_in(seed: int = 2, at: tuple[int, int] = (10, 30)) -> tuple[np.ndarray, list]:
+    image = np.repeat(blank_image(seed, 240, 320)[:, :, None], 3, axis=2)
+    return image, [draw_text(image, PHI, at, scale=0.8)]
+
+
+@pytest.fixture
+def no_torch_gpu() -> None:
+    reason = cuda_unavailable("easyocr")
+    if reason is None:
+        pytest.skip("a CUDA GPU is present: device = 'cuda' is valid here")
+
+
+@pytest.fixture
+def torch_gpu() -> None:
+    reason = cuda_unavailable("easyocr")
+    if reason is not None:
+        pytest.skip(f"no CUDA GPU: {reason}")
+
+
+@pytest.fixture
+def onnxruntime_gpu() -> None:
+    reason = cuda_unavailable("rapidocr")
+    if reason is not None:
+        pytest.skip(f"RapidOCR cannot use a GPU here: {reason}")
+
+
+def test_unknown_device_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"pixels\.device: 'gpu' is not one of auto, cpu, cuda"):
+        parse_config({"pixels": {"device": "gpu"}})
+
+
+def test_rapidocr_on_cuda_without_a_usable_provider_fails_at_config_load() -> None:
+    if cuda_unavailable("rapidocr") is None:
+        pytest.skip("onnxruntime-gpu runs on a GPU here: device = 'cuda' is valid")
+    with pytest.raises(ConfigError, match=r'pixels\.device = "cuda": ONNX Runtime'):
+        parse_config({"pixels": {"ocr_engine": "rapidocr", "device": "cuda"}})
+    # The engine itself refuses too, for a PixelsConfig built in code.
+    with pytest.raises(ConfigError, match=r'pixels\.device = "cuda"'):
+        get_engine("rapidocr", "cuda")
+
+
+@pytest.mark.easyocr
+def test_easyocr_on_cuda_without_a_gpu_fails_at_config_load(no_torch_gpu) -> None:
+    with pytest.raises(ConfigError, match=r'pixels\.device = "cuda": torch sees no CUDA GPU'):
+        parse_config({"pixels": {"ocr_engine": "easyocr", "device": "cuda"}})
+
+
+@pytest.mark.ocr
+def test_auto_and_cpu_run_rapidocr_where_they_can() -> None:
+    auto = get_engine("rapidocr", "auto")
+    assert auto.device == ("cuda" if cuda_unavailable("rapidocr") is None else "cpu")
+    assert get_engine("rapidocr", "cpu").device == "cpu"
+
+
+@pytest.mark.ocr
+@pytest.mark.slow
+@pytest.mark.easyocr
+def test_easyocr_frames_in_one_call_read_each_frame() -> None:
+    """recognize_frames: on a GPU one batched detector call, on the CPU one call per frame;
+    either way each frame's own text, in its own place."""
+    engine = get_engine("easyocr", "auto")
+    assert engine.device == ("cuda" if cuda_unavailable("easyocr") is None else "cpu")
+    first, planted_first = burned_in(2, (10, 30))
+    second, planted_second = burned_in(3, (120, 200))
+    boxes = recognize_frames(engine, [first, second])
+    assert len(boxes) == 2
+    for frame_boxes, planted in ((boxes[0], planted_first[0]), (boxes[1], planted_second[0])):
+        hits = [b for b in frame_boxes if "778812" in normalise(b.text or "")]
+        assert hits, frame_boxes
+        assert all(abs(b.y - planted.y) < planted.h for b in hits)
+
+
+@pytest.mark.ocr
+@pytest.mark.slow
+@pytest.mark.easyocr
+def test_easyocr_batched_detector_reads_what_single_frames_read() -> None:
+    """The GPU's batched path (readtext_batched), run here on whatever device there is: the
+    same boxes and text as one frame at a time."""
+    engine = get_engine("easyocr", "auto")
+    frames = [burned_in(2, (10, 30))[0], burned_in(3, (120, 200))[0]]
+    batched = engine.recognize_batch(frames, batched=True)
+    single = engine.recognize_batch(frames, batched=False)
+    assert [[(b.x, b.y, b.w, b.h, b.text) for b in f] for f in batched] == [
+        [(b.x, b.y, b.w, b.h, b.text) for b in f] for f in single
+    ]
+    assert all(any("778812" in normalise(b.text or "") for b in f) for f in batched)
+
+
+@pytest.mark.gpu
+@pytest.mark.ocr
+@pytest.mark.easyocr
+def test_easyocr_runs_on_cuda_batched_and_redacts(torch_gpu) -> None:
+    import torch
+
+    engine = get_engine("easyocr", "cuda")
+    assert engine.device == "cuda"
+    assert parse_config({"pixels": {"ocr_engine": "easyocr", "device": "cuda"}}).pixels
+    frames = [burned_in(seed, (10 + 20 * seed, 30 + 15 * seed)) for seed in range(10)]
+    torch.cuda.reset_peak_memory_stats()
+    batched = engine.recognize_batch([image for image, _ in frames])
+    assert torch.cuda.max_memory_allocated() > 0  # the detector really ran on the GPU
+    assert len(batched) == len(frames)
+    for boxes in batched:
+        assert any("778812" in normalise(b.text or "") for b in boxes), boxes
+    image, planted = burned_in()
+    ds = make_instance("US", photometric="RGB", pixel_array=image)
+    config = PixelsConfig(ocr_engine="easyocr", device="cuda")
+    outcome = redact_pixels(ds, DeidentifyRedactTextMode.REDACT_ALL_TEXT, config)
+    assert outcome.changed and outcome.engine == "easyocr"
+    assert found_strings(tesseract_text(ds.pixel_array), planted) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.ocr
+def test_rapidocr_runs_on_onnxruntime_cuda_and_redacts(onnxruntime_gpu) -> None:
+    engine = get_engine("rapidocr", "cuda")
+    assert engine.device == "cuda"
+    image, planted = burned_in()
+    ds = make_instance("US", photometric="RGB", pixel_array=image)
+    config = PixelsConfig(ocr_engine="rapidocr", device="cuda")
+    outcome = redact_pixels(ds, DeidentifyRedactTextMode.REDACT_ALL_TEXT, config)
+    assert outcome.changed and outcome.engine == "rapidocr"
+    assert found_strings(tesseract_text(ds.pixel_array), planted) == []
