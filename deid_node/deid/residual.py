@@ -36,7 +36,12 @@ from importlib import resources
 from typing import Any, overload
 
 from pydicom import Dataset
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import (
+    dictionary_has_tag,
+    dictionary_keyword,
+    dictionary_VR,
+    keyword_for_tag,
+)
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
@@ -103,6 +108,7 @@ TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"}
 )
 BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_SCANNED_VRS = TEXT_VRS | BINARY_VRS
 _NUMBER_VRS = frozenset({"DS", "IS"})
 _CODED_VRS = frozenset({"AS", "CS", "DA", "DS", "DT", "IS", "TM"})
 _DATE_VRS = frozenset({"DA", "DT"})
@@ -191,6 +197,7 @@ class Identifiers(Sequence[str]):
         self.codes: tuple[str, ...] = tuple(codes)
         self.numbers: frozenset[int] = frozenset(numbers)
         self.retained: tuple[str, ...] = tuple(retained)
+        self.evidence: Matcher | None = None  # set by `evidence`, once
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -492,6 +499,8 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
     that a Retain option keeps; a numeric ID equal to a kept number.
     Anything else typed into a kept attribute (an ID, a whole name, a date in a technical field,
     a name word inside a longer defined term) stays evidence."""
+    if isinstance(identifiers, Identifiers) and identifiers.evidence is not None:
+        return identifiers.evidence
     candidates = tuple(
         (str(v), v.kind) if hasattr(v, "kind") else (str(v), _guess(v).kind)
         for v in identifiers
@@ -507,14 +516,18 @@ def evidence(identifiers: Sequence[str]) -> Matcher:
     )
     numbers = getattr(identifiers, "numbers", frozenset())
     if numbers:  # differ from file to file (InstanceNumber): applied after the cache
-        kept = tuple(pair for pair in kept if not _is_kept_number(*pair, numbers))
-    return _matcher(kept)
+        kept = tuple(pair for pair in kept if _id_number(*pair) not in numbers)
+    matcher = _matcher(kept)
+    if isinstance(identifiers, Identifiers):
+        identifiers.evidence = matcher  # de-identification and the scan ask for it in turn
+    return matcher
 
 
-def _is_kept_number(value: str, kind: str, numbers: frozenset[int]) -> bool:
-    """A numeric ID equal to a number the input keeps (an ID 107 and a kept SeriesNumber 107)."""
+@lru_cache(maxsize=1024)
+def _id_number(value: str, kind: str) -> int | None:
+    """A numeric ID as a number (an ID 107 is no leak where SeriesNumber 107 is kept)."""
     compact = "".join(tokenize(fold(value)))
-    return kind == ID and compact.isdigit() and int(compact) in numbers
+    return int(compact) if kind == ID and compact.isdigit() else None
 
 
 # The files of a series share their identifying values (the same patient, study, physicians and
@@ -581,10 +594,9 @@ def residual_scan(ds: Dataset, identifiers: Sequence[str]) -> list[Hit]:
     meta = getattr(ds, "file_meta", None)
     sources = [(ds, "")] + ([(meta, "file_meta.")] if meta is not None else [])
     for source, prefix in sources:
-        for path, elem in _walk(source, prefix):
-            keyword = elem.keyword or ""
+        for path, keyword, elem in _walk(source, prefix):
             vr = elem.VR.split(" or ")[0]
-            if keyword in bulk or vr not in TEXT_VRS | BINARY_VRS:
+            if keyword in bulk or vr not in _SCANNED_VRS:
                 continue
             for text in _texts(elem, pseudonym):
                 kind = matcher.find(text, coded=vr in _CODED_VRS)
@@ -614,16 +626,24 @@ def _bulk_keywords() -> frozenset[str]:
     return frozenset(binary | {"OverlayData", "CurveData", "AudioSampleData"})
 
 
-def _walk(ds: Dataset, prefix: str) -> Iterator[tuple[str, DataElement]]:
+def _walk(ds: Dataset, prefix: str) -> Iterator[tuple[str, str, DataElement]]:
+    """(path, keyword, element) of every element, items of sequences included."""
     for elem in ds:
-        if elem.keyword in _OWN_ELEMENTS:
+        keyword = _keyword(elem.tag)
+        if keyword in _OWN_ELEMENTS:
             continue
-        name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        name = keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
         path = f"{prefix}{name}"
-        yield path, elem
+        yield path, keyword, elem
         if elem.VR == "SQ":
             for index, item in enumerate(elem.value or []):
                 yield from _walk(item, f"{path}[{index}].")
+
+
+@lru_cache(maxsize=4096)
+def _keyword(tag: int) -> str:
+    """DataElement.keyword, looked up once per tag (repeating groups have none, as there)."""
+    return dictionary_keyword(tag) if dictionary_has_tag(tag) else ""
 
 
 def _pseudonym_pattern(prefix: str) -> re.Pattern[str]:

@@ -131,6 +131,7 @@ _POLICY_KEEP = "keep-unlisted"
 # Removal that no IOD requirement turns into a dummy (encrypted attributes, unknown tags).
 _REMOVE = "remove"
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_PATIENT_ID, _PATIENT_NAME = 0x00100020, 0x00100010  # compared by tag: a keyword is a look-up
 
 
 @dataclass
@@ -280,9 +281,9 @@ def _clean_dataset(ds: Dataset, ctx: _Context, parent: str, restricted: bool) ->
                 _remove(ds, tag, ctx)
         elif 0x5000 <= group <= 0x501E or 0x6000 <= group <= 0x601E:
             _remove(ds, tag, ctx)  # curves; overlays as whole groups (see module docstring)
-        elif elem.keyword == "PatientID":
+        elif tag == _PATIENT_ID:
             _replace(elem, ctx.keys.patient_id(str(elem.value or "")), ctx)
-        elif elem.keyword == "PatientName":
+        elif tag == _PATIENT_NAME:
             # An item naming another patient gets that patient's pseudonym (PatientID sorts
             # after PatientName, so the sibling still holds the original here).
             sibling = ds.get("PatientID")
