@@ -274,3 +274,88 @@ def hard_text_image(
         )  # fmt: skip
     )
     return image, planted, header
+
+
+CineKind = str  # "static" | "moving" | "changing"
+
+
+def cine_frames(
+    seed: int,
+    frames: int,
+    kind: CineKind = "static",
+    height: int = 600,
+    width: int = 800,
+    *,
+    blank: bool = False,
+) -> tuple[np.ndarray, list[list[Planted]]]:
+    """An ultrasound-like RGB cine: a sector of anatomy-like texture that moves every frame on
+    a dark, still border, with identifying text in the corners; (frames, planted per frame).
+
+    static: the same strings in every frame (one inside the moving sector). moving: one string
+    slides across the frame, a few pixels per frame. changing: a running clock and a depth label
+    that change between frames, and a name that appears only in the last third of the frames.
+    blank: the same frames with nothing drawn (planted still says where the text would be).
+    """
+    rng = np.random.default_rng(5_000 + seed)
+    pad = 4 * frames + 64
+    side = (height + pad, width + pad)
+    blobs = cv2.resize(rng.uniform(0, 150, (side[0] // 24 + 2, side[1] // 24 + 2)), side[::-1])
+    texture = np.clip(blobs + rng.normal(0, 18, side), 0, 170).astype(np.uint8)
+    still = np.clip(rng.normal(8, 3, (height, width)), 0, 255).astype(np.uint8)
+    sector = np.zeros((height, width), np.uint8)
+    cv2.ellipse(
+        sector, (width // 2, height // 8), (width // 3, height * 3 // 4), 90, -35, 35, 1, -1
+    )
+    inside = sector.astype(bool)
+    names = list(rng.choice(PHI_TEXTS, 4, replace=False))
+    out = np.empty((frames, height, width, 3), np.uint8)
+    planted: list[list[Planted]] = []
+    for index in range(frames):
+        dx, dy = 3 * index, int(12 * np.sin(index / 3)) + 16
+        grey = still.copy()
+        grey[inside] = texture[dy : dy + height, dx : dx + width][inside]
+        image = np.repeat(grey[:, :, None], 3, axis=2)
+        canvas = image
+        if blank:
+            image = image.copy()  # drawn on and thrown away: only the boxes are kept
+        found = [
+            draw_text(image, names[0], (int(0.02 * width), int(0.06 * height)), scale=0.6),
+            draw_text(
+                image,
+                names[1],
+                (int(0.62 * width), int(0.06 * height)),
+                scale=0.5,
+                thickness=1,
+                colour=(255, 255, 0),
+            ),  # fmt: skip
+            draw_text(
+                image,
+                "5.0 MHz",
+                (int(0.82 * width), int(0.5 * height)),
+                scale=0.5,
+                thickness=1,
+                colour=(200, 200, 200),
+                clinical=True,
+            ),  # fmt: skip
+        ]
+        if kind == "static":
+            found.append(draw_text(image, names[2], (int(0.40 * width), int(0.45 * height)),
+                                   scale=0.6))  # fmt: skip
+        elif kind == "moving":
+            x = int(0.05 * width) + (width // 2) * index // max(1, frames - 1)
+            found.append(draw_text(image, names[2], (x, int(0.93 * height)), scale=0.6))
+        elif kind == "changing":
+            clock = f"10:15:{index % 60:02d}"
+            found.append(draw_text(image, clock, (int(0.02 * width), int(0.95 * height)),
+                                   scale=0.6))  # fmt: skip
+            depth = f"DEPTH {16 - index % 9}cm"
+            found.append(draw_text(image, depth, (int(0.82 * width), int(0.6 * height)),
+                                   scale=0.5, thickness=1, clinical=True))  # fmt: skip
+            if index >= frames - frames // 3:
+                found.append(draw_text(image, names[3], (int(0.40 * width), int(0.45 * height)),
+                                       scale=0.6))  # fmt: skip
+        else:
+            raise ValueError(f"unknown cine kind {kind!r}")
+        out[index] = canvas
+        planted.append(found)
+    return out, planted

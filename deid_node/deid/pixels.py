@@ -48,6 +48,7 @@ from deid_node.deid.sensitive import SensitiveTextClassifier
 from deid_node.errors import PixelError
 from deid_node.modes import DeidentifyRedactTextMode
 from deid_node.ocr import OcrEngine, TextBox, get_engine
+from deid_node.ocr.base import recognize_in_frame
 
 # Frames are diffed against the previous one; changed regions smaller than this share of the
 # frame are re-scanned alone, larger ones as a whole frame.
@@ -61,6 +62,16 @@ _LINE_END_PAD = 0.75
 # near-black background (JPEG noise around US text) changes nothing anyone can see.
 _VISIBLE_CHANGE = 24
 _RING = 3
+# Cines (at least this many frames) are read once when their text stands still. A pixel
+# moves when its displayed value spans more than _STILL_TOLERANCE over the frames (lossy
+# compression jitters still pixels by a few levels). Frames whose moving pixels (outside the
+# text found) cover more than _CINE_MAX_MOVING_SHARE differ as wholes (slices, not a loop):
+# each is read. A box found by the check counts as text already found when this share of it
+# lies inside what the first frame's boxes blank.
+_CINE_MIN_FRAMES = 4
+_STILL_TOLERANCE = 12
+_CINE_MAX_MOVING_SHARE = 0.6
+_CINE_SAME_TEXT = 0.5
 
 
 @dataclass(frozen=True)
@@ -155,9 +166,8 @@ def redact_pixels(
     )
     display = DisplayMapper(ds, decoded)
     fill = fill_value(ds, decoded)
-    frame_boxes, scanned, read = _scan_frames(decoded, display, engine, classifier, config)
-    if scanned < count:
-        reasons.append(f"frames_reused={count - scanned}")
+    frame_boxes, read, how = _scan_frames(decoded, display, engine, classifier, config)
+    reasons.extend(how)
     if classifier is not None:
         categories = sorted({b.text for boxes in frame_boxes for b in boxes if b.text})
         reasons.extend(f"sensitive:{c}" for c in categories)
@@ -260,9 +270,133 @@ def _scan_frames(
     engine: OcrEngine,
     classifier: SensitiveTextClassifier | None,
     config: PixelsConfig,
+) -> tuple[list[list[TextBox]], int, list[str]]:
+    """Boxes to blank per frame (text replaced by the sensitive category), frames OCR'd in
+    full, text boxes read (identifying or not), and how the frames were scanned (reasons).
+
+    A cine is read once (_scan_cine); when its check finds text the first frame did not hold,
+    or its frames differ as wholes, every frame is scanned (_scan_every_frame).
+    """
+    count = decoded.frames.shape[0]
+    if count >= _CINE_MIN_FRAMES:
+        once = _scan_cine(decoded, display, engine, classifier, config)
+        if once.boxes is not None:
+            return [once.boxes] * count, once.read, ["cine_text_found_once"]
+        frame_boxes, scanned, read = _scan_every_frame(decoded, display, engine, classifier, config)
+        return frame_boxes, read, [once.why, f"frames_reused={count - scanned}"]
+    frame_boxes, scanned, read = _scan_every_frame(decoded, display, engine, classifier, config)
+    return frame_boxes, read, [f"frames_reused={count - scanned}"] if scanned < count else []
+
+
+@dataclass
+class _CineScan:
+    boxes: list[TextBox] | None  # to blank in every frame; None: scan every frame
+    read: int
+    why: str = ""
+
+
+def _scan_cine(
+    decoded: Decoded,
+    display: DisplayMapper,
+    engine: OcrEngine,
+    classifier: SensitiveTextClassifier | None,
+    config: PixelsConfig,
+) -> _CineScan:
+    """Text of a cine found once: the first frame read in full; then only where pixels move
+    (outside the boxes found), the middle and last frames and a projection that keeps, per
+    moving pixel, the value farthest from the first frame's (text shown in any frame, on a
+    still background, stands out in it) are read. Text there that the first frame's boxes do
+    not cover means the text moves or comes and goes: boxes None, scan every frame."""
+    count = decoded.frames.shape[0]
+    height, width = decoded.frames.shape[1:3]
+    first = display.image(0).copy()
+    low, high = _value_range(display, count)
+    moving = (high.astype(np.int16) - low) > _STILL_TOLERANCE
+    if moving.ndim == 3:
+        moving = moving.any(axis=2)
+    boxes, read = _find(first, engine, classifier, config.max_detect_side)
+    covered = _blank_mask(boxes, height, width, config.margin_px)
+    outside = moving & ~covered
+    if not outside.any():
+        return _CineScan(boxes, read)
+    if outside.mean() > _CINE_MAX_MOVING_SHARE:
+        return _CineScan(None, read, "cine_frames_differ")
+    regions = _moving_regions(outside, boxes, height, width)
+    farthest = np.where(high.astype(np.int16) - first > first.astype(np.int16) - low, high, low)
+    views = [display.image(count // 2), display.image(count - 1), farthest]
+    extra: list[TextBox] = []
+    for view in views:
+        for x0, y0, x1, y1 in regions:
+            crop = view[y0:y1, x0:x1]
+            found, seen = _find(crop, engine, classifier, config.max_detect_side, (height, width))
+            read += seen
+            for box in (b.shifted(x0, y0) for b in found):
+                inside = covered[box.y : box.y + box.h, box.x : box.x + box.w]
+                if inside.size and inside.mean() >= _CINE_SAME_TEXT:
+                    extra.append(box)  # the first frame's text, its box drawn a little wider
+                else:
+                    return _CineScan(None, read, "cine_text_changes")
+    return _CineScan(boxes + extra, read)
+
+
+def _value_range(display: DisplayMapper, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel lowest and highest displayed value over all frames."""
+    low = display.image(0).copy()
+    high = low.copy()
+    for index in range(1, count):
+        image = display.image(index)
+        np.minimum(low, image, out=low)
+        np.maximum(high, image, out=high)
+    return low, high
+
+
+def _blank_mask(boxes: Sequence[TextBox], height: int, width: int, margin: int) -> np.ndarray:
+    """The pixels _blank fills for `boxes` (line ends padded as there)."""
+    mask = np.zeros((height, width), bool)
+    for box in boxes:
+        mx = max(margin, ceil(_LINE_END_PAD * box.h))
+        mask[
+            max(0, box.y - margin) : box.y + box.h + margin,
+            max(0, box.x - mx) : box.x + box.w + mx,
+        ] = True
+    return mask
+
+
+def _moving_regions(
+    outside: np.ndarray, boxes: list[TextBox], height: int, width: int
+) -> list[tuple[int, int, int, int]]:
+    """Rectangles, padded for context, over the moving pixels outside the boxes found; near or
+    overlapping ones merged so a text line is read whole."""
+    grown = cv2.dilate(outside.astype(np.uint8), np.ones((9, 9), np.uint8))
+    count, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+    rects = [
+        _expand_over_boxes((int(x), int(y), int(x + w), int(y + h)), boxes, height, width)
+        for x, y, w, h, _ in stats[1:count]
+    ]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(rects)):
+            for j in range(i + 1, len(rects)):
+                a, b = rects[i], rects[j]
+                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
+                    rects[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    del rects[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return rects
+
+
+def _scan_every_frame(
+    decoded: Decoded,
+    display: DisplayMapper,
+    engine: OcrEngine,
+    classifier: SensitiveTextClassifier | None,
+    config: PixelsConfig,
 ) -> tuple[list[list[TextBox]], int, int]:
-    """Boxes to blank per frame (text replaced by the sensitive category), frames OCR'd, and
-    text boxes read (identifying or not).
+    """Boxes to blank per frame, frames OCR'd, and text boxes read.
 
     A frame equal to the previous one reuses its boxes; a frame that differs only in a region
     (US cine: the sector moves, the overlay stays) is re-scanned only in that region.
@@ -290,7 +424,9 @@ def _scan_frames(
                 )
             else:
                 crop = display.image(index)[y0:y1, x0:x1]
-                found, seen = _find(crop, engine, classifier, config.max_detect_side)
+                found, seen = _find(
+                    crop, engine, classifier, config.max_detect_side, (height, width)
+                )
                 inside = TextBox(x0, y0, x1 - x0, y1 - y0)
                 kept = [b for b in result[-1] if not b.intersects(inside)]
                 boxes = kept + [b.shifted(x0, y0) for b in found]
@@ -305,16 +441,21 @@ def _find(
     engine: OcrEngine,
     classifier: SensitiveTextClassifier | None,
     max_side: int,
+    frame_shape: tuple[int, int] | None = None,
 ) -> tuple[list[TextBox], int]:
     """Boxes to blank in `image` coordinates (with a classifier only the identifying ones,
-    text = category) and the number of text boxes read."""
+    text = category) and the number of text boxes read. frame_shape: `image` is a crop of a
+    frame that large, scaled as the whole frame would be."""
     height, width = image.shape[:2]
+    frame_h, frame_w = frame_shape or (height, width)
     scale = 1.0
-    if max(height, width) > max_side:
-        scale = max_side / max(height, width)
+    if max(frame_h, frame_w) > max_side:
+        scale = max_side / max(frame_h, frame_w)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    text, parts = text_boxes(engine.recognize(image), TEXT_RULES.get(engine.name, _DEFAULT_RULE))
+    shape = (max(1, round(frame_h * scale)), max(1, round(frame_w * scale)))
+    read = recognize_in_frame(engine, image, shape)
+    text, parts = text_boxes(read, TEXT_RULES.get(engine.name, _DEFAULT_RULE))
     if classifier is None:
         boxes = text + parts
     else:

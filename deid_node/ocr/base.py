@@ -40,6 +40,11 @@ class TextBox:
 
 
 class OcrEngine(Protocol):
+    """An OCR engine. One that scales its input to a size of its own (RapidOCR upscales small
+    frames) sets `crop_aware = True` and takes `frame_shape=(height, width)` in detect and
+    recognize: `image` is a crop of a frame that large, scaled as that frame would be, so text
+    in a crop is read as in the whole frame (recognize_in_frame)."""
+
     name: str
 
     def detect(self, image: np.ndarray) -> list[TextBox]:
@@ -49,6 +54,16 @@ class OcrEngine(Protocol):
     def recognize(self, image: np.ndarray) -> list[TextBox]:
         """Text boxes with their text read."""
         ...
+
+
+def recognize_in_frame(
+    engine: OcrEngine, image: np.ndarray, frame_shape: tuple[int, int]
+) -> list[TextBox]:
+    """`engine.recognize` of `image`, a crop of a frame of `frame_shape` where the engine
+    scales crops as their frame (`crop_aware`); other engines see the crop as it is."""
+    if getattr(engine, "crop_aware", False):
+        return engine.recognize(image, frame_shape=frame_shape)  # type: ignore[call-arg]
+    return engine.recognize(image)
 
 
 def box_from_points(points: Iterable[Sequence[float]], height: int, width: int) -> TextBox | None:

@@ -20,6 +20,7 @@ _DETECT_LONG_SIDE_MAX = 2000
 
 class RapidOcrEngine:
     name = "rapidocr"
+    crop_aware = True  # ocr.base.CropAwareEngine
 
     def __init__(self, *, use_cuda: bool = False) -> None:
         from rapidocr_onnxruntime import RapidOCR  # lazy: onnxruntime loads only when OCR runs
@@ -44,19 +45,27 @@ class RapidOcrEngine:
         self.device = "cuda" if providers[:1] == ["CUDAExecutionProvider"] else "cpu"
         self._lock = threading.Lock()
 
-    def detect(self, image: np.ndarray) -> list[TextBox]:
-        return [box for box, _, _ in self._run(image, use_rec=False)]
+    def detect(
+        self, image: np.ndarray, frame_shape: tuple[int, int] | None = None
+    ) -> list[TextBox]:
+        return [box for box, _, _ in self._run(image, frame_shape, use_rec=False)]
 
-    def recognize(self, image: np.ndarray) -> list[TextBox]:
+    def recognize(
+        self, image: np.ndarray, frame_shape: tuple[int, int] | None = None
+    ) -> list[TextBox]:
         return [
             TextBox(box.x, box.y, box.w, box.h, text, score)
-            for box, text, score in self._run(image, use_rec=True)
+            for box, text, score in self._run(image, frame_shape, use_rec=True)
         ]
 
-    def _run(self, image: np.ndarray, *, use_rec: bool) -> list[tuple[TextBox, str, float]]:
+    def _run(
+        self, image: np.ndarray, frame_shape: tuple[int, int] | None, *, use_rec: bool
+    ) -> list[tuple[TextBox, str, float]]:
         rgb = as_rgb(image)
         height, width = rgb.shape[:2]
-        factor = _detect_factor(height, width)
+        # A crop is scaled as its frame would be: text keeps the size the detector was tuned
+        # for, and a small crop is not blown up to a 1200 px short side.
+        factor = _detect_factor(*(frame_shape or (height, width)))
         if factor != 1.0:
             size = (round(width * factor), round(height * factor))
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC)
