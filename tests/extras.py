@@ -26,7 +26,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     missing = [m for m in EASYOCR_MODULES if importlib.util.find_spec(m) is None]
     if not missing:
         return
-    message = f"easyocr extra not installed ({', '.join(missing)}): pip install 'deid-node[easyocr]'"
+    message = (
+        f"easyocr extra not installed ({', '.join(missing)}): pip install 'deid-node[easyocr]'"
+    )
     if os.environ.get("CI", "").strip().lower() in ("true", "1"):
         pytest.fail(f"{message}; under CI=true every extra must be installed", pytrace=False)
     pytest.skip(message)
