@@ -128,6 +128,7 @@ class FileResult:
     deid_path: Path | None = None
     sop_uid_deid: str | None = None
     error: str | None = None
+    ocr_seconds: float | None = None  # DeidOutcome.ocr_seconds
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ class DeidOutcome:
     sop_uid: str
     pixels: dict[str, Any]
     error: str | None = None
+    # Seconds of the pixel stage (decode, OCR, blanking) when OCR read the file: /metrics.
+    ocr_seconds: float | None = None
 
 
 @dataclass
@@ -315,7 +318,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
     """
     from deid_node.deid.jpeg_markers import strip_pixel_data_markers
     from deid_node.deid.pixelcodec import unused_bits_possible
-    from deid_node.deid.pixels import RedactionLimitError, redact_pixels
+    from deid_node.deid.pixels import PixelReviewError, redact_pixels
     from deid_node.deid.tags import deidentify_tags, identifying_values, residual_scan
 
     no_text = settings.deid.redact_pixels_mode is DeidentifyRedactTextMode.REDACT_NO_TEXT
@@ -336,6 +339,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         # Unused high bits may hold an overlay to clear: such pixel data is read, not streamed.
         streamed = _detach_pixel_data(ds) if no_text and not unused_bits_possible(ds) else None
         identifiers = identifying_values(ds, settings.deid)
+        pixels_started = time.perf_counter()
         pixels = redact_pixels(
             ds,
             settings.deid.redact_pixels_mode,
@@ -343,6 +347,7 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
             identifiers,
             reviewed=job.pixels_reviewed,
         )
+        ocr_seconds = _ocr_seconds(pixels, pixels_started)
         if settings.deid.redact_dicom_tags:
             strip_pixel_data_markers(ds)  # text in JPEG COM/APPn segments of the frames
             deidentify_tags(
@@ -375,9 +380,17 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
             sync_dir=False,
             fsync=settings.durable,
         )
-        return DeidOutcome(path, *new, pixels=_pixel_summary(pixels))
-    except RedactionLimitError as exc:
-        return DeidOutcome(None, *uids, pixels=_pixel_summary(exc.outcome), error=str(exc))
+        return DeidOutcome(path, *new, pixels=_pixel_summary(pixels), ocr_seconds=ocr_seconds)
+    except PixelReviewError as exc:
+        # Held for a person to look at: the report keeps frame 0's regions (coordinates only)
+        # so that the console can show the image as it would leave, those regions blanked.
+        return DeidOutcome(
+            None,
+            *uids,
+            pixels={**_pixel_summary(exc.outcome), "review_regions": exc.outcome.regions},
+            error=str(exc),
+            ocr_seconds=_ocr_seconds(exc.outcome, pixels_started),
+        )
     except DeidentificationError as exc:
         return DeidOutcome(None, *uids, pixels={}, error=str(exc))
     except Exception as exc:  # library errors can quote values: keep only the type
@@ -472,6 +485,24 @@ def _element_header(element: _StreamedElement) -> bytes:
     return tag + element.vr.encode() + b"\x00\x00" + struct.pack("<I", element.length)
 
 
+def _ocr_seconds(outcome: Any, started: float) -> float | None:
+    return round(time.perf_counter() - started, 4) if outcome.engine else None
+
+
+# Upper bounds (seconds) the pixel stage's time per file is counted into in a series' summary
+# (`ocr_seconds`): /metrics adds them up over series, one row per series, not per file.
+OCR_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+def seconds_histogram(values: Sequence[float]) -> dict[str, Any]:
+    """{"count", "sum", "buckets": {upper bound: files at or under it}} of `values`."""
+    return {
+        "count": len(values),
+        "sum": round(sum(values), 4),
+        "buckets": {str(b): sum(v <= b for v in values) for b in OCR_SECONDS_BUCKETS},
+    }
+
+
 def _pixel_summary(outcome: Any) -> dict[str, Any]:
     return {
         "mode": str(outcome.mode),
@@ -548,6 +579,9 @@ def run_series(
         "outcome": outcome_name,
         "duration_s": round(time.monotonic() - started, 3),
     }
+    ocr = [r.ocr_seconds for r in results if r.ocr_seconds is not None]
+    if ocr:
+        summary["ocr_seconds"] = seconds_histogram(ocr)
     return SeriesOutcome(results, series_passed, summary)
 
 
@@ -624,7 +658,15 @@ def _file_result(
         pixels=pixels,
         **(extra(evaluation.source) if extra else {}),
     )
-    return FileResult(evaluation.source, report, state, deid_path, sop_deid, error)
+    return FileResult(
+        evaluation.source,
+        report,
+        state,
+        deid_path,
+        sop_deid,
+        error,
+        outcome.ocr_seconds if outcome is not None else None,
+    )
 
 
 def _str_or_none(value: Any) -> str | None:

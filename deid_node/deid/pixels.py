@@ -106,14 +106,22 @@ class PixelOutcome:
     reasons: list[str] = field(default_factory=list)  # categories only, never patient values
     changed_fraction: float = 0.0  # of a frame's pixels visibly changed; max over frames
     unused_bits_cleared: bool = False  # bits above BitsStored were set and are now clear
+    # Frame 0's rectangles (x, y, w, h) as blanking fills them (padded, clipped): shown to the
+    # person reviewing an image held for review (console), coordinates only, never text.
+    regions: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
-class RedactionLimitError(PixelError):
-    """Blanking would change more of a frame than `pixels.max_redacted_fraction` allows."""
+class PixelReviewError(PixelError):
+    """A person must look at the image before it may leave (a review hold): carries what the
+    redaction found, frame 0's regions included, for the console to show."""
 
     def __init__(self, message: str, outcome: PixelOutcome) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+class RedactionLimitError(PixelReviewError):
+    """Blanking would change more of a frame than `pixels.max_redacted_fraction` allows."""
 
 
 def redact_pixels(
@@ -174,14 +182,18 @@ def redact_pixels(
     if reviewed:
         reasons.append("released_after_review")
     elif burned_in and read == 0 and not template_boxes:
-        raise PixelError(
+        raise PixelReviewError(
             "BurnedInAnnotation is YES but OCR read no text and no template matches: "
-            "held for review"
+            "held for review",
+            PixelOutcome(False, count, 0, engine.name, mode.value, reasons),  # no region
         )
 
     total, fraction = _blank(decoded, display, frame_boxes, template_boxes, fill, config.margin_px)
     outcome = PixelOutcome(
         total > 0, count, total, engine.name, mode.value, reasons, round(fraction, 6)
+    )
+    outcome.regions = _frame_regions(
+        frame_boxes[0], template_boxes, config.margin_px, *decoded.frames.shape[1:3]
     )
     if fraction > config.max_redacted_fraction and not reviewed:
         raise RedactionLimitError(
@@ -556,3 +568,24 @@ def _matching_templates(ds: Dataset, templates: Sequence[RegionTemplate]) -> lis
         and (t.rows is None or t.rows == rows)
         and (t.columns is None or t.columns == columns)
     ]
+
+
+# A review shows at most this many regions (a screen of text held for review has fewer).
+_REVIEW_REGIONS_MAX = 500
+
+
+def _frame_regions(
+    boxes: Sequence[TextBox], templates: Sequence[TextBox], margin: int, height: int, width: int
+) -> list[tuple[int, int, int, int]]:
+    """The rectangles (x, y, w, h) _blank fills in one frame: text boxes padded as there,
+    template regions as they are, clipped to the frame."""
+    out = []
+    for box, mx, my in [
+        *((b, max(margin, ceil(_LINE_END_PAD * b.h)), margin) for b in boxes),
+        *((b, 0, 0) for b in templates),
+    ][:_REVIEW_REGIONS_MAX]:
+        x0, y0 = max(0, box.x - mx), max(0, box.y - my)
+        x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
+        if x1 > x0 and y1 > y0:
+            out.append((int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
+    return out
