@@ -15,9 +15,14 @@ from typing import Any
 
 
 def adopt_durably(src: Path, final: Path) -> Path:
-    """fsync an existing file, rename it onto `final` (copy across file systems), fsync folder."""
-    with src.open("rb") as handle:
-        os.fsync(handle.fileno())
+    """Rename an existing file onto `final` (copy across file systems), fsync it and its folder.
+
+    Both fsyncs return before this does, so the caller may acknowledge. The rename comes first:
+    on a journalling file system (ext4, XFS) the file's fsync then commits the rename in the
+    same journal transaction and the folder's fsync finds nothing left to do, one disk flush
+    per received instance instead of two (issue 17). A crash before the caller records the
+    file leaves it in its folder without a row: the spool's start-up moves such files aside.
+    """
     try:
         os.replace(src, final)
     except OSError as exc:
@@ -28,6 +33,12 @@ def adopt_durably(src: Path, final: Path) -> Path:
                 final.with_suffix(".part"), final, lambda dst: shutil.copyfileobj(handle, dst)
             )
         src.unlink()
+        return final  # written, fsynced and its folder fsynced by write_durably
+    fd = os.open(final, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     _fsync_dir(final.parent)
     return final
 

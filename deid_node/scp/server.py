@@ -58,6 +58,13 @@ from deid_node.scp.limits import (
 log = get_logger("deid_node.scp")
 
 RECV_CHUNK = 64 * 1024
+# pynetdicom's DUL thread sleeps 1 ms between polls whenever it had nothing to do; a C-STORE
+# waits for it two or three times (the first PDU, a gap in the stream, the response), about
+# a fifth of a 512 KB instance's round trip. While PDUs flow, and for ACTIVE_SECONDS after,
+# it polls every FAST_POLL_SECONDS; an idle association goes back to pynetdicom's 1 ms.
+FAST_POLL_SECONDS = 0.0002
+IDLE_POLL_SECONDS = 0.001
+ACTIVE_SECONDS = 0.1
 # At stop, an association that sent nothing for this long and awaits no answer is closed.
 STOP_IDLE_SECONDS = 2.0
 # A-ASSOCIATE-RJ source 3 (service provider, presentation): 1 temporary congestion, 2 limit.
@@ -133,12 +140,26 @@ class GuardedSocket(AssociationSocket):
         super().__init__(assoc, client_socket=conn.sock)
         self._conn = conn
         self._unread = bytearray(request)
+        self._active_until = 0.0
+        self._fast = False
 
     @property
     def ready(self) -> bool:
         if self._unread and self.socket is not None:
             return True
-        return bool(super().ready)
+        ready = bool(super().ready)
+        self._pace(ready)
+        return ready
+
+    def _pace(self, active: bool) -> None:
+        """Poll fast while the association is busy, at pynetdicom's pace once it is idle."""
+        now = time.monotonic()
+        if active:
+            self._active_until = now + ACTIVE_SECONDS
+        fast = now < self._active_until
+        if fast != self._fast:
+            self._fast = fast
+            set_poll_delay(self.assoc, FAST_POLL_SECONDS if fast else IDLE_POLL_SECONDS)
 
     def recv(self, nr_bytes: int) -> bytearray:
         data = bytearray(self._unread[:nr_bytes])
@@ -169,6 +190,7 @@ class GuardedSocket(AssociationSocket):
     def send(self, bytestream: bytes) -> None:
         self._conn.guard.message_complete = False  # answered
         super().send(bytestream)
+        self._pace(True)  # the peer's next request follows the answer
 
     def _abort(self, refusal: Refusal) -> None:
         conn = self._conn
@@ -186,6 +208,16 @@ class GuardedSocket(AssociationSocket):
                 self.socket.settimeout(1.0)
                 self.socket.sendall(a_abort(refusal.abort_reason))
         conn.cut(refusal.reason)
+
+
+def set_poll_delay(assoc: Association, seconds: float) -> None:
+    """How long the association's DUL thread sleeps when it had nothing to do.
+
+    pynetdicom internal (3.0: DULServiceProvider._run_loop_delay, read on every loop); the one
+    place that sets it. tests/test_scp_poll.py fails if an upgrade removes it."""
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = seconds  # noqa: SLF001
 
 
 def discard_partial_dataset(assoc: Association) -> None:
