@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="series and delivery states of a node")
     status.add_argument("--config", required=True, type=Path)
+    status.add_argument("--project", help="one project's series and deliveries only")
     status.set_defaults(func=cmd_status)
 
     retry = sub.add_parser(
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("--config", required=True, type=Path)
     retry.add_argument("--series", required=True, help="original SeriesInstanceUID")
+    retry.add_argument("--project", help="in this project only (default: every project)")
     retry.set_defaults(func=cmd_retry)
 
     _add_pull_parsers(sub)
@@ -175,10 +177,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise DeidNodeError(
             f"no database in {config.node.data_dir}: has the node run with this config?"
         )
+    if args.project:
+        config.project(args.project)  # ConfigError naming the known ones
     store = Store(config.node.data_dir, readonly=True)
-    status = store.status()
+    status = store.status(args.project)
     status["pull_jobs"] = [
-        {k: v for k, v in job.items() if k != "study_list"} for job in store.pull_jobs()
+        {k: v for k, v in job.items() if k != "study_list"}
+        for job in store.pull_jobs()
+        if not args.project or job.get("project") == args.project
     ]
     print(json.dumps(status, indent=2))
     return 0
@@ -188,18 +194,26 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from deid_node.store import Store
 
     config = load_config(args.config)
+    if args.project:
+        config.project(args.project)  # ConfigError naming the known ones
     store = Store(config.node.data_dir)
     try:
-        processing = store.retry_processing(args.series)
-        deliveries = store.retry_series(args.series)
+        processing = store.retry_processing(args.series, args.project)
+        deliveries = store.retry_series(args.series, args.project)
     finally:
         store.close()
+    scope = f" in project {args.project}" if args.project else ""
     print(
         f"re-queued {deliveries} failed deliveries, {processing['batches']} failed processing"
-        f" rounds and {processing['instances']} quarantined instances of series {args.series}"
+        f" rounds and {processing['instances']} quarantined instances of series"
+        f" {args.series}{scope}"
     )
     get_logger("deid_node.cli").info(
-        "retry_requested", series_uid=args.series, deliveries=deliveries, **processing
+        "retry_requested",
+        series_uid=args.series,
+        project=args.project,
+        deliveries=deliveries,
+        **processing,
     )
     return 0 if deliveries or processing["batches"] or processing["instances"] else EXIT_ERROR
 
@@ -226,6 +240,9 @@ def _add_pull_parsers(sub: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("--config", required=True, type=Path)
     pull.add_argument("--source", required=True, help="a [[sources]] name")
+    pull.add_argument(
+        "--project", help="the project the studies feed (required with several projects)"
+    )
     what = pull.add_mutually_exclusive_group(required=True)
     what.add_argument("--accession", nargs="+", metavar="A")
     what.add_argument("--study-uid", nargs="+", metavar="UID")
@@ -235,9 +252,7 @@ def _add_pull_parsers(sub: argparse._SubParsersAction) -> None:
     )
     pull.add_argument("--study-date", metavar="YYYYMMDD-YYYYMMDD")
     pull.add_argument("--modality", metavar="CT")
-    pull.add_argument(
-        "--no-wait", action="store_true", help="submit and return (no progress bar)"
-    )
+    pull.add_argument("--no-wait", action="store_true", help="submit and return (no progress bar)")
     pull.add_argument(
         "--dry-run", action="store_true", help="C-FIND only: what would be retrieved, per line"
     )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from deid_node.conditions import SaveDeidentifiedDicomCondition, parse_conditions
 from deid_node.errors import ConditionError, ConfigError
-from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
+from deid_node.modes import DEFAULT_PROJECT, DeidentifyRedactTextMode, SeriesPolicy
 
 PROFILE_OPTIONS = (
     "Retain Safe Private",
@@ -32,9 +32,6 @@ PROFILE_OPTIONS = (
     "Clean Graphics",
 )
 OCR_ENGINES = ("rapidocr", "easyocr")
-# The project every config without [[projects]] has: the top-level sections, the node's AE title,
-# every destination, and the installation secret (data_dir/secret.key).
-DEFAULT_PROJECT = "default"
 _PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 
 
@@ -332,14 +329,17 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
     console = _parse_console(raw.get("console", {}))
-    sources = tuple(_parse_source(entry, index) for index, entry in enumerate(_list(raw, "sources")))
+    sources = tuple(
+        _parse_source(entry, index) for index, entry in enumerate(_list(raw, "sources"))
+    )
     if len({s.name for s in sources}) != len(sources):
         raise ConfigError("sources: names must be unique")
     config = Config(
         node, series, deid, pixels, conditions, destinations, source, console, sources=sources
     )
     projects = tuple(
-        _parse_project(entry, index, raw, config) for index, entry in enumerate(_list(raw, "projects"))
+        _parse_project(entry, index, raw, config)
+        for index, entry in enumerate(_list(raw, "projects"))
     )
     if len({p.name for p in projects}) != len(projects):
         raise ConfigError("projects: names must be unique")

@@ -1,4 +1,5 @@
-"""The pixel redaction modes (Encord's DeidentifyRedactTextMode) and the series policy."""
+"""The pixel redaction modes (Encord's DeidentifyRedactTextMode), the series policy and the name
+of the implicit project."""
 
 from __future__ import annotations
 
@@ -20,3 +21,8 @@ class SeriesPolicy(enum.StrEnum):
 
     def __str__(self) -> str:
         return self.value
+
+
+# The project every config without [[projects]] has: the top-level sections, the node's AE title,
+# every destination, and the installation secret (data_dir/secret.key).
+DEFAULT_PROJECT = "default"

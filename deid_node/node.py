@@ -19,13 +19,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from deid_node.config import Config, DestinationConfig
+from deid_node.config import Config, DestinationConfig, ProjectConfig
 from deid_node.deid.uids import load_or_create_secret
 from deid_node.errors import ConfigError, DestinationUnreachableError
 from deid_node.forward import DestinationLink, Outgoing, backoff_seconds, send_batch
 from deid_node.log import get_logger, safe_error
 from deid_node.modes import SeriesPolicy
 from deid_node.pipeline import PipelineSettings, SourceFile, run_series
+from deid_node.routing import Router
 from deid_node.scp import enable_chunked_receive, start_server
 from deid_node.store import Store
 from deid_node.workers import make_process_pool, pool_is_broken, replace_pool
@@ -36,12 +37,12 @@ log = get_logger("deid_node.node")
 MAX_PROCESSING_ATTEMPTS = 3
 
 
-def pipeline_settings(config: Config, secret: bytes) -> PipelineSettings:
+def pipeline_settings(project: ProjectConfig, secret: bytes) -> PipelineSettings:
     return PipelineSettings(
-        deid=config.deid,
-        pixels=config.pixels,
-        conditions=config.save_conditions,
-        policy=config.series.policy,
+        deid=project.deid,
+        pixels=project.pixels,
+        conditions=project.save_conditions,
+        policy=project.series.policy,
         secret=secret,
     )
 
@@ -56,7 +57,14 @@ class Node:
         self.config = config
         # First thing in data_dir: its lock (DataDirInUseError when another node owns it).
         self.store = Store(config.node.data_dir, exclusive=True)
-        self.settings = pipeline_settings(config, load_or_create_secret(config.node.data_dir))
+        # One pipeline per project, each with its own secret (shared where secret_name says).
+        self.projects = {p.name: p for p in config.all_projects}
+        self.settings = {
+            p.name: pipeline_settings(p, load_or_create_secret(config.node.data_dir, p.secret))
+            for p in config.all_projects
+        }
+        self.router = Router.from_config(config)
+        self._stable = {p.name: p.series.stable_seconds for p in config.all_projects}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server: Any = None
@@ -86,7 +94,7 @@ class Node:
         if self.config.console.enabled:
             self._console = self._start_console()  # ConfigError naming console.port if taken
         try:
-            self._server = start_server(node, self.store)
+            self._server = start_server(node, self.store, router=self.router)
         except OSError as exc:
             self._stop_console()
             raise ConfigError(
@@ -106,6 +114,7 @@ class Node:
             port=self.port,
             data_dir=str(node.data_dir),
             destinations=[d.name for d in self.config.destinations],
+            projects={p.name: list(p.called_ae_titles) for p in self.projects.values()},
             tls=node.tls is not None,
             **recovered,
         )
@@ -201,7 +210,7 @@ class Node:
 
     def _schedule_loop(self) -> None:
         while not self._stop.is_set():
-            self.store.complete_stable_batches(self.config.series.stable_seconds)
+            self.store.complete_stable_batches(self.config.series.stable_seconds, self._stable)
             while self._in_flight.acquire(blocking=False):
                 batch_id = self.store.claim_batch()
                 if batch_id is None:
@@ -212,12 +221,12 @@ class Node:
             self._wake(self._scheduler_wake, self._seconds_until_next_stable())
 
     def _seconds_until_next_stable(self) -> float:
-        """Sleep until the oldest receiving batch becomes stable, at most poll_seconds."""
-        oldest = self.store.oldest_receiving()
+        """Sleep until the next receiving batch becomes stable, at most poll_seconds."""
+        stable_at = self.store.next_stable_at(self.config.series.stable_seconds, self._stable)
         poll = self.config.node.poll_seconds
-        if oldest is None:
+        if stable_at is None:
             return poll
-        return min(poll, max(0.02, oldest + self.config.series.stable_seconds - time.time()))
+        return min(poll, max(0.02, stable_at - time.time()))
 
     def _wake(self, event: threading.Event, timeout: float) -> None:
         """Wait for `event` (work for this loop) or stop or the timeout, then re-arm it."""
@@ -251,7 +260,13 @@ class Node:
     def process_batch(self, batch_id: int) -> str:
         started = time.monotonic()
         batch = self.store.batch(batch_id)
-        if self.settings.policy is SeriesPolicy.ALL:
+        project = self.projects.get(batch["project"])
+        if project is None:
+            # Received for a project since removed from the config: kept, failed, and
+            # processed again by `retry` once the project is back.
+            raise ConfigError(f"project {batch['project']!r} is no longer in the config")
+        settings = self.settings[project.name]
+        if settings.policy is SeriesPolicy.ALL:
             # A new attempt at the instance that held the series back (retry, re-send,
             # release): what the policy withheld because of it goes again, with it.
             joined = self.store.join_withheld(batch_id)
@@ -273,12 +288,13 @@ class Node:
             )
             for row in rows
         ]
-        earlier = self.store.earlier_reports(batch["series_uid"], batch["round"])
+        earlier = self.store.earlier_reports(batch["series_uid"], batch["round"], project.name)
         by_id = {row["id"]: row for row in rows}
 
         def extra(source: SourceFile) -> dict[str, Any]:
             row = by_id[source.key]
             return {
+                "project": project.name,
                 "calling_ae": row["calling_ae"],
                 "received_at": row["received_at"],
                 "round": batch["round"],
@@ -289,7 +305,7 @@ class Node:
 
         outcome = run_series(
             sources,
-            self.settings,
+            settings,
             self.config.node.data_dir / "deid" / str(batch_id),
             executor=self._pool,
             earlier=earlier,
@@ -322,7 +338,7 @@ class Node:
             batch_id,
             results,
             passed=outcome.passed,
-            destinations=list(self._destinations),
+            destinations=list(project.destinations),
             summary=outcome.summary,
         )
         for r in outcome.results:
@@ -332,6 +348,7 @@ class Node:
             event.set()
         log.info(
             "series_processed",
+            project=project.name,
             series_uid=batch["series_uid"],
             batch_id=batch_id,
             round=batch["round"],
@@ -399,7 +416,10 @@ class Node:
             )
         started = time.monotonic()
         bound = log.bind(
-            series_uid=batch["series_uid"], batch_id=batch["id"], destination=dest.name
+            project=batch["project"],
+            series_uid=batch["series_uid"],
+            batch_id=batch["id"],
+            destination=dest.name,
         )
 
         def on_stored(item: Outgoing, url: str, status: int) -> None:

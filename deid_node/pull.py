@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from deid_node.config import Config, SourceConfig
+from deid_node.config import Config, ProjectConfig, SourceConfig
 from deid_node.errors import DeidNodeError
 from deid_node.log import get_logger, safe_error
 from deid_node.store import Store
@@ -206,11 +206,18 @@ class PullWorker:
             self.store.set_pull_job_state(job_id, "failed", f"no source named {job['source']!r}")
             log.error("pull_failed", job_id=job_id, reason="unknown source")
             return
+        project = next((p for p in self.config.all_projects if p.name == job.get("project")), None)
+        if project is None:
+            self.store.set_pull_job_state(
+                job_id, "failed", f"no project named {job.get('project')!r}"
+            )
+            log.error("pull_failed", job_id=job_id, reason="unknown project")
+            return
         if job["state"] == "queued":
             self.store.set_pull_job_state(job_id, "running")
-            log.info("pull_started", job_id=job_id, source=source.name)
+            log.info("pull_started", job_id=job_id, source=source.name, project=project.name)
         self._resolve_lines(job_id, source)
-        self._retrieve_studies(job_id, source)
+        self._retrieve_studies(job_id, source, project)
         if self._cancelled(job_id):
             self.store.set_pull_job_state(job_id, "cancelled")
             log.info("pull_cancelled", job_id=job_id)
@@ -268,7 +275,7 @@ class PullWorker:
 
     # -- C-MOVE ---------------------------------------------------------------------------
 
-    def _retrieve_studies(self, job_id: int, source: SourceConfig) -> None:
+    def _retrieve_studies(self, job_id: int, source: SourceConfig, project: ProjectConfig) -> None:
         """C-MOVE the job's pending studies, at most max_concurrent at once, the next one
         started pause_seconds after the last one ended; a cancel is seen within a second."""
         running: dict[Future, dict[str, Any]] = {}
@@ -279,7 +286,7 @@ class PullWorker:
                 if free > 0 and time.monotonic() >= next_start:
                     for study in self.store.due_pull_studies(job_id, free):
                         self.store.update_pull_study(study["id"], "retrieving")
-                        future = pool.submit(self._retrieve_one, job_id, source, study)
+                        future = pool.submit(self._retrieve_one, job_id, source, study, project)
                         running[future] = study
                 if not running:
                     if not self.store.pull_studies_waiting(job_id):
@@ -303,11 +310,13 @@ class PullWorker:
                             **safe_error(exc),
                         )
 
-    def _retrieve_one(self, job_id: int, source: SourceConfig, study: dict[str, Any]) -> None:
+    def _retrieve_one(
+        self, job_id: int, source: SourceConfig, study: dict[str, Any], project: ProjectConfig
+    ) -> None:
         attempts = study["attempts"] + 1
         started = time.monotonic()
         try:
-            completed, failed = self._move(source, study["study_uid"])
+            completed, failed = self._move(source, study["study_uid"], project)
             expected = study["expected"]
             if failed:
                 raise PullError(f"C-MOVE: {failed} sub-operations failed, {completed} completed")
@@ -355,21 +364,25 @@ class PullWorker:
         else:
             self.store.update_pull_study(study["id"], "failed", attempts=attempts, error=reason)
 
-    def _move(self, source: SourceConfig, study_uid: str) -> tuple[int, int]:
-        """C-MOVE (to the node's own AE title) or C-GET (on this association, the instances
-        handed to the SCP's own store handler): (completed, failed) sub-operations."""
+    def _move(
+        self, source: SourceConfig, study_uid: str, project: ProjectConfig
+    ) -> tuple[int, int]:
+        """C-MOVE (to the project's first called AE title, which the PACS must know: the node
+        receives and routes what comes as any C-STORE) or C-GET (on this association, the
+        instances handed to the SCP's own store handler, for this project only): (completed,
+        failed) sub-operations."""
         ds = Dataset()
         ds.QueryRetrieveLevel = "STUDY"
         ds.StudyInstanceUID = study_uid
         if source.retrieve == "get":
             name = "C-GET"
-            assoc = self._associate_get(source)
+            assoc = self._associate_get(source, project)
             responses = assoc.send_c_get(ds, StudyRootQueryRetrieveInformationModelGet)
         else:
             name = "C-MOVE"
             assoc = self._associate(source, StudyRootQueryRetrieveInformationModelMove)
             responses = assoc.send_c_move(
-                ds, self.config.node.ae_title, StudyRootQueryRetrieveInformationModelMove
+                ds, project.called_ae_titles[0], StudyRootQueryRetrieveInformationModelMove
             )
         completed = failed = 0
         final = None
@@ -390,14 +403,15 @@ class PullWorker:
             raise PullError(f"{name} status 0x{final or 0:04X}")
         return completed, failed
 
-    def _associate_get(self, source: SourceConfig) -> Any:
+    def _associate_get(self, source: SourceConfig, project: ProjectConfig) -> Any:
         """A C-GET association: the Get context, storage contexts with us in the SCP role, and
         the SCP's handlers, so that what arrives takes the same path as a C-STORE to the node."""
         from pynetdicom import build_role
         from pynetdicom.presentation import StoragePresentationContexts
 
+        from deid_node.routing import Router
         from deid_node.scp.ae import store_limits
-        from deid_node.scp.handlers import handlers
+        from deid_node.scp.handlers import Routes, handlers
 
         ae = application_entity(self.config, StudyRootQueryRetrieveInformationModelGet)
         # 128 presentation contexts at most: the Get context and 127 storage classes.
@@ -408,5 +422,9 @@ class PullWorker:
             ae,
             source,
             ext_neg=[build_role(uid, scp_role=True) for uid in storage],
-            evt_handlers=handlers(self.store, store_limits(self.config.node)),
+            evt_handlers=handlers(
+                self.store,
+                store_limits(self.config.node),
+                Routes(Router.from_config(self.config), only=(project.name,)),
+            ),
         )

@@ -85,6 +85,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
             f"--source: no [[sources]] named {args.source!r} in {args.config}"
             f" (known: {', '.join(sources) or 'none'})"
         )
+    projects = config.all_projects
+    if args.project:
+        project = config.project(args.project).name
+    elif len(projects) == 1:
+        project = projects[0].name
+    else:
+        raise DeidNodeError(
+            f"--project: required with several projects ({', '.join(p.name for p in projects)})"
+        )
     queries = queries_from_args(args)
     if args.dry_run:
         from deid_node.pull import dry_run
@@ -101,8 +110,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 0
     store = _open_store(config)
     try:
-        job_id = store.create_pull_job(args.source, queries)
-        log.info("pull_submitted", job_id=job_id, source=args.source, lines=len(queries))
+        job_id = store.create_pull_job(args.source, queries, project)
+        log.info(
+            "pull_submitted", job_id=job_id, source=args.source, project=project, lines=len(queries)
+        )
         print(f"pull job {job_id} submitted ({len(queries)} lines)", file=sys.stderr)
         if args.no_wait:
             print(job_id)

@@ -2,7 +2,7 @@
 """Query the node's per-file reports.
 
     python scripts/query_reports.py --config config/deid-node.toml [--study UID] [--series UID]
-        [--since ISO-8601] [--failed] [--format json|table|csv]
+        [--since ISO-8601] [--failed] [--project NAME] [--format json|table|csv]
 
 --format json prints one JSON array of report objects (Encord's keys plus ours).
 """
@@ -23,6 +23,7 @@ from deid_node.errors import DeidNodeError  # noqa: E402
 from deid_node.store import Store  # noqa: E402
 
 COLUMNS = (
+    "project",
     "url",
     "SeriesInstanceUID",
     "save_condition",
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", help="original SeriesInstanceUID")
     parser.add_argument("--since", help="received at or after this time (ISO-8601, UTC if no zone)")
     parser.add_argument("--failed", action="store_true", help="only files that did not leave")
+    parser.add_argument("--project", help="only this project's files")
     parser.add_argument("--format", choices=["json", "table", "csv"], default="table")
     args = parser.parse_args(argv)
     try:
@@ -51,9 +53,15 @@ def main(argv: list[str] | None = None) -> int:
             raise DeidNodeError(
                 f"no database at {config.db_path}: has the node run with this config?"
             )
+        if args.project:
+            config.project(args.project)  # an error naming the known projects
         store = Store(config.node.data_dir, readonly=True)
         reports = store.reports(
-            study_uid=args.study, series_uid=args.series, since=since, failed=args.failed
+            study_uid=args.study,
+            series_uid=args.series,
+            since=since,
+            failed=args.failed,
+            project=args.project,
         )
     except DeidNodeError as exc:
         print(f"query_reports: error: {exc}", file=sys.stderr)

@@ -405,7 +405,7 @@ def test_a_study_whose_retrieve_itself_crashes_is_retried_then_failed(tmp_path, 
     monkeypatch.setattr(pull, "BACKOFF_INITIAL_SECONDS", 0.0)
 
     class Crashing(pull.PullWorker):
-        def _retrieve_one(self, job_id, source, study):
+        def _retrieve_one(self, job_id, source, study, project):
             raise RuntimeError("planted")
 
     config = parse_config(
@@ -421,7 +421,7 @@ def test_a_study_whose_retrieve_itself_crashes_is_retried_then_failed(tmp_path, 
     line = store.pending_pull_lines(job_id)[0]
     store.record_pull_line(job_id, line["id"], [("1.2.3", 1)])
     worker = Crashing(config, store, pull.threading.Event())
-    worker._retrieve_studies(job_id, config.sources[0])
+    worker._retrieve_studies(job_id, config.sources[0], config.all_projects[0])
     (study,) = store.query(
         "SELECT state, attempts, error FROM pull_studies WHERE job_id = ?", (job_id,)
     )

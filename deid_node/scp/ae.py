@@ -15,7 +15,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from deid_node.config import NodeConfig, TlsConfig
 from deid_node.log import get_logger
-from deid_node.scp.handlers import StoreLimits, handlers
+from deid_node.routing import Router
+from deid_node.scp.handlers import Routes, StoreLimits, handlers
 from deid_node.scp.limits import MB, StreamLimits
 from deid_node.scp.server import NetworkLimits, NodeServer
 from deid_node.store import Store
@@ -23,8 +24,8 @@ from deid_node.store import Store
 log = get_logger("deid_node.scp")
 
 
-def build_ae(node: NodeConfig) -> AE:
-    ae = NodeAE(node.ae_title, PeerPolicy(node))
+def build_ae(node: NodeConfig, router: Router | None = None) -> AE:
+    ae = NodeAE(node.ae_title, PeerPolicy(node), router)
     # Every storage SOP class with every transfer syntax pynetdicom knows: we store bytes as
     # sent, so a compressed syntax costs nothing here.
     for context in AllStoragePresentationContexts:
@@ -66,14 +67,20 @@ def network_limits(node: NodeConfig) -> NetworkLimits:
     )
 
 
-def start_server(node: NodeConfig, store: Store, limits: StoreLimits | None = None) -> NodeServer:
+def start_server(
+    node: NodeConfig,
+    store: Store,
+    limits: StoreLimits | None = None,
+    router: Router | None = None,
+) -> NodeServer:
     """Listen on node.host:port (OSError if it cannot) and serve in a background thread;
-    `server.stop(grace)` ends it. `limits` overrides the handlers' limits (tests)."""
-    ae = build_ae(node)
+    `server.stop(grace)` ends it. `limits` overrides the handlers' limits (tests). `router`:
+    the projects (none: the node's AE title only, everything to the default project)."""
+    ae = build_ae(node, router)
     server = ae.make_server(
         (node.host, node.port),
         ssl_context=server_ssl_context(node.tls) if node.tls else None,
-        evt_handlers=handlers(store, limits or store_limits(node)),
+        evt_handlers=handlers(store, limits or store_limits(node), Routes(router)),
         server_class=NodeServer,
         limits=network_limits(node),
     )
@@ -123,35 +130,81 @@ class PeerPolicy:
 
 
 class NodeAE(AE):
-    """pynetdicom's AE, with the calling-AE check extended to the peer's source address.
+    """pynetdicom's AE, with the calling-AE check extended to the peer's source address and to
+    the projects, and the called-AE check to every project's AE titles.
 
     pynetdicom rejects an association (A-ASSOCIATE-RJ, "calling AE title not recognised")
-    when the calling AE is not in `require_calling_aet`. It reads that list in the association's
-    own thread during negotiation, so we answer per association: the calling AE itself when
-    the policy allows it from this address, or a title no peer can have.
+    when the calling AE is not in `require_calling_aet`, and ("called AE title not recognised")
+    when the called AE differs from the acceptor's title while `require_called_aet` is set. It
+    reads both in the association's own thread during negotiation, so we answer per
+    association: the calling AE itself when the policy and a project allow it (else a title no
+    peer can have); and the acceptor takes the called title when a project answers to it.
     """
 
     _REFUSED = ["\\"]  # a backslash is not allowed in an AE title: matches nobody
 
-    def __init__(self, ae_title: str, policy: PeerPolicy) -> None:
+    def __init__(self, ae_title: str, policy: PeerPolicy, router: Router | None = None) -> None:
         super().__init__(ae_title=ae_title)
         self.policy = policy
+        self.router = router
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
-        assoc = threading.current_thread()
-        if not isinstance(assoc, Association) or assoc.requestor.primitive is None:
+        assoc = _negotiating()
+        if assoc is None:
             return []
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        primitive = assoc.requestor.primitive
+        calling = str(primitive.calling_ae_title).strip()
+        called = str(primitive.called_ae_title).strip()
         address = str(assoc.requestor.address)
-        if self.policy.allows(calling, address):
+        if not self.policy.allows(calling, address):
+            reason = "not allowed"
+        elif (
+            self.router is not None
+            and self.router.knows_called(called)
+            and not self.router.accepts(called, calling)
+        ):
+            reason = "no project takes this calling AE title"
+        else:
             return [calling]
-        log.warning("association_refused", calling_ae=calling, peer=address, reason="not allowed")
+        log.warning("association_refused", calling_ae=calling, peer=address, reason=reason)
         return self._REFUSED
 
     @require_calling_aet.setter
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         self._require_calling_aet = list(ae_titles)
+
+    @property  # type: ignore[override]
+    def require_called_aet(self) -> bool:
+        assoc = _negotiating()
+        if assoc is None or self.router is None:
+            return self._require_called_aet
+        called = str(assoc.requestor.primitive.called_ae_title).strip()
+        if self.router.knows_called(called):
+            # Answered as that title: the handlers read it from the acceptor to route.
+            assoc.acceptor.ae_title = called
+        else:
+            log.warning(
+                "association_refused",
+                called_ae=called,
+                peer=str(assoc.requestor.address),
+                reason="no project answers to this called AE title",
+            )
+            # Any title but the called one: pynetdicom rejects, "called AE not recognised".
+            assoc.acceptor.ae_title = "DEID-NODE-NONE" if called != "DEID-NODE-NONE" else "NONE"
+        return True
+
+    @require_called_aet.setter
+    def require_called_aet(self, require_match: bool) -> None:
+        self._require_called_aet = require_match
+
+
+def _negotiating() -> Association | None:
+    """The association negotiating in this thread, as an acceptor with its request read."""
+    assoc = threading.current_thread()
+    if not isinstance(assoc, Association) or assoc.requestor.primitive is None:
+        return None
+    return assoc
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

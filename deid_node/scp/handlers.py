@@ -19,7 +19,9 @@ from pydicom import dcmread
 from pynetdicom import evt
 
 from deid_node.log import get_logger
+from deid_node.modes import DEFAULT_PROJECT
 from deid_node.pipeline import UID_PATTERN
+from deid_node.routing import Router
 from deid_node.scp.limits import PIXEL_TAGS, pixel_size_problem
 from deid_node.store import Receipt, Store
 
@@ -45,16 +47,43 @@ class StoreLimits:
     max_decoded_bytes: int = 0  # 0: no limit
 
 
+@dataclass(frozen=True)
+class Routes:
+    """Where received instances go: the router's projects by the association's AE titles and
+    their match rules; `only`: the projects of the pull job whose C-GET this is. No router:
+    everything to the implicit default project."""
+
+    router: Router | None = None
+    only: tuple[str, ...] | None = None
+
+    def tags(self) -> list[Any]:
+        return self.router.match_tags() if self.router else []
+
+    def projects(self, event: evt.Event, header: Any, calling_ae: str) -> list[str]:
+        if self.router is None:
+            return [DEFAULT_PROJECT]
+        return self.router.route(
+            header,
+            called_ae=ae_title_text(event.assoc.acceptor.ae_title),
+            calling_ae=calling_ae,
+            only=self.only,
+        )
+
+
 def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def make_store_handler(store: Store, limits: StoreLimits) -> Callable[[evt.Event], int]:
+def make_store_handler(
+    store: Store, limits: StoreLimits, routes: Routes | None = None
+) -> Callable[[evt.Event], int]:
+    routes = routes or Routes()
+
     def handle_store(event: evt.Event) -> int:
         calling_ae = _calling_ae(event)
         bound = log.bind(calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID))
         try:
-            return _store_instance(event, store, limits, calling_ae, bound)
+            return _store_instance(event, store, limits, routes, calling_ae, bound)
         except (OSError, sqlite3.OperationalError) as exc:
             bound.error(
                 "store_failed", reason="disk or database error", error_type=type(exc).__name__
@@ -82,6 +111,7 @@ def _store_instance(
     event: evt.Event,
     store: Store,
     limits: StoreLimits,
+    routes: Routes,
     calling_ae: str,
     bound: Any,
 ) -> int:
@@ -96,7 +126,7 @@ def _store_instance(
         )
         return CANNOT_UNDERSTAND
     try:
-        return _accept_file(event, store, limits, calling_ae, bound, received)
+        return _accept_file(event, store, limits, routes, calling_ae, bound, received)
     finally:
         received.unlink(missing_ok=True)  # moved into the spool or quarantine, or refused
 
@@ -105,6 +135,7 @@ def _accept_file(
     event: evt.Event,
     store: Store,
     limits: StoreLimits,
+    routes: Routes,
     calling_ae: str,
     bound: Any,
     received: Path,
@@ -133,7 +164,11 @@ def _accept_file(
         )
     try:
         # Pixel Data and other large values are skipped (deferred), not read.
-        header = dcmread(received, defer_size=_DEFER_BYTES, specific_tags=_HEADER_TAGS + PIXEL_TAGS)
+        header = dcmread(
+            received,
+            defer_size=_DEFER_BYTES,
+            specific_tags=_HEADER_TAGS + PIXEL_TAGS + routes.tags(),
+        )
         uids = {tag: str(header.get(tag, "") or "") for tag in _HEADER_TAGS}
         syntax = str(header.file_meta.TransferSyntaxUID)
     except Exception as exc:
@@ -156,6 +191,7 @@ def _accept_file(
             str(request.AffectedSOPInstanceUID)
         )
         return refuse(problem.status, problem.reason, keep=keep, **problem.fields)
+    projects = routes.projects(event, header, calling_ae)
     digest = file_sha256(received)
     path = store.spool_adopt(received)
     receipt = Receipt(
@@ -169,7 +205,9 @@ def _accept_file(
         sha256=digest,
     )
     try:
-        stored = store.record_instance(receipt, path, size, association=event.assoc)
+        stored = store.record_instance(
+            receipt, path, size, association=event.assoc, projects=projects
+        )
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -178,7 +216,10 @@ def _accept_file(
         series_uid=receipt.series_uid,
         batch_id=stored.batch_id,
         duplicate=stored.duplicate,
+        projects=projects,
     )
+    if not projects:
+        bound.info("instance_unrouted", series_uid=receipt.series_uid)
     return SUCCESS
 
 
@@ -228,13 +269,15 @@ def make_close_handler(store: Store) -> Callable[[evt.Event], None]:
     return handle_close
 
 
-def handlers(store: Store, limits: StoreLimits) -> list[tuple[Any, Callable[..., Any]]]:
+def handlers(
+    store: Store, limits: StoreLimits, routes: Routes | None = None
+) -> list[tuple[Any, Callable[..., Any]]]:
     on_close = make_close_handler(store)
     return [
         (evt.EVT_RELEASED, on_close),
         (evt.EVT_ABORTED, on_close),
         (evt.EVT_CONN_CLOSE, on_close),
-        (evt.EVT_C_STORE, make_store_handler(store, limits)),
+        (evt.EVT_C_STORE, make_store_handler(store, limits, routes)),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_ACCEPTED, handle_association_event),
         (evt.EVT_REJECTED, handle_association_event),

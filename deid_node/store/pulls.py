@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from deid_node.modes import DEFAULT_PROJECT
 from deid_node.store.base import StoreBase
 from deid_node.store.schema import utcnow
 
@@ -17,13 +18,15 @@ PULL_JOB_FINAL = ("done", "failed", "cancelled")
 
 
 class PullQueries(StoreBase):
-    def create_pull_job(self, source: str, queries: list[dict[str, str]]) -> int:
+    def create_pull_job(
+        self, source: str, queries: list[dict[str, str]], project: str = DEFAULT_PROJECT
+    ) -> int:
         now = utcnow()
         with self.transaction() as conn:
             job_id = conn.execute(
-                "INSERT INTO pull_jobs (source, state, cancel_requested, created_at, updated_at)"
-                " VALUES (?, 'queued', 0, ?, ?)",
-                (source, now, now),
+                "INSERT INTO pull_jobs (source, project, state, cancel_requested, created_at,"
+                " updated_at) VALUES (?, ?, 'queued', 0, ?, ?)",
+                (source, project, now, now),
             ).lastrowid
             conn.executemany(
                 "INSERT INTO pull_lines (job_id, line_no, query, state) VALUES (?, ?, ?, 'pending')",
@@ -43,7 +46,7 @@ class PullQueries(StoreBase):
 
     def open_pull_jobs(self) -> list[dict[str, Any]]:
         return self.query(
-            "SELECT id, source, state, cancel_requested FROM pull_jobs"
+            "SELECT id, source, project, state, cancel_requested FROM pull_jobs"
             " WHERE state IN ('queued', 'running') ORDER BY id"
         )
 
@@ -148,7 +151,7 @@ class PullQueries(StoreBase):
         """Jobs with counts and study UIDs; no input value."""
         where, params = ("WHERE id = ?", (job_id,)) if job_id is not None else ("", ())
         jobs = self.query(
-            "SELECT id, source, state, cancel_requested, created_at, finished_at, error"
+            "SELECT id, source, project, state, cancel_requested, created_at, finished_at, error"
             f" FROM pull_jobs {where} ORDER BY id",
             params,
         )
@@ -174,7 +177,8 @@ class PullQueries(StoreBase):
             job["series_forwarded"] = self.query(
                 "SELECT COUNT(DISTINCT b.series_uid) AS n FROM batches b"
                 " JOIN series s ON s.series_uid = b.series_uid WHERE b.state = 'forwarded'"
-                " AND s.study_uid IN (SELECT study_uid FROM pull_studies WHERE job_id = ?)",
+                " AND b.project IS (SELECT project FROM pull_jobs WHERE id = ?1)"
+                " AND s.study_uid IN (SELECT study_uid FROM pull_studies WHERE job_id = ?1)",
                 (job["id"],),
             )[0]["n"]
             job["study_list"] = studies

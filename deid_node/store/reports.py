@@ -17,8 +17,14 @@ class ReportQueries(StoreBase):
         series_uid: str | None = None,
         since: str | None = None,
         failed: bool = False,
+        project: str | None = None,
     ) -> list[dict[str, Any]]:
+        """Every file's report, oldest first. `project`: that project's rows only (refused
+        and unrouted instances belong to none)."""
         where, params = ["i.report IS NOT NULL"], []
+        if project:
+            where.append("i.project = ?")
+            params.append(project)
         if study_uid:
             where.append("i.study_uid = ?")
             params.append(study_uid)
@@ -44,7 +50,7 @@ class ReportQueries(StoreBase):
             if report.get("quarantine"):  # where it is now, wherever data_dir moved
                 report["quarantine"] = str(self.absolute(report["quarantine"]))
             out.append(report)
-        if not (study_uid or series_uid):
+        if not (study_uid or series_uid or project):
             out += self._refused_reports(since)
         return out
 
@@ -75,17 +81,43 @@ class ReportQueries(StoreBase):
                 else None,
                 series_state="refused",
             )
+            | {"project": None}  # refused before any project took it
             for r in rows
         ]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, project: str | None = None) -> dict[str, Any]:
+        """Counts of batches by state, deliveries by destination and state, instances; and per
+        project ("unrouted": instances no project took). `project`: that project's only."""
+        scope, params = ("WHERE project = ?", (project,)) if project else ("", ())
         batches = {
             r["state"]: r["n"]
-            for r in self.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state")
+            for r in self.query(
+                f"SELECT state, COUNT(*) AS n FROM batches {scope} GROUP BY state", params
+            )
         }
         deliveries = self.query(
             "SELECT destination, state, COUNT(*) AS n, MAX(last_error) AS last_error FROM deliveries"
-            " GROUP BY destination, state"
+            f" WHERE batch_id IN (SELECT id FROM batches {scope}) GROUP BY destination, state",
+            params,
         )
-        instances = self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]
-        return {"batches": batches, "deliveries": deliveries, "instances": instances}
+        instances = self.query(f"SELECT COUNT(*) AS n FROM instances {scope}", params)[0]["n"]
+        status: dict[str, Any] = {
+            "batches": batches,
+            "deliveries": deliveries,
+            "instances": instances,
+        }
+        if project:
+            status["project"] = project
+        else:
+            per_project: dict[str, dict[str, Any]] = {}
+            for r in self.query(
+                "SELECT project, state, COUNT(*) AS n FROM batches GROUP BY project, state"
+            ):
+                name = r["project"] or "unrouted"
+                per_project.setdefault(name, {"batches": {}})["batches"][r["state"]] = r["n"]
+            for r in self.query("SELECT project, COUNT(*) AS n FROM instances GROUP BY project"):
+                per_project.setdefault(r["project"] or "unrouted", {"batches": {}})["instances"] = (
+                    r["n"]
+                )
+            status["projects"] = per_project
+        return status

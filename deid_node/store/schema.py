@@ -267,11 +267,12 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     (project, SeriesInstanceUID), and a pull job feeds one project. Rows from before belong to
     the implicit project "default"; an instance no project took (unrouted) has none (NULL)."""
     for table in ("batches", "instances", "pull_jobs"):
-        db[table].add_column("project", str)
-        db.execute(f"UPDATE {table} SET project = 'default'")  # noqa: S608 - fixed names
+        if "project" not in db[table].columns_dict:
+            db[table].add_column("project", str)
+            db.execute(f"UPDATE {table} SET project = 'default'")  # noqa: S608 - fixed names
     db.execute("DROP INDEX IF EXISTS idx_batches_series_uid_round")
-    db["batches"].create_index(["project", "series_uid", "round"], unique=True)
-    db["instances"].create_index(["project", "series_uid", "sop_uid"])
+    db["batches"].create_index(["project", "series_uid", "round"], unique=True, if_not_exists=True)
+    db["instances"].create_index(["project", "series_uid", "sop_uid"], if_not_exists=True)
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [

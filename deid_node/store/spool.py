@@ -26,6 +26,15 @@ class SpoolFiles(StoreBase):
         name = uuid.uuid4().hex
         return adopt_durably(received, self.data_dir / "spool" / name[:2] / f"{name}.dcm")
 
+    def spool_link(self, original: Path) -> Path:
+        """Another name in the spool for an adopted original (one per project that takes it:
+        each row owns a name it may delete), durable: hard link, then fsync its folder."""
+        name = uuid.uuid4().hex
+        path = self.data_dir / "spool" / name[:2] / f"{name}.dcm"
+        os.link(original, path)
+        fsync_dirs([path.parent])
+        return path
+
     def remove_stale_tmp(self, older_than_seconds: float) -> int:
         """Delete partial receipts in tmp/ (never acknowledged: an association that aborted
         mid-dataset, or a crash mid-receive). They hold patient data and nothing refers to them."""

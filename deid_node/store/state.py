@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deid_node.modes import DEFAULT_PROJECT
+from deid_node.report import build_report
 from deid_node.store.pulls import PullQueries
 from deid_node.store.quarantine import QuarantineFiles
 from deid_node.store.reports import ReportQueries
@@ -40,7 +42,8 @@ _UNSENT = (
 # A newer copy of instance i's SOP Instance (a retry, re-send or release), in batch nb.
 _NEWER_COPY = (
     "SELECT 1 FROM instances n JOIN batches nb ON nb.id = n.batch_id"
-    " WHERE n.series_uid = i.series_uid AND n.sop_uid = i.sop_uid AND n.id > i.id"
+    " WHERE n.series_uid = i.series_uid AND n.project IS i.project AND n.sop_uid = i.sop_uid"
+    " AND n.id > i.id"
 )
 
 
@@ -84,8 +87,12 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         size: int,
         *,
         association: Hashable | None = None,
+        projects: Sequence[str] = (DEFAULT_PROJECT,),
     ) -> StoredInstance:
-        """Commit the row of a received instance into its series' open batch.
+        """Commit the rows of a received instance, one per project that takes it, into each
+        project's open batch of its series, in one transaction (acknowledged for all or none).
+        Each project's row owns a name of its own for the original (hard links). No project
+        (unrouted): acknowledged and kept, reported with project null, never processed.
 
         A SOPInstanceUID already in the open batch is replaced (the modality re-sent it);
         the earlier spool file is deleted after the commit. The same bytes re-sent after their
@@ -93,84 +100,133 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         forwarded twice, unless that copy was quarantined: then it is a new attempt (the cause
         was fixed), processed in the next round. Different bytes under a known SOPInstanceUID
         start a late round. association: the open association that delivered it; its batch is
-        not complete before `association_closed`.
+        not complete before `association_closed`. Returns the first project's row.
         """
-        now = time.time()
-        stamp = utcnow()
-        old_path: str | None = None
-        with self.transaction() as conn:
-            if receipt.sha256:
-                seen = conn.execute(
-                    "SELECT i.id, i.batch_id, b.round FROM instances i JOIN batches b ON b.id = i.batch_id"
-                    " WHERE i.series_uid = ? AND i.sop_uid = ? AND i.sha256 = ?"
-                    " AND b.state NOT IN ('receiving', 'failed') AND i.state != 'quarantined'",
-                    (receipt.series_uid, receipt.sop_uid, receipt.sha256),
-                ).fetchone()
-                if seen is not None:
-                    spool_path.unlink(missing_ok=True)
-                    return StoredInstance(seen[0], seen[1], seen[2], duplicate=True)
+        now, stamp = time.time(), utcnow()
+        targets: list[str | None] = list(dict.fromkeys(projects)) or [None]
+        paths = [spool_path]
+        try:
+            paths += [self.spool_link(spool_path) for _ in targets[1:]]
+            with self.transaction() as conn:
+                outcomes = [
+                    self._record_one(conn, receipt, project, path, size, now, stamp)
+                    for project, path in zip(targets, paths, strict=True)
+                ]
+                if association is not None:
+                    held = self._held.setdefault(association, set())
+                    held.update(
+                        stored.batch_id
+                        for (stored, drop, _), project in zip(outcomes, targets, strict=True)
+                        if project is not None and not drop
+                    )
+        except BaseException:
+            for path in paths[1:]:
+                path.unlink(missing_ok=True)
+            raise
+        for path, (_, drop, old_path) in zip(paths, outcomes, strict=True):
+            if drop:
+                path.unlink(missing_ok=True)
+            elif old_path and old_path != self.relative(path):
+                self.absolute(old_path).unlink(missing_ok=True)
+        return outcomes[0][0]
+
+    def _record_one(
+        self,
+        conn: sqlite3.Connection,
+        receipt: Receipt,
+        project: str | None,
+        spool_path: Path,
+        size: int,
+        now: float,
+        stamp: str,
+    ) -> tuple[StoredInstance, bool, str | None]:
+        """One project's row: (the row, drop the file as a known copy, an earlier file to
+        delete after the commit)."""
+        if receipt.sha256:
+            seen = conn.execute(
+                "SELECT i.id, i.batch_id, b.round FROM instances i JOIN batches b ON b.id = i.batch_id"
+                " WHERE i.series_uid = ? AND i.sop_uid = ? AND i.sha256 = ? AND i.project IS ?"
+                " AND b.state NOT IN ('receiving', 'failed') AND i.state != 'quarantined'",
+                (receipt.series_uid, receipt.sop_uid, receipt.sha256, project),
+            ).fetchone()
+            if seen is not None:
+                return StoredInstance(seen[0], seen[1], seen[2], duplicate=True), True, None
+        conn.execute(
+            "INSERT OR IGNORE INTO series (series_uid, study_uid, created_at) VALUES (?, ?, ?)",
+            (receipt.series_uid, receipt.study_uid, stamp),
+        )
+        # Unrouted instances of a series wait in one batch of no project, final from the start
+        # (rejected): kept for retention_hours from the last one, never processed.
+        row = conn.execute(
+            "SELECT id, round FROM batches WHERE series_uid = ? AND project IS ? AND state = ?",
+            (receipt.series_uid, project, "receiving" if project is not None else "rejected"),
+        ).fetchone()
+        if row is None:
+            last = conn.execute(
+                "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ? AND project IS ?",
+                (receipt.series_uid, project),
+            ).fetchone()[0]
+            cursor = conn.execute(
+                "INSERT INTO batches (project, series_uid, round, state, calling_ae, created_at,"
+                " last_received_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    project,
+                    receipt.series_uid,
+                    last + 1,
+                    "receiving" if project is not None else "rejected",
+                    receipt.calling_ae,
+                    stamp,
+                    now,
+                ),
+            )
+            batch_id, round_ = cursor.lastrowid, last + 1
+        else:
+            batch_id, round_ = row
+        conn.execute("UPDATE batches SET last_received_at = ? WHERE id = ?", (now, batch_id))
+        existing = conn.execute(
+            "SELECT id, spool_path FROM instances WHERE batch_id = ? AND sop_uid = ?",
+            (batch_id, receipt.sop_uid),
+        ).fetchone()
+        url = f"dicom://{receipt.calling_ae}/{receipt.sop_uid}"
+        fields = (
+            receipt.series_uid,
+            receipt.study_uid,
+            receipt.sop_class_uid,
+            receipt.transfer_syntax,
+            receipt.calling_ae,
+            receipt.peer,
+            url,
+            self.relative(spool_path),
+            size,
+            stamp,
+            receipt.sha256,
+            "received" if project is not None else "unrouted",
+            None if project is not None else json.dumps(_unrouted_report(receipt, url, stamp)),
+        )
+        old_path = None
+        if existing:
+            instance_id, old_path = existing
             conn.execute(
-                "INSERT OR IGNORE INTO series (series_uid, study_uid, created_at) VALUES (?, ?, ?)",
-                (receipt.series_uid, receipt.study_uid, stamp),
+                "UPDATE instances SET series_uid=?, study_uid=?, sop_class_uid=?, transfer_syntax=?,"
+                " calling_ae=?, peer=?, url=?, spool_path=?, size=?, received_at=?, sha256=?,"
+                " state=?, report=? WHERE id=?",
+                (*fields, instance_id),
             )
-            row = conn.execute(
-                "SELECT id, round FROM batches WHERE series_uid = ? AND state = 'receiving'",
-                (receipt.series_uid,),
-            ).fetchone()
-            if row is None:
-                last = conn.execute(
-                    "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?",
-                    (receipt.series_uid,),
-                ).fetchone()[0]
-                cursor = conn.execute(
-                    "INSERT INTO batches (series_uid, round, state, calling_ae, created_at, last_received_at)"
-                    " VALUES (?, ?, 'receiving', ?, ?, ?)",
-                    (receipt.series_uid, last + 1, receipt.calling_ae, stamp, now),
-                )
-                batch_id, round_ = cursor.lastrowid, last + 1
-            else:
-                batch_id, round_ = row
-                conn.execute(
-                    "UPDATE batches SET last_received_at = ? WHERE id = ?", (now, batch_id)
-                )
-            existing = conn.execute(
-                "SELECT id, spool_path FROM instances WHERE batch_id = ? AND sop_uid = ?",
-                (batch_id, receipt.sop_uid),
-            ).fetchone()
-            fields = (
-                receipt.series_uid,
-                receipt.study_uid,
-                receipt.sop_class_uid,
-                receipt.transfer_syntax,
-                receipt.calling_ae,
-                receipt.peer,
-                f"dicom://{receipt.calling_ae}/{receipt.sop_uid}",
-                self.relative(spool_path),
-                size,
-                stamp,
-                receipt.sha256,
+        else:
+            cursor = conn.execute(
+                "INSERT INTO instances (series_uid, study_uid, sop_class_uid, transfer_syntax,"
+                " calling_ae, peer, url, spool_path, size, received_at, sha256, state, report,"
+                " batch_id, sop_uid, project) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*fields, batch_id, receipt.sop_uid, project),
             )
-            if existing:
-                instance_id, old_path = existing
-                conn.execute(
-                    "UPDATE instances SET series_uid=?, study_uid=?, sop_class_uid=?, transfer_syntax=?,"
-                    " calling_ae=?, peer=?, url=?, spool_path=?, size=?, received_at=?, sha256=?"
-                    " WHERE id=?",
-                    (*fields, instance_id),
-                )
-            else:
-                cursor = conn.execute(
-                    "INSERT INTO instances (series_uid, study_uid, sop_class_uid, transfer_syntax,"
-                    " calling_ae, peer, url, spool_path, size, received_at, sha256, batch_id, sop_uid,"
-                    " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
-                    (*fields, batch_id, receipt.sop_uid),
-                )
-                instance_id = cursor.lastrowid
-            if association is not None:
-                self._held.setdefault(association, set()).add(batch_id)
-        if old_path and old_path != self.relative(spool_path):
-            self.absolute(old_path).unlink(missing_ok=True)
-        return StoredInstance(instance_id, batch_id, round_, duplicate=existing is not None)
+            instance_id = cursor.lastrowid
+        if project is None:
+            conn.execute(
+                "UPDATE batches SET passed = 0, finished_at = ?, summary = ? WHERE id = ?",
+                (stamp, json.dumps({"outcome": "unrouted"}), batch_id),
+            )
+        stored = StoredInstance(instance_id, batch_id, round_, duplicate=existing is not None)
+        return stored, False, old_path
 
     # -- series state ---------------------------------------------------------------------
 
@@ -199,19 +255,22 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 self.association_closed(association)
             return set().union(*self._held.values()) if self._held else set()
 
-    def complete_stable_batches(self, stable_seconds: float) -> list[int]:
-        """Move batches with no instance for `stable_seconds`, and no open association that
-        delivered to them, from receiving to complete."""
-        cutoff = time.time() - stable_seconds
+    def complete_stable_batches(
+        self, stable_seconds: float, per_project: Mapping[str, float] | None = None
+    ) -> list[int]:
+        """Move batches with no instance for their project's stable seconds (`per_project`,
+        else `stable_seconds`), and no open association that delivered to them, from receiving
+        to complete."""
+        now = time.time()
         held = self._held_batches()
+        per_project = per_project or {}
         with self.transaction() as conn:
             ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM batches WHERE state = 'receiving' AND last_received_at <= ?",
-                    (cutoff,),
+                batch_id
+                for batch_id, project, last in conn.execute(
+                    "SELECT id, project, last_received_at FROM batches WHERE state = 'receiving'"
                 )
-                if r[0] not in held
+                if batch_id not in held and last <= now - per_project.get(project, stable_seconds)
             ]
             for batch_id in ids:
                 conn.execute(
@@ -223,10 +282,27 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
     def oldest_receiving(self) -> float | None:
         """When the least recently fed receiving batch that no open association holds got its
         last instance, or its association closed (time.time())."""
-        held = self._held_batches()
-        rows = self.query("SELECT id, last_received_at FROM batches WHERE state = 'receiving'")
-        times = [r["last_received_at"] for r in rows if r["id"] not in held]
+        times = [last for last, _ in self._receiving_not_held()]
         return min(times) if times else None
+
+    def next_stable_at(
+        self, stable_seconds: float, per_project: Mapping[str, float] | None = None
+    ) -> float | None:
+        """When the next receiving batch no open association holds becomes stable
+        (time.time()), each by its project's stable seconds."""
+        per_project = per_project or {}
+        times = [
+            last + per_project.get(project, stable_seconds)
+            for last, project in self._receiving_not_held()
+        ]
+        return min(times) if times else None
+
+    def _receiving_not_held(self) -> list[tuple[float, str | None]]:
+        held = self._held_batches()
+        rows = self.query(
+            "SELECT id, project, last_received_at FROM batches WHERE state = 'receiving'"
+        )
+        return [(r["last_received_at"], r["project"]) for r in rows if r["id"] not in held]
 
     def claim_batch(self) -> int | None:
         """Take the oldest complete batch for processing (complete -> processing)."""
@@ -234,7 +310,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
             # A round waits for the earlier rounds of its series: it is judged with their reports.
             row = conn.execute(
                 "SELECT id FROM batches WHERE state = 'complete' AND NOT EXISTS (SELECT 1 FROM"
-                " batches p WHERE p.series_uid = batches.series_uid AND p.round < batches.round"
+                " batches p WHERE p.series_uid = batches.series_uid AND p.project IS batches.project"
+                " AND p.round < batches.round"
                 " AND p.state IN ('receiving', 'complete', 'processing'))"
                 " ORDER BY last_received_at, id LIMIT 1"
             ).fetchone()
@@ -291,7 +368,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         earlier copies that were quarantined, plus one (2: re-sent or retried once)."""
         rows = self.query(
             "SELECT i.*, 1 + (SELECT COUNT(*) FROM instances p WHERE p.series_uid = i.series_uid"
-            " AND p.sop_uid = i.sop_uid AND p.id < i.id AND p.state = 'quarantined') AS attempt"
+            " AND p.project IS i.project AND p.sop_uid = i.sop_uid AND p.id < i.id"
+            " AND p.state = 'quarantined') AS attempt"
             " FROM instances i WHERE i.batch_id = ? ORDER BY i.id",
             (batch_id,),
         )
@@ -303,15 +381,19 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 row[key] = str(self.absolute(row[key]))
         return row
 
-    def earlier_reports(self, series_uid: str, before_round: int) -> list[dict[str, Any]]:
-        """Reports of this series from earlier rounds (a series is judged as a whole). A report
-        superseded by a newer copy of its SOP Instance up to this round (retried, re-sent,
-        released) is history, not evidence: the new attempt speaks for that instance."""
+    def earlier_reports(
+        self, series_uid: str, before_round: int, project: str | None = DEFAULT_PROJECT
+    ) -> list[dict[str, Any]]:
+        """Reports of this series from earlier rounds in this project (a series is judged as a
+        whole). A report superseded by a newer copy of its SOP Instance up to this round
+        (retried, re-sent, released) is history, not evidence: the new attempt speaks for that
+        instance."""
         rows = self.query(
             "SELECT i.report FROM instances i JOIN batches b ON b.id = i.batch_id"
-            " WHERE b.series_uid = ?1 AND b.round < ?2 AND i.report IS NOT NULL"
+            " WHERE b.series_uid = ?1 AND b.project IS ?3 AND b.round < ?2"
+            " AND i.report IS NOT NULL"
             f" AND NOT EXISTS ({_NEWER_COPY} AND nb.round <= ?2)",
-            (series_uid, before_round),
+            (series_uid, before_round, project),
         )
         return [json.loads(r["report"]) for r in rows]
 
@@ -323,12 +405,13 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         leaves, whole. Their earlier rows are superseded. Returns how many joined; joining
         again finds nothing (the newest copy is then in this round)."""
         with self.transaction() as conn:
-            series_uid, round_ = conn.execute(
-                "SELECT series_uid, round FROM batches WHERE id = ?", (batch_id,)
+            series_uid, round_, project = conn.execute(
+                "SELECT series_uid, round, project FROM batches WHERE id = ?", (batch_id,)
             ).fetchone()
             renewed = conn.execute(
                 "SELECT 1 FROM instances i JOIN instances p ON p.series_uid = i.series_uid"
-                " AND p.sop_uid = i.sop_uid AND p.id < i.id WHERE i.batch_id = ?"
+                " AND p.project IS i.project AND p.sop_uid = i.sop_uid AND p.id < i.id"
+                " WHERE i.batch_id = ?"
                 " AND (p.state = 'quarantined' OR p.error IS NOT NULL"
                 " OR (json_extract(p.report, '$.save_condition') = 0"
                 " AND json_extract(p.report, '$.removed') IS NULL)) LIMIT 1",
@@ -341,11 +424,12 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 dict(zip(columns, values, strict=True))
                 for values in conn.execute(
                     "SELECT i.* FROM instances i JOIN batches b ON b.id = i.batch_id"
-                    " WHERE b.series_uid = ?1 AND b.round < ?2 AND i.spool_path IS NOT NULL"
+                    " WHERE b.series_uid = ?1 AND b.project IS ?3 AND b.round < ?2"
+                    " AND i.spool_path IS NOT NULL"
                     " AND json_extract(i.report, '$.withheld') IS NOT NULL"
                     " AND NOT EXISTS (SELECT 1 FROM sent s WHERE s.instance_id = i.id)"
                     f" AND NOT EXISTS ({_NEWER_COPY}) ORDER BY i.id",
-                    (series_uid, round_),
+                    (series_uid, round_, project),
                 )
             ]
             stamp = utcnow()
@@ -366,7 +450,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         conn.execute(
             "INSERT INTO instances (batch_id, series_uid, study_uid, sop_uid, sop_class_uid,"
             " transfer_syntax, calling_ae, peer, url, spool_path, size, received_at, sha256,"
-            " state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
+            " project, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'received')",
             (
                 batch_id,
                 row["series_uid"],
@@ -381,6 +465,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 row["size"],
                 stamp,
                 row["sha256"],
+                row["project"],
             ),
         )
         conn.execute("UPDATE instances SET spool_path = NULL WHERE id = ?", (row["id"],))
@@ -604,72 +689,81 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
             self.delivery_attempt_failed(delivery_id, "destination no longer in the config", None)
         return len(ids)
 
-    def retry_processing(self, series_uid: str) -> dict[str, int]:
+    def retry_processing(self, series_uid: str, project: str | None = None) -> dict[str, int]:
         """Re-queue what failed processing in a series (operator's `deid-node retry`, after
-        fixing the cause): batches whose processing raised until they failed go back to
-        complete; every quarantined instance whose original is still kept gets a new attempt,
-        in a new round (its earlier report stays, as the first attempt's, superseded: no longer
-        evidence when the series is judged). Under series policy "all" the node's processing
-        of that round brings the instances the policy withheld along (`join_withheld`)."""
+        fixing the cause), in every project or in `project`: batches whose processing raised
+        until they failed go back to complete; every quarantined instance whose original is
+        still kept gets a new attempt, in a new round of its project (its earlier report stays,
+        as the first attempt's, superseded: no longer evidence when the series is judged).
+        Under series policy "all" the node's processing of that round brings the instances the
+        policy withheld along (`join_withheld`)."""
         now, stamp = time.time(), utcnow()
+        scope = "" if project is None else " AND project = ?"
+        params: tuple[str, ...] = (series_uid,) if project is None else (series_uid, project)
         with self.transaction() as conn:
             batches = conn.execute(
                 "UPDATE batches SET state = 'complete', processing_attempts = 0, summary = NULL,"
                 " finished_at = NULL, completed_at = ? WHERE series_uid = ? AND state = 'failed'"
-                " AND processed_at IS NULL",
-                (stamp, series_uid),
+                f" AND processed_at IS NULL{scope}",
+                (stamp, *params),
             ).rowcount
             # The latest copy of each quarantined SOP Instance (an earlier retry's is history).
             quarantined = conn.execute(
                 "SELECT i.* FROM instances i WHERE i.series_uid = ? AND i.state = 'quarantined'"
-                " AND NOT EXISTS (SELECT 1 FROM instances n WHERE n.series_uid = i.series_uid"
-                " AND n.sop_uid = i.sop_uid AND n.id > i.id) ORDER BY i.id",
-                (series_uid,),
+                f" AND i.project IS NOT NULL{scope.replace('project', 'i.project')}"
+                f" AND NOT EXISTS ({_NEWER_COPY}) ORDER BY i.id",
+                params,
             ).fetchall()
             columns = [d[0] for d in conn.execute("SELECT * FROM instances LIMIT 0").description]
-            kept: list[tuple[dict[str, Any], str]] = []
+            kept: dict[str, list[tuple[dict[str, Any], str]]] = {}
             for values in quarantined:
                 row = dict(zip(columns, values, strict=True))
                 target = json.loads(row["report"] or "{}").get("quarantine")
                 # Kept in the quarantine, or still in the spool when the move never happened.
                 for candidate in (target, row["spool_path"]):
                     if candidate and self.absolute(candidate).exists():
-                        kept.append((row, candidate))
+                        kept.setdefault(row["project"], []).append((row, candidate))
                         break
-            if kept:
+            for name, rows in kept.items():
                 last = conn.execute(
-                    "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?",
-                    (series_uid,),
+                    "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?"
+                    " AND project = ?",
+                    (series_uid, name),
                 ).fetchone()[0]
                 batch_id = conn.execute(
-                    "INSERT INTO batches (series_uid, round, state, calling_ae, created_at,"
-                    " completed_at, last_received_at) VALUES (?, ?, 'complete', ?, ?, ?, ?)",
-                    (series_uid, last + 1, kept[0][0]["calling_ae"], stamp, stamp, now),
+                    "INSERT INTO batches (project, series_uid, round, state, calling_ae,"
+                    " created_at, completed_at, last_received_at)"
+                    " VALUES (?, ?, ?, 'complete', ?, ?, ?, ?)",
+                    (name, series_uid, last + 1, rows[0][0]["calling_ae"], stamp, stamp, now),
                 ).lastrowid
-                for row, path in kept:
+                for row, path in rows:
                     self._new_attempt(conn, batch_id, row, path, stamp)
-        return {"batches": batches, "instances": len(kept)}
+        return {"batches": batches, "instances": sum(len(rows) for rows in kept.values())}
 
-    def retry_series(self, series_uid: str) -> int:
-        """Re-queue the failed deliveries of a series (operator's `deid-node retry`); instances a
-        destination refused for good are offered again (the operator fixed the cause)."""
+    def retry_series(self, series_uid: str, project: str | None = None) -> int:
+        """Re-queue the failed deliveries of a series, in every project or in `project`
+        (operator's `deid-node retry`); instances a destination refused for good are offered
+        again (the operator fixed the cause)."""
+        scope = "" if project is None else " AND project = ?"
+        params: tuple[str, ...] = (series_uid,) if project is None else (series_uid, project)
+        batches = f"SELECT id FROM batches WHERE series_uid = ?{scope}"
         with self.transaction() as conn:
             conn.execute(
                 "DELETE FROM dest_refused WHERE EXISTS (SELECT 1 FROM deliveries d"
-                " JOIN batches b ON b.id = d.batch_id JOIN instances i ON i.batch_id = b.id"
-                " WHERE d.state = 'failed' AND b.series_uid = ? AND i.id = dest_refused.instance_id"
+                " JOIN instances i ON i.batch_id = d.batch_id WHERE d.state = 'failed'"
+                f" AND d.batch_id IN ({batches}) AND i.id = dest_refused.instance_id"
                 " AND d.destination = dest_refused.destination)",
-                (series_uid,),
+                params,
             )
             count = conn.execute(
-                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0, updated_at = ?"
-                " WHERE state = 'failed' AND batch_id IN (SELECT id FROM batches WHERE series_uid = ?)",
-                (utcnow(), series_uid),
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = 0,"
+                f" updated_at = ? WHERE state = 'failed' AND batch_id IN ({batches})",
+                (utcnow(), *params),
             ).rowcount
             conn.execute(
-                "UPDATE batches SET state = 'forwarding', finished_at = NULL WHERE series_uid = ?"
+                f"UPDATE batches SET state = 'forwarding', finished_at = NULL WHERE id IN ({batches})"
                 " AND id IN (SELECT batch_id FROM deliveries WHERE state = 'pending')",
-                (series_uid,),
+                params,
             )
         return count
 
@@ -678,3 +772,28 @@ def _ended(association: Hashable) -> bool:
     """A pynetdicom association is a thread; anything else (a test's key) never ends here."""
     is_alive = getattr(association, "is_alive", None)
     return is_alive is not None and not is_alive()
+
+
+UNROUTED = "unrouted: no project takes this instance (called AE title, calling AE title, match)"
+
+
+def _unrouted_report(receipt: Receipt, url: str, stamp: str) -> dict[str, Any]:
+    """The report of an instance no project took: kept, never processed or forwarded."""
+    report = build_report(
+        url=url,
+        study_uid=receipt.study_uid,
+        study_uid_deid=None,
+        series_uid=receipt.series_uid,
+        series_uid_deid=None,
+        evaluations=[],
+        save_condition=False,
+        series_agg=False,
+        disabling_urls=[],
+        url_deid=None,
+        SOPInstanceUID=receipt.sop_uid,
+        calling_ae=receipt.calling_ae,
+        received_at=stamp,
+        reason="unrouted",
+        error=UNROUTED,
+    )
+    return {**report, "project": None}
