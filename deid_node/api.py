@@ -75,14 +75,22 @@ def build_settings(
     conditions: tuple[SaveDeidentifiedDicomCondition, ...],
     policy: SeriesPolicy,
     data_dir: Path,
+    secret_name: str = "default",
 ) -> PipelineSettings:
+    """The pipeline's settings for a batch run; `secret_name`: a project's secret (the
+    installation secret by default), so that the run derives the node's UIDs for it."""
     from deid_node.deid.uids import load_or_create_secret
     from deid_node.ocr import check_engine
 
     # Before any file: EasyOCR without its extra, or device "cuda" without a GPU, fails here.
     check_engine(pixels.ocr_engine, pixels.device)
     return PipelineSettings(
-        deid, pixels, conditions, policy, load_or_create_secret(data_dir.absolute()), durable=False
+        deid,
+        pixels,
+        conditions,
+        policy,
+        load_or_create_secret(data_dir.absolute(), secret_name),
+        durable=False,
     )
 
 

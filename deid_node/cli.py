@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     deid.add_argument(
         "--config", type=Path, help="use its [deid], [pixels] and [[save_conditions]]"
     )
+    deid.add_argument(
+        "--project",
+        help="with --config: that project's sections and secret (the node's UIDs for it)",
+    )
     deid.add_argument("--redact-pixels-mode", choices=[m.value for m in DeidentifyRedactTextMode])
     deid.add_argument("--no-redact-tags", action="store_true", help="leave header tags untouched")
     deid.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1)
@@ -141,7 +145,10 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     check_inputs(args.paths)
     report_path = check_report_path(args.report, args.out)
     config = load_config(args.config) if args.config else Config()
-    deid = config.deid
+    if args.project and not args.config:
+        raise DeidNodeError("--project needs --config")
+    project = config.project(args.project) if args.project else None
+    deid = project.deid if project else config.deid
     if not args.config:
         deid = replace(deid, redact_pixels_mode=DeidentifyRedactTextMode.REDACT_NO_TEXT)
     if args.redact_pixels_mode:
@@ -151,10 +158,11 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or (config.node.data_dir if args.config else DEFAULT_DATA_DIR)
     settings = build_settings(
         deid=deid,
-        pixels=config.pixels,
-        conditions=config.save_conditions,
-        policy=config.series.policy,
+        pixels=project.pixels if project else config.pixels,
+        conditions=project.save_conditions if project else config.save_conditions,
+        policy=project.series.policy if project else config.series.policy,
         data_dir=data_dir,
+        secret_name=project.secret if project else "default",
     )
     done: list[dict] = []
     try:

@@ -477,3 +477,63 @@ destinations = ["a"]
     retry = cli("retry", "--series", "1.2.3", "--project", "nope")
     assert retry.returncode != 0 and "nope" in retry.stderr
     assert query_reports(config_path, "--project", "alpha") == []
+
+
+def test_batch_deidentify_with_a_project_derives_that_projects_uids(tmp_path):
+    """`deid-node deidentify --config C --project P` uses P's sections and secret: the files
+    it writes carry the UIDs and pseudonyms the node gives P (and not another project's)."""
+    import subprocess
+    import sys
+
+    raw_text = f"""
+[node]
+ae_title = "DEID_NODE"
+data_dir = "{tmp_path / "data"}"
+[deid]
+redact_pixels_mode = "REDACT_NO_TEXT"
+[[destinations]]
+name = "a"
+type = "folder"
+path = "{tmp_path / "out-a"}"
+[[projects]]
+name = "alpha"
+destinations = ["a"]
+[projects.deid]
+patient_id_prefix = "ALPHA"
+[[projects]]
+name = "beta"
+called_ae_titles = ["BETA"]
+destinations = ["a"]
+"""
+    config_path = tmp_path / "node.toml"
+    config_path.write_text(raw_text)
+    ds = make_series(1, "CT")[0]
+    source = write_series([ds], tmp_path / "in")[0]
+    node = Node(parse_config(__import__("tomllib").loads(raw_text)))
+    try:
+        spooled = node.store.spool_adopt(node.store.tmp_write(source.read_bytes()))
+        node.store.record_instance(_receipt(ds), spooled, source.stat().st_size, projects=["alpha"])
+        _run_until_settled(node)
+        (node_report,) = node.store.reports(project="alpha")
+    finally:
+        node.stop()
+
+    def batch(project: str) -> dict:
+        out = tmp_path / f"batch-{project}"
+        report = tmp_path / f"report-{project}.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "deid_node.cli", "deidentify", str(source), "--out", str(out),
+             "--report", str(report), "--config", str(config_path), "--project", project,
+             "--workers", "1"],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        (row,) = json.loads(report.read_text())
+        (written,) = out.rglob("*.dcm")
+        return {"report": row, "ds": dcmread(written)}
+
+    alpha, beta = batch("alpha"), batch("beta")
+    assert alpha["report"]["SOPInstanceUID_deid"] == node_report["SOPInstanceUID_deid"]
+    assert alpha["ds"].PatientID.startswith("ALPHA")
+    assert beta["report"]["SOPInstanceUID_deid"] != node_report["SOPInstanceUID_deid"]
+    assert not beta["ds"].PatientID.startswith("ALPHA")
