@@ -237,22 +237,32 @@ def _blank(
         regions = [(b, max(margin, ceil(_LINE_END_PAD * b.h)), margin) for b in frame_boxes[index]]
         regions += [(b, 0, 0) for b in template_boxes]
         templated = [False] * len(frame_boxes[index]) + [True] * len(template_boxes)
-        if not regions:
-            continue
-        before = display.image(index).astype(np.int16)  # a copy: the mapper may return a view
-        frame = frames[index]
-        source = frame.copy()  # rings are read from the original, not from earlier fills
+        rects = []
         for (box, mx, my), template in zip(regions, templated, strict=True):
             x0, y0 = max(0, box.x - mx), max(0, box.y - my)
             x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
             if x1 > x0 and y1 > y0:
-                ring = None if template else _ring_value(source, x0, y0, x1, y1, palette)
-                frame[y0:y1, x0:x1] = fill if ring is None else ring
-        diff = np.abs(display.image(index).astype(np.int16) - before) > _VISIBLE_CHANGE
-        if diff.ndim == 3:
-            diff = diff.any(axis=2)
-        worst = max(worst, float(diff.mean()))
+                rects.append((x0, y0, x1, y1, template))
         total += len(regions)
+        if not rects:
+            continue
+        # Only the boxes are read and compared, not the whole frame (60-frame cines).
+        image = display.image(index)
+        before = [image[y0:y1, x0:x1].astype(np.int16) for x0, y0, x1, y1, _ in rects]
+        frame = frames[index]
+        # Every ring is read from the original before any box is filled.
+        rings = [
+            None if template else _ring_value(frame, x0, y0, x1, y1, palette)
+            for x0, y0, x1, y1, template in rects
+        ]
+        for (x0, y0, x1, y1, _), ring in zip(rects, rings, strict=True):
+            frame[y0:y1, x0:x1] = fill if ring is None else ring
+        image = display.image(index)
+        changed = np.zeros((height, width), bool)
+        for (x0, y0, x1, y1, _), old in zip(rects, before, strict=True):
+            diff = np.abs(image[y0:y1, x0:x1].astype(np.int16) - old) > _VISIBLE_CHANGE
+            changed[y0:y1, x0:x1] |= diff.any(axis=2) if diff.ndim == 3 else diff
+        worst = max(worst, int(np.count_nonzero(changed)) / (height * width))
     return total, worst
 
 
