@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from deid_node.console.auth import Session, Sessions, csrf_ok
 from deid_node.console.data import ConsoleData
 from deid_node.console.metrics import NodeView, health, make_registry
-from deid_node.console.thumbs import render_thumbnail
+from deid_node.console.thumbs import render_review, render_thumbnail
 from deid_node.log import get_logger
 from deid_node.store import BATCH_STATES
 from deid_node.store import metrics_queries as mq
@@ -30,6 +30,15 @@ COOKIE = "deid_console"
 # The login form's CSRF token (double submit: this cookie and the form field must match), so
 # that another site cannot log a browser in under its own account.
 LOGIN_COOKIE = "deid_console_login"
+
+
+LOCKED_MESSAGES = {
+    "name_and_address": (
+        "Too many failed logins of this name from this address: try again in 15 minutes"
+    ),
+    "address": "Too many failed logins from this address: try again in 15 minutes",
+    "node": "Too many failed logins on this node: try again in a minute",
+}
 
 
 class LoginRequired(Exception):
@@ -146,14 +155,18 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         name, password = str(form.get("username", ""))[:64], str(form.get("password", ""))
         # A name nobody has is not logged: it may be a password typed in the wrong field.
         shown = name if sessions.known(name) else "(unknown name)"
-        if sessions.locked(name):
-            log.warning("console_login_locked", user=shown)
-            response = login_page(request, "Too many failed logins: try again in 15 minutes")
+        # The client's address as uvicorn gives it: X-Forwarded-For is taken only from
+        # 127.0.0.1 (uvicorn's default forwarded_allow_ips: a reverse proxy on this host).
+        address = request.client.host if request.client else None
+        refusal = sessions.refusal(name, address)
+        if refusal is not None:
+            log.warning("console_login_locked", user=shown, client=address, scope=refusal)
+            response = login_page(request, LOCKED_MESSAGES[refusal])
             response.status_code = 429
             return response
-        sid = sessions.login(name, password)
+        sid = sessions.login(name, password, address)
         if sid is None:
-            log.warning("console_login_failed", user=shown)
+            log.warning("console_login_failed", user=shown, client=address)
             return login_page(request, "Wrong name or password")
         log.info("console_login", user=name)
         response = RedirectResponse("/", status_code=303)
@@ -192,11 +205,17 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         calling_ae: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        project: str | None = None,
         page: int = 1,
     ) -> Response:
         session = page_session(request)
         data = console.series(
-            state or None, calling_ae or None, max(page, 1), since or None, until or None
+            state or None,
+            calling_ae or None,
+            max(page, 1),
+            since or None,
+            until or None,
+            project or None,
         )
         return render(
             request,
@@ -207,6 +226,7 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
             calling_ae=calling_ae or "",
             since=since or "",
             until=until or "",
+            project=project or "",
         )
 
     @app.get("/series/{uid}", response_class=HTMLResponse)
@@ -239,6 +259,22 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     def quarantine(request: Request, page: int = 1) -> Response:
         session = page_session(request)
         return render(request, "quarantine.html", session, data=console.quarantine(max(page, 1)))
+
+    def review_png(instance_id: int) -> Response:
+        found = mq.quarantine_review(store, instance_id)
+        png = (
+            render_review(found[0], found[1], max_decoded_bytes=view.max_decoded_bytes)
+            if found is not None
+            else None
+        )
+        if png is None:
+            raise HTTPException(404, "no image held for pixel review with this id")
+        return Response(png, media_type="image/png")
+
+    @app.get("/quarantine/{instance_id}/image.png")
+    def quarantine_image(request: Request, instance_id: int) -> Response:
+        page_session(request)
+        return review_png(instance_id)
 
     @app.post("/quarantine/refused/{refused_id}/discard")
     async def refused_discard_form(request: Request, refused_id: int) -> Response:
@@ -286,10 +322,12 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
         calling_ae: str | None = None,
         since: str | None = None,
         until: str | None = None,
+        project: str | None = None,
         page: int = 1,
     ) -> dict[str, Any]:
+        """Series rounds, newest first; filters: state, calling AE, project, days received."""
         api_session(request)
-        return console.series(state, calling_ae, max(page, 1), since, until)
+        return console.series(state, calling_ae, max(page, 1), since, until, project)
 
     @app.get("/api/v1/series/{uid}")
     def api_series_detail(request: Request, uid: str) -> dict[str, Any]:
@@ -306,6 +344,13 @@ def create_app(view: NodeView, sessions: Sessions, *, secure_cookies: bool = Fal
     def api_quarantine(request: Request, page: int = 1) -> dict[str, Any]:
         api_session(request)
         return console.quarantine(max(page, 1))
+
+    @app.get("/api/v1/quarantine/{instance_id}/image.png")
+    def api_quarantine_image(request: Request, instance_id: int) -> Response:
+        """Frame 0 of a file held for pixel review as it would leave: the regions the
+        redaction blanks filled black, then outlined (PNG)."""
+        api_session(request)
+        return review_png(instance_id)
 
     @app.post("/api/v1/quarantine/refused/{refused_id}/discard")
     def api_refused_discard(request: Request, refused_id: int) -> dict[str, Any]:

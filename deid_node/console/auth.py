@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
 import threading
 import time
 import tomllib
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,13 +35,28 @@ from typing import Literal
 from deid_node.errors import ConfigError
 
 Role = Literal["viewer", "operator"]
+# What a refused login was refused for: see the limits below.
+Refusal = Literal["name_and_address", "address", "node"]
 ROLES: tuple[Role, ...] = ("viewer", "operator")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SESSION_SECONDS = 8 * 3600
-# Failed logins of one name: past MAX_FAILURES within LOCK_SECONDS, that name is refused until
-# the oldest of them is LOCK_SECONDS old (a password cannot be guessed at scrypt speed).
+# Failed logins are counted per (name, client address): somebody guessing an operator's name
+# from another machine locks only themselves out of it, never the operator. Past MAX_FAILURES
+# of one (name, address) within LOCK_SECONDS that pair is refused until the oldest of them is
+# LOCK_SECONDS old; past MAX_ADDRESS_FAILURES of one address (any names: one host spraying
+# names) that address is.
 MAX_FAILURES = 5
+MAX_ADDRESS_FAILURES = 20
 LOCK_SECONDS = 15 * 60
+# The bound of the whole node (many addresses guessing at once): past GLOBAL_MAX_FAILURES failed
+# logins within GLOBAL_WINDOW_SECONDS, an address with a failure of its own in LOCK_SECONDS is
+# refused until the rate falls back; an address without one (the operator's) is still checked.
+# An attacker then gets one guess per address, not one per request; IPv6 addresses count by /64
+# (one host holds a whole /64).
+GLOBAL_MAX_FAILURES = 30
+GLOBAL_WINDOW_SECONDS = 60
+# Failures remembered at most (memory bound under a flood of fresh addresses).
+FAILURES_KEPT = 10_000
 # scrypt parameters (RFC 7914's interactive-login figures): ~16 MiB and tens of ms per check.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
@@ -164,37 +182,68 @@ class Session:
 
 
 class Sessions:
-    """Logged-in sessions by their cookie value."""
+    """Logged-in sessions by their cookie value, and the failed logins that throttle new ones."""
 
-    def __init__(self, users_file: Path) -> None:
+    def __init__(
+        self,
+        users_file: Path,
+        *,
+        max_failures: int = MAX_FAILURES,
+        max_address_failures: int = MAX_ADDRESS_FAILURES,
+        global_max_failures: int = GLOBAL_MAX_FAILURES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.users_file = users_file
+        self.max_failures = max_failures
+        self.max_address_failures = max_address_failures
+        self.global_max_failures = global_max_failures
+        self._clock = clock
         self._sessions: dict[str, Session] = {}
-        self._failures: dict[str, list[float]] = {}
+        # (when, name, address key) of each failed login, oldest first.
+        self._failures: deque[tuple[float, str, str]] = deque(maxlen=FAILURES_KEPT)
         self._lock = threading.Lock()
 
-    def locked(self, name: str) -> bool:
-        now = time.time()
+    def refusal(self, name: str, address: str | None) -> Refusal | None:
+        """Why a login of `name` from `address` is refused without a password check, or None."""
+        now, where = self._clock(), address_key(address)
         with self._lock:
-            recent = [t for t in self._failures.get(name, []) if t > now - LOCK_SECONDS]
-            self._failures[name] = recent
-            return len(recent) >= MAX_FAILURES
+            while self._failures and self._failures[0][0] <= now - LOCK_SECONDS:
+                self._failures.popleft()
+            pair = from_address = last_minute = 0
+            for at, who, key in self._failures:
+                if key == where:
+                    from_address += 1
+                    pair += who == name
+                last_minute += at > now - GLOBAL_WINDOW_SECONDS
+        if pair >= self.max_failures:
+            return "name_and_address"
+        if from_address >= self.max_address_failures:
+            return "address"
+        if last_minute >= self.global_max_failures and from_address:
+            return "node"
+        return None
 
     def known(self, name: str) -> bool:
         return name in load_users(self.users_file)
 
-    def login(self, name: str, password: str) -> str | None:
-        """A new session id when the name and password match, else None."""
+    def login(self, name: str, password: str, address: str | None = None) -> str | None:
+        """A new session id when the name and password match, else None (a failure counted
+        against this name and client address)."""
         user = load_users(self.users_file).get(name)
         # A check of the same cost when the user does not exist: no timing hint of who does.
         stored = user.hash if user else hash_password(secrets.token_hex(8))
         if not verify_password(password, stored) or user is None:
             with self._lock:
-                self._failures.setdefault(name[:64], []).append(time.time())
+                self._failures.append((self._clock(), name[:64], address_key(address)))
             return None
         sid = secrets.token_urlsafe(32)
+        where = address_key(address)
         with self._lock:
+            # The operator's own mistypes from here are forgiven; nobody else's count.
+            kept = [f for f in self._failures if not (f[1] == user.name and f[2] == where)]
+            self._failures = deque(kept, maxlen=FAILURES_KEPT)
             self._sessions[sid] = Session(
-                user.name, user.role, secrets.token_urlsafe(32), time.time() + SESSION_SECONDS
+                user.name, user.role, secrets.token_urlsafe(32), self._clock() + SESSION_SECONDS
             )
         return sid
 
@@ -203,7 +252,7 @@ class Sessions:
             return None
         with self._lock:
             session = self._sessions.get(sid)
-            if session is not None and session.expires < time.time():
+            if session is not None and session.expires < self._clock():
                 del self._sessions[sid]
                 return None
             return session
@@ -227,3 +276,18 @@ def csrf_ok(session: Session, token: str | None) -> bool:
     if session.bearer:
         return True
     return bool(token) and bool(session.csrf) and hmac.compare_digest(session.csrf, str(token))
+
+
+def address_key(address: str | None) -> str:
+    """The client address failures are counted under: an IPv6 address by its /64."""
+    if not address:
+        return ""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

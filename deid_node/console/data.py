@@ -57,6 +57,7 @@ class ConsoleData:
         page: int,
         since: str | None = None,
         until: str | None = None,
+        project: str | None = None,
     ) -> dict[str, Any]:
         if state and state not in BATCH_STATES:
             raise HTTPException(422, f"state: one of {', '.join(BATCH_STATES)}")
@@ -72,10 +73,17 @@ class ConsoleData:
             calling_ae=calling_ae,
             since=since,
             until=until,
+            project=project,
             limit=PAGE,
             offset=(page - 1) * PAGE,
         )
-        return {"items": rows, "total": total, "page": page, "pages": max(1, -(-total // PAGE))}
+        return {
+            "items": rows,
+            "total": total,
+            "page": page,
+            "pages": max(1, -(-total // PAGE)),
+            "projects": mq.project_names(self.store),
+        }
 
     def detail(self, uid: str) -> dict[str, Any]:
         detail = mq.series_detail(self.store, uid)
@@ -85,6 +93,9 @@ class ConsoleData:
 
     def quarantine(self, page: int) -> dict[str, Any]:
         rows, total = mq.quarantine_page(self.store, limit=PAGE, offset=(page - 1) * PAGE)
+        for row in rows:
+            # Held for pixel review: frame 0 as it would leave, the regions blanked, outlined.
+            row["image"] = f"/api/v1/quarantine/{row['id']}/image.png" if row["review"] else None
         refused, refused_total = mq.refused_page(self.store, limit=PAGE, offset=(page - 1) * PAGE)
         pages = max(1, -(-max(total, refused_total) // PAGE))
         return {

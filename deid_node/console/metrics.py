@@ -1,7 +1,9 @@
 """/metrics: Prometheus families read from the node's database at scrape time, and /healthz.
 
 Counting in the database (instead of in-process counters) makes the figures right whichever
-thread or worker process did the work, and keeps them across restarts. Labels are AE titles,
+thread or worker process did the work, and keeps them across restarts. Durations come from the
+series rounds' summaries: processing time per round, and the OCR time of each file, measured in
+the worker that read it and counted into buckets there (pipeline.seconds_histogram). Labels are AE titles,
 DIMSE statuses, states, destination names and reason kinds: never a patient value.
 """
 
@@ -22,6 +24,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from deid_node.pipeline import OCR_SECONDS_BUCKETS
 from deid_node.store import BATCH_STATES, Store
 from deid_node.store import metrics_queries as mq
 
@@ -133,6 +136,7 @@ class DatabaseCollector:
             "Time to process one series round (all its files), from the database",
             mq.processing_durations(counts["durations"]),
         )
+        yield _ocr_histogram(mq.ocr_histogram(counts["durations"], OCR_SECONDS_BUCKETS))
         up = GaugeMetricFamily(
             "deid_node_destination_up", "1 when the destination answers", labels=["destination"]
         )
@@ -156,6 +160,18 @@ def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamil
         buckets.append((str(bound), sum(1 for v in values if v <= bound)))
     buckets.append(("+Inf", len(values)))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum(values))
+
+
+def _ocr_histogram(ocr: dict[str, Any]) -> HistogramMetricFamily:
+    buckets = [(str(b), n) for b, n in zip(OCR_SECONDS_BUCKETS, ocr["buckets"], strict=True)]
+    buckets.append(("+Inf", ocr["count"]))
+    return HistogramMetricFamily(
+        "deid_node_ocr_seconds",
+        "Time of the pixel stage (decode, OCR, blanking) per file OCR read, measured in the"
+        " worker process and kept in each series round's summary",
+        buckets=buckets,
+        sum_value=ocr["sum"],
+    )
 
 
 def make_registry(view: NodeView) -> CollectorRegistry:

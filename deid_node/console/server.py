@@ -23,10 +23,10 @@ class ConsoleServer:
     def __init__(self, config: ConsoleConfig, view: NodeView) -> None:
         self.config = config
         tls = config.tls_cert is not None
-        app = create_app(view, Sessions(config.users_file), secure_cookies=tls)
+        self.app = create_app(view, Sessions(config.users_file), secure_cookies=tls)
         self._uvicorn = uvicorn.Server(
             uvicorn.Config(
-                app,
+                self.app,
                 log_config=None,  # ours (structlog) stays as configured
                 access_log=False,  # URLs hold UIDs only, but one line per scrape is noise
                 lifespan="off",

@@ -20,7 +20,8 @@ PAGE_MAX = 500
 # its original still kept (not discarded).
 _KEPT = (
     "i.state = 'quarantined' AND NOT EXISTS (SELECT 1 FROM instances n WHERE"
-    " n.series_uid = i.series_uid AND n.sop_uid = i.sop_uid AND n.id > i.id)"
+    " n.series_uid = i.series_uid AND n.project IS i.project AND n.sop_uid = i.sop_uid"
+    " AND n.id > i.id)"
     " AND (i.spool_path IS NOT NULL OR json_extract(i.report, '$.quarantine') IS NOT NULL)"
 )
 
@@ -67,6 +68,26 @@ def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+def ocr_histogram(rows: list[dict[str, Any]], bounds: tuple[float, ...]) -> dict[str, Any]:
+    """The pixel stage's seconds per file, added up over the series summaries
+    (pipeline.seconds_histogram): {"count", "sum", "buckets": [files at or under each bound]}.
+    A bound a summary does not name (written with other bounds) counts its nearest lower one."""
+    count, total = 0, 0.0
+    buckets = [0] * len(bounds)
+    for row in rows:
+        try:
+            ocr = json.loads(row["summary"]).get("ocr_seconds")
+            if not isinstance(ocr, dict):
+                continue
+            written = sorted((float(b), int(n)) for b, n in ocr["buckets"].items())
+            count, total = count + int(ocr["count"]), total + float(ocr["sum"])
+        except (ValueError, AttributeError, KeyError, TypeError):
+            continue
+        for index, bound in enumerate(bounds):
+            buckets[index] += max((n for b, n in written if b <= bound), default=0)
+    return {"count": count, "sum": total, "buckets": buckets}
+
+
 def processing_durations(rows: list[dict[str, Any]]) -> list[float]:
     out = []
     for row in rows:
@@ -107,12 +128,16 @@ def series_page(
     calling_ae: str | None = None,
     since: str | None = None,
     until: str | None = None,
+    project: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[dict[str, Any]], int]:
     """Rounds of series (one row per batch), newest first, and how many match in all.
     since/until: ISO dates (UTC), the day the round's first instance arrived, both included."""
     where, params = ["1"], []
+    if project:
+        where.append("b.project = ?")
+        params.append(project)
     if since:
         where.append("b.created_at >= ?")
         params.append(since)
@@ -132,7 +157,8 @@ def series_page(
     # `+i.state`: the count per batch stays on the batch_id index (the state index would
     # make it walk every quarantined row of the database for each batch listed).
     rows = store.query(
-        "SELECT b.id, b.series_uid, b.round, b.state, b.calling_ae, b.created_at, b.finished_at,"
+        "SELECT b.id, b.project, b.series_uid, b.round, b.state, b.calling_ae, b.created_at,"
+        " b.finished_at,"
         " b.passed, (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id) AS instances,"
         " (SELECT COUNT(*) FROM instances i WHERE i.batch_id = b.id AND +i.state = 'quarantined')"
         f" AS quarantined FROM batches b WHERE {clause} ORDER BY b.id DESC LIMIT ? OFFSET ?",
@@ -144,15 +170,16 @@ def series_page(
 def series_detail(store: StoreBase, series_uid: str) -> dict[str, Any] | None:
     """A series: its rounds, files (state, reason, condition evaluations), destination states."""
     batches = store.query(
-        "SELECT id, round, state, calling_ae, created_at, completed_at, processed_at,"
-        " finished_at, passed, processing_attempts FROM batches WHERE series_uid = ? ORDER BY round",
+        "SELECT id, project, round, state, calling_ae, created_at, completed_at, processed_at,"
+        " finished_at, passed, processing_attempts FROM batches WHERE series_uid = ?"
+        " ORDER BY project, round",
         (series_uid,),
     )
     if not batches:
         return None
     files = []
     for row in store.query(
-        "SELECT id, batch_id, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size,"
+        "SELECT id, batch_id, project, sop_uid, sop_class_uid, transfer_syntax, calling_ae, size,"
         " received_at, state, error, sop_uid_deid, deid_path, report FROM instances"
         " WHERE series_uid = ?"
         " ORDER BY id",
@@ -203,11 +230,34 @@ def quarantine_page(
     clause = _KEPT
     total = store.query(f"SELECT COUNT(*) AS n FROM instances i WHERE {clause}")[0]["n"]
     rows = store.query(
-        "SELECT id, batch_id, series_uid, sop_uid, calling_ae, received_at, error AS reason"
+        "SELECT id, batch_id, project, series_uid, sop_uid, calling_ae, received_at,"
+        " error AS reason, json_type(report, '$.pixels.review_regions') IS NOT NULL AS review"
         f" FROM instances i WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
         (min(max(limit, 1), PAGE_MAX), max(offset, 0)),
     )
+    for row in rows:
+        row["review"] = bool(row["review"])
     return rows, total
+
+
+def quarantine_review(store: StoreBase, instance_id: int) -> tuple[Path, list[list[int]]] | None:
+    """The kept original of an instance held for pixel review and frame 0's regions the
+    redaction blanks (deid/pixels.py: PixelReviewError), or None: not held for review, its
+    original gone, or quarantined before the regions were recorded (never shown unblanked)."""
+    row = quarantined_instance(store, instance_id)
+    if row is None:
+        return None
+    regions = store.query(
+        "SELECT json_extract(report, '$.pixels.review_regions') AS r FROM instances WHERE id = ?",
+        (instance_id,),
+    )[0]["r"]
+    if regions is None:
+        return None
+    kept = next((store.absolute(p) for p in row["kept"] if store.absolute(p).is_file()), None)
+    if kept is None:
+        return None
+    parsed = json.loads(regions)
+    return kept, [[int(v) for v in r[:4]] for r in parsed if isinstance(r, list) and len(r) >= 4]
 
 
 def quarantined_instance(store: StoreBase, instance_id: int) -> dict[str, Any] | None:
@@ -262,27 +312,40 @@ def release_quarantined(store: StoreBase, instance_id: int) -> bool:
     with store.transaction() as conn:
         full = conn.execute(
             "SELECT series_uid, study_uid, sop_uid, sop_class_uid, transfer_syntax, calling_ae,"
-            " peer, url, size, sha256 FROM instances WHERE id = ?",
+            " peer, url, size, sha256, project FROM instances WHERE id = ?",
             (instance_id,),
         ).fetchone()
+        # The new round belongs to the same project (a series is one per project).
+        project = full[10]
         last = conn.execute(
-            "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ?", (full[0],)
+            "SELECT COALESCE(MAX(round), 0) FROM batches WHERE series_uid = ? AND project IS ?",
+            (full[0], project),
         ).fetchone()[0]
         batch_id = conn.execute(
-            "INSERT INTO batches (series_uid, round, state, calling_ae, created_at,"
-            " completed_at, last_received_at) VALUES (?, ?, 'complete', ?, ?, ?, ?)",
-            (full[0], last + 1, full[5], stamp, stamp, time.time()),
+            "INSERT INTO batches (project, series_uid, round, state, calling_ae, created_at,"
+            " completed_at, last_received_at) VALUES (?, ?, ?, 'complete', ?, ?, ?, ?)",
+            (project, full[0], last + 1, full[5], stamp, stamp, time.time()),
         ).lastrowid
         conn.execute(
-            "INSERT INTO instances (batch_id, series_uid, study_uid, sop_uid, sop_class_uid,"
-            " transfer_syntax, calling_ae, peer, url, spool_path, size, received_at, sha256,"
-            " state, pixels_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " 'received', 1)",
-            (batch_id, *full[:8], kept, full[8], stamp, full[9]),
+            "INSERT INTO instances (batch_id, project, series_uid, study_uid, sop_uid,"
+            " sop_class_uid, transfer_syntax, calling_ae, peer, url, spool_path, size,"
+            " received_at, sha256, state, pixels_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, 'received', 1)",
+            (batch_id, project, *full[:8], kept, full[8], stamp, full[9]),
         )
         # The new attempt owns the file: the old row's clean-up must not delete it.
         conn.execute("UPDATE instances SET spool_path = NULL WHERE id = ?", (instance_id,))
     return True
+
+
+def project_names(store: StoreBase) -> list[str]:
+    """The projects that have series rounds (the series page's filter)."""
+    return [
+        r["project"]
+        for r in store.query(
+            "SELECT DISTINCT project FROM batches WHERE project IS NOT NULL ORDER BY project"
+        )
+    ]
 
 
 def refused_page(
