@@ -16,7 +16,7 @@ from peers import NODELAY_ENV, REPO, require
 
 pytestmark = [pytest.mark.slow, pytest.mark.network]
 
-PHASES = ("Ingest", "Concurrency", "Pipeline", "OCR", "End-to-end", "Big series")
+PHASES = ("Ingest", "Concurrency", "Pipeline", "OCR", "GPU", "End-to-end", "Big series")
 
 
 def test_bench_quick_run_writes_a_table_with_every_phase(tmp_path):
@@ -44,6 +44,19 @@ def test_bench_quick_run_writes_a_table_with_every_phase(tmp_path):
     }
     for phase in PHASES:
         assert phase in table_phases, f"phase {phase} missing from the table"
-    for measure in ("bare pynetdicom SCP", "deid-node --workers 2", "rapidocr", "last ack"):
+    for measure in (
+        "bare pynetdicom SCP",
+        "polling as the node does",
+        "deid-node --workers 2, 3 files",
+        "deid-node --workers 2, 8 files",  # the second size (3,000 in a full run)
+        "start-up: deid-node",
+        "ms per file by stage",
+        "rapidocr",
+        "whole cine vs one frame",
+        "last ack",
+    ):
         assert measure in text, f"{measure} missing from the table"
+    # Issue 17's targets are printed next to their figures, met or not.
+    for target in (">= 2x", ">= 0.8x", "<= 300 ms"):
+        assert f"| {target} |" in text, f"target {target} missing"
     assert "Machine:" in text and "Python" in text
