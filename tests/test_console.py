@@ -163,8 +163,15 @@ def send_test_data(node: Node, tmp_path: Path, burned_in: bool = False) -> dict:
     return {"ct": ct, "pdf": pdf, "held": extra[0] if extra else None, "planted": planted}
 
 
+@pytest.fixture
+def node_logs():
+    """Every log line of the test (node threads included), to look for patient values."""
+    with capture_logs() as logs:
+        yield logs
+
+
 @pytest.mark.network
-def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
+def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path, node_logs):
     node = start_node(console_config(tmp_path))
     try:
         sent = send_test_data(node, tmp_path)
@@ -357,6 +364,9 @@ def test_metrics_pages_roles_and_csrf_after_dcmtk_sends(tmp_path):
             assert http.get("/docs").status_code == 404
             assert "<script" not in docs.text and "cdn" not in docs.text.lower()
             assert "default-src 'none'" in docs.headers["content-security-policy"]
+        events = {e["event"] for e in node_logs}
+        assert {"store_refused", "series_processed", "console_login", "console_action"} <= events
+        assert_no_phi(repr(node_logs), "log lines")
     finally:
         node.stop()
 
@@ -949,7 +959,9 @@ SCREENSHOTS = Path(os.environ.get("DEID_SCREENSHOTS", REPO / "build" / "console-
 
 @pytest.mark.network
 @pytest.mark.ocr
-def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(tmp_path, browser):
+def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
+    tmp_path, browser, node_logs
+):
     from selenium.webdriver.common.by import By
 
     shots = SCREENSHOTS
@@ -1084,5 +1096,7 @@ def test_browser_operator_reviews_a_series_and_the_quarantine_viewer_cannot_act(
             "viewer_quarantine.png",
             "viewer_series_detail.png",
         ]
+        assert_no_phi(repr(node_logs), "log lines")
+        assert not [p for p in sent["planted"] if p.text in repr(node_logs)]
     finally:
         node.stop()
