@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+# What deidentify_file imports, imported here, before the CLI and the API fork their worker
+# processes: each worker would otherwise import it again (a tenth of a second of CPU each).
+import deid_node.deid.pixels  # noqa: F401
+import deid_node.deid.tags  # noqa: F401
 from deid_node.errors import InputError, UnsupportedSchemeError
 from deid_node.log import get_logger
 from deid_node.pipeline import (

@@ -1454,6 +1454,86 @@ def pixel_section(source: Path) -> str:
     )
 
 
+# What limits a target that is not met, by a phrase of its row's measure.
+LIMITS = {
+    "vs dicognito": (
+        "Per file deid-node does what dicognito does (a pydicom read and a pydicom write, about"
+        " 1.3 ms of CPU of the ~3 ms dicognito spends per 512 KB file here) and what dicognito"
+        " does not: a header read in the parent process to judge the series before anything is"
+        " written, the identifying values, Table E.1-1 with its IOD rules, the residual scan and"
+        " the unused-bits check; then the start-up (interpreter, pydicom with the optional"
+        " packages our install brings, a worker pool: the start-up rows). 2x on this 2-core"
+        " machine needs the whole of it under dicognito's CPU per file, with both cores free:"
+        " the per-CPU-second row says how far it is. Levers left (see Where the time went):"
+        " one parse per file instead of two (judge the series from what the workers read, or"
+        " read the header once and hand it over), a header writer that does not go through"
+        " pydicom's per-element writer, and a lighter pydicom import."
+    ),
+    "deid-node serve": (
+        "Per C-STORE the node flushes three times where the bare SCP flushes once: the"
+        " instance, its folder entry (now mostly folded into the instance's flush on ext4) and"
+        " the SQLite commit of its row (WAL, synchronous=FULL); it also reads the header and"
+        " hashes the file. storescu sends the next instance only after the answer, so each of"
+        " these adds to every instance. Left to the lead (scp/handlers.py, store/state.py):"
+        " hash the file while its fsync runs, and start the file's fsync before the header"
+        " checks."
+    ),
+    "800x600 US image": "OCR speed is issue 17 item 2 (pixels); see docs/benchmarks-pixels.md.",
+    "whole cine": "One OCR pass per cine is issue 17 item 3 (pixels).",
+    "string recall": "Recall is measured by scripts/bench_pixels.py (pixels).",
+}
+
+
+def not_met_section(rows: list[Row]) -> str:
+    missed = [r for r in rows if r.met == "NOT met"]
+    if not missed:
+        return "\n## Targets not met\n\nNone in this run.\n"
+    lines = ["", "## Targets not met", ""]
+    for row in missed:
+        why = next((text for key, text in LIMITS.items() if key in row.measure), "")
+        figure = f"{row.result}" + (f", {row.ratio} of {row.reference}" if row.ratio else "")
+        lines.append(f"- {row.phase}, {row.measure.strip()}: {figure}, target {row.target}. {why}")
+    return "\n".join(lines) + "\n"
+
+
+WHERE_THE_TIME_WENT = """
+## Where the time went (issue 17)
+
+Tag pipeline, before: commit 238a56e; after: this run (the stage row above). Each stage of
+`deidentify_file` timed one file at a time in one process on the 300 CT files, ms per file, on
+this machine with other work on it (load 4-6; the two commits taken in turn):
+
+| stage | before (238a56e) | after | what changed |
+|---|---|---|---|
+| read header in the parent | 0.40 | 0.37-0.45 | nothing (a second parse of each file: the next lever) |
+| read file in the worker | 0.35-0.59 | 0.34-0.42 | nothing |
+| identifying values | 0.81-0.97 | 0.61-0.71 | text folding without a per-character pass for ASCII |
+| pixels, unused-bits check | 0.71 | 0.10-0.13 | one max() when no sample has a bit above Bits Stored |
+| tags (Table E.1-1) | 4.4-5.1 | 0.70-0.87 | the residual evidence was built per file twice, folding the node's own text per value: now once per distinct set of identifying values, cached |
+| residual scan | 3.8-4.5 | 0.17-0.23 | same evidence cache; keywords looked up once per tag |
+| write | 3.2-4.2 | 2.3-4.0 | native pixel data written after the header in one write (pydicom copied it through two buffers); the rest is pydicom's writer and the disk |
+
+Whole process, 300 files, `--workers 2`, 4 rounds in turn (best; load 5.8): dicognito 1.22 s
+(1.08 CPU-s), deid-node before 3.81 s (4.03 CPU-s), after these stage changes 2.14 s (1.88
+CPU-s). Start-up: the CLI no longer imports the pull commands (pynetdicom, the store: about
+0.1 s) to build its parser, and the batch front door imports the de-identification modules
+before the worker pool forks, so that the two workers do not import them again (children's CPU
+1.34-1.58 s -> 1.15-1.25 s on 300 files). Not changed: pydicom's own import (0.15-0.3 s here:
+it imports PIL, tqdm and the JPEG plug-ins our install brings; dicognito's venv has none of
+them), and the fork start of the pool.
+
+Ingest, sampled every 0.5 ms in the association's thread of an in-process `deid-node serve`
+while storescu sent 300 CT (before): 46% waiting for the next message (pynetdicom's reactors
+poll every 1 ms), 54% in our C-STORE handler: the instance's fsync 21%, the rename and the
+folder's fsync 7.5%, the SQLite commit 15%, the SHA-256 4%, the header read 4%. Changed:
+the file is renamed before its fsync (ext4 and XFS then commit the rename with the file, and
+the folder's fsync has nothing left to do; both fsyncs still end before Success is sent), and
+pynetdicom's DUL thread polls every 0.2 ms while an association is busy instead of every 1 ms
+(`scp.server`, back to 1 ms after 0.1 s idle); the bare SCP polling the same way is measured
+as a what-if above, so that the ratio's two parts can be told apart.
+"""
+
+
 def write_markdown(
     path: Path, res: Results, machine: dict[str, str], args: argparse.Namespace, seconds: float
 ) -> None:
@@ -1518,6 +1598,8 @@ as such, and what limits it is said under "Targets not met".
 - Peak RSS: the sum of VmRSS over the node's process tree (main, forkserver, workers), sampled
   every 100 ms; shared pages count once per process, so it is an upper bound.
 """
+    text += not_met_section(res.rows)
+    text += WHERE_THE_TIME_WENT
     text += pixel_section(REPO / "docs" / "benchmarks-pixels.md")
     if res.notes:
         text += "\n## Notes from this run\n\n" + "\n".join(f"- {n}" for n in res.notes) + "\n"
