@@ -48,7 +48,7 @@ from deid_node.deid.sensitive import SensitiveTextClassifier
 from deid_node.errors import PixelError
 from deid_node.modes import DeidentifyRedactTextMode
 from deid_node.ocr import OcrEngine, TextBox, get_engine
-from deid_node.ocr.base import recognize_in_frame
+from deid_node.ocr.base import merge_overlapping, recognize_in_frame
 
 # Frames are diffed against the previous one; changed regions smaller than this share of the
 # frame are re-scanned alone, larger ones as a whole frame.
@@ -391,24 +391,12 @@ def _moving_regions(
     overlapping ones merged so a text line is read whole."""
     grown = cv2.dilate(outside.astype(np.uint8), np.ones((9, 9), np.uint8))
     count, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
-    rects = [
-        _expand_over_boxes((int(x), int(y), int(x + w), int(y + h)), boxes, height, width)
-        for x, y, w, h, _ in stats[1:count]
-    ]
-    merged = True
-    while merged:
-        merged = False
-        for i in range(len(rects)):
-            for j in range(i + 1, len(rects)):
-                a, b = rects[i], rects[j]
-                if a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]:
-                    rects[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
-                    del rects[j]
-                    merged = True
-                    break
-            if merged:
-                break
-    return rects
+    return merge_overlapping(
+        [
+            _expand_over_boxes((int(x), int(y), int(x + w), int(y + h)), boxes, height, width)
+            for x, y, w, h, _ in stats[1:count]
+        ]
+    )
 
 
 def _scan_every_frame(

@@ -66,6 +66,28 @@ def recognize_in_frame(
     return engine.recognize(image)
 
 
+def merge_overlapping(
+    rects: Sequence[tuple[int, int, int, int]],
+) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) rectangles with every overlapping pair replaced by their bounding
+    rectangle, until none overlap: each pixel is then in at most one of them."""
+    out = list(rects)
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(out)):
+            for j in range(i + 1, len(out)):
+                a, b = out[i], out[j]
+                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                    out[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                    del out[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return out
+
+
 def box_from_points(points: Iterable[Sequence[float]], height: int, width: int) -> TextBox | None:
     """The bounding box of a quadrilateral, clipped to the image; None if nothing is left."""
     pts = np.asarray(list(points), dtype=np.float64).reshape(-1, 2)
