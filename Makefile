@@ -10,7 +10,8 @@ ALL_EXTRAS := test,easyocr
 comma := ,
 RUN_STAMP := $(VENV)/.installed-base$(if $(EXTRAS),-$(subst $(comma),-,$(EXTRAS)))
 ALL_STAMP := $(VENV)/.installed-all
-APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools tesseract-ocr chromium chromium-driver
+APT_PACKAGES := dcmtk orthanc orthanc-dicomweb dicom3tools tesseract-ocr chromium chromium-driver \
+	postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run install test venv system-deps lint bench bench-pixels clean
@@ -32,7 +33,8 @@ install: $(RUN_STAMP)
 venv: $(ALL_STAMP)
 
 # Debian packages the tests use as real peers: DCMTK (storescu/echoscu), Orthanc (research
-# PACS), dicom3tools (dciodvfy), Tesseract (independent OCR). Installed only when missing.
+# PACS), dicom3tools (dciodvfy), Tesseract (independent OCR), PostgreSQL (the replica tests'
+# own temporary cluster, tests/pgcluster.py). Installed only when missing.
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
