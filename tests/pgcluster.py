@@ -14,7 +14,6 @@ Without the PostgreSQL binaries the fixtures skip, except under CI=true/1, where
 from __future__ import annotations
 
 import contextlib
-import grp
 import itertools
 import os
 import pwd

@@ -84,7 +84,9 @@ def test_server_runs_as_an_unprivileged_user(pg_cluster: PgCluster):
     pid = pg_cluster.postmaster_pid()
     assert pid is not None
     status = Path(f"/proc/{pid}/status").read_text()
-    uids = [int(u) for u in next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1:]]
+    uids = [
+        int(u) for u in next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1:]
+    ]
     expected = os.geteuid() if pg_cluster.uid is None else pg_cluster.uid
     assert uids == [expected] * 4, f"postmaster runs with uids {uids}, expected {expected}"
     assert 0 not in uids, "the PostgreSQL server runs as root"
