@@ -194,9 +194,9 @@ def pg_rows(url: str, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
 
 
 def claim_holder(row: dict[str, Any], ids: list[str]) -> str | None:
-    """The replica a row names as holding its claim (whatever the column is called)."""
-    named = {value for value in row.values() if isinstance(value, str) and value in ids}
-    return named.pop() if len(named) == 1 else None
+    """The replica holding a batch's or a delivery's claim (`claimed_by`), if one of ours."""
+    holder = row.get("claimed_by")
+    return holder if holder in ids else None
 
 
 # -- the modality ------------------------------------------------------------------------------
