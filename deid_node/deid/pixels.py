@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import ceil
 
-import cv2
 import numpy as np
 from pydicom import Dataset
 from pydicom.uid import AllTransferSyntaxes
@@ -389,6 +388,8 @@ def _moving_regions(
 ) -> list[tuple[int, int, int, int]]:
     """Rectangles, padded for context, over the moving pixels outside the boxes found; near or
     overlapping ones merged so a text line is read whole."""
+    import cv2  # here, not at the top: REDACT_NO_TEXT never loads OpenCV (issue 17)
+
     grown = cv2.dilate(outside.astype(np.uint8), np.ones((9, 9), np.uint8))
     count, _, stats, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
     return merge_overlapping(
@@ -462,6 +463,8 @@ def _find(
     if max(frame_h, frame_w) > max_side:
         scale = max_side / max(frame_h, frame_w)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        import cv2  # here, not at the top: REDACT_NO_TEXT never loads OpenCV (issue 17)
+
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     shape = (max(1, round(frame_h * scale)), max(1, round(frame_w * scale)))
     read = recognize_in_frame(engine, image, shape)
