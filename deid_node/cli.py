@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--project", help="in this project only (default: every project)")
     retry.set_defaults(func=cmd_retry)
 
+    db = sub.add_parser("db", help="the node's database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser(
+        "upgrade", help="apply the schema migrations (the node also does at start)"
+    )
+    upgrade.add_argument("--config", required=True, type=Path)
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
     _add_pull_parsers(sub)
 
     console = sub.add_parser("console", help="operator console: manage its users")
@@ -178,17 +186,16 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from deid_node.store import Store
+    from deid_node.store import open_existing_store
 
     config = load_config(args.config)
-    if not (config.node.data_dir / "deid-node.sqlite").exists():
-        raise DeidNodeError(
-            f"no database in {config.node.data_dir}: has the node run with this config?"
-        )
     if args.project:
         config.project(args.project)  # ConfigError naming the known ones
-    store = Store(config.node.data_dir, readonly=True)
+    store = open_existing_store(config, readonly=True)
     status = store.status(args.project)
+    if config.store.backend == "postgresql":
+        store.lease_seconds = config.store.lease_seconds
+        status["replicas"] = store.replicas()
     status["pull_jobs"] = [
         {k: v for k, v in job.items() if k != "study_list"}
         for job in store.pull_jobs()
@@ -199,12 +206,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from deid_node.store import Store
+    from deid_node.store import open_existing_store
 
     config = load_config(args.config)
     if args.project:
         config.project(args.project)  # ConfigError naming the known ones
-    store = Store(config.node.data_dir)
+    store = open_existing_store(config)
     try:
         processing = store.retry_processing(args.series, args.project)
         deliveries = store.retry_series(args.series, args.project)
@@ -236,6 +243,20 @@ def _pull_command(name: str) -> Callable[[argparse.Namespace], int]:
         return int(getattr(pull_cli, name)(args))
 
     return run
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from deid_node.store import open_store
+    from deid_node.store.schema import MIGRATIONS
+
+    config = load_config(args.config)
+    store = open_store(config)  # migrates: under the data folder's lock, or an advisory lock
+    try:
+        version = store.engine.schema_version()
+    finally:
+        store.close()
+    print(f"{config.store.backend} database at schema version {version} of {len(MIGRATIONS)}")
+    return 0 if version == len(MIGRATIONS) else EXIT_ERROR
 
 
 def _add_pull_parsers(sub: argparse._SubParsersAction) -> None:

@@ -80,6 +80,8 @@ class NodeConfig:
     # Calling AE -> source networks (CIDR) it may connect from; AEs not listed: any address.
     allowed_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     tls: TlsConfig | None = None
+    # Unique per replica sharing a PostgreSQL store; default hostname:port.
+    replica_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,18 @@ class ConsoleConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the node's state lives: "sqlite" (embedded in node.data_dir, one node) or
+    "postgresql" (replicas sharing one database and `shared_dir` for spool, outputs and
+    quarantine). The URL holds no password: PGPASSWORD or ~/.pgpass."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    url: str = ""
+    shared_dir: Path | None = None
+    lease_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
 class ProjectConfig:
     """One research project: which associations and instances it takes, its own rules, secret
     and destinations. Its sections are complete: unset keys were filled from the top level."""
@@ -235,6 +249,7 @@ class Config:
     sources: tuple[SourceConfig, ...] = ()
     # As written in [[projects]]; none: one implicit project (all_projects).
     projects: tuple[ProjectConfig, ...] = ()
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def all_projects(self) -> tuple[ProjectConfig, ...]:
@@ -264,6 +279,12 @@ class Config:
     @property
     def data_dir(self) -> Path:
         return self.node.data_dir
+
+    @property
+    def files_dir(self) -> Path:
+        """Where spool, outputs, quarantine and secrets live: node.data_dir, or with a
+        PostgreSQL store the folder every replica shares."""
+        return self.store.shared_dir or self.node.data_dir
 
     @property
     def db_path(self) -> Path:
@@ -297,6 +318,7 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             "console",
             "sources",
             "projects",
+            "store",
         },
         "",
     )
@@ -315,6 +337,13 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
             raise ConfigError(f"node.{key}: must be positive")
     _check_network_limits(node)
     node = _replace(node, data_dir=Path(node.data_dir).absolute())
+    if not node.replica_id:
+        import socket
+
+        node = _replace(node, replica_id=f"{socket.gethostname()}:{node.port}")
+    if len(node.replica_id) > 64 or not re.fullmatch(r"[A-Za-z0-9._:-]+", node.replica_id):
+        raise ConfigError("node.replica_id: 1-64 characters of letters, digits, . _ : -")
+    store = _parse_store(raw.get("store", {}))
 
     series = _parse_series(raw.get("series", {}), "series")
     deid = _parse_deid(raw.get("deid", {}), "deid")
@@ -343,7 +372,32 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
     )
     if len({p.name for p in projects}) != len(projects):
         raise ConfigError("projects: names must be unique")
-    return _replace(config, projects=projects)
+    return _replace(config, projects=projects, store=store)
+
+
+def _parse_store(raw: Any) -> StoreConfig:
+    store = _section(StoreConfig, raw, "store")
+    if store.backend not in ("sqlite", "postgresql"):
+        raise ConfigError(f"store.backend: {store.backend!r} is not one of sqlite, postgresql")
+    if store.backend == "sqlite":
+        for key in ("url", "shared_dir"):
+            if getattr(store, key):
+                raise ConfigError(f'store.{key}: only with backend = "postgresql"')
+        return store
+    if not store.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("store.url: required, postgresql://user@host:port/database")
+    if "@" in store.url.split("://", 1)[1] and ":" in store.url.split("://", 1)[1].split("@")[0]:
+        raise ConfigError(
+            "store.url: no password in the URL (PGPASSWORD in the environment or ~/.pgpass)"
+        )
+    if store.shared_dir is None:
+        raise ConfigError(
+            'store.shared_dir: required with backend = "postgresql" (a folder every replica'
+            " mounts: spool, outputs, quarantine, secrets)"
+        )
+    if store.lease_seconds < 2:
+        raise ConfigError("store.lease_seconds: must be >= 2")
+    return _replace(store, shared_dir=Path(store.shared_dir).absolute())
 
 
 def _parse_series(raw: Any, label: str) -> SeriesConfig:

@@ -28,7 +28,8 @@ from deid_node.modes import SeriesPolicy
 from deid_node.pipeline import PipelineSettings, SourceFile, run_series
 from deid_node.routing import Router
 from deid_node.scp import enable_chunked_receive, start_server
-from deid_node.store import Store
+from deid_node.store import open_store
+from deid_node.store.replicas import ClaimLostError
 from deid_node.workers import make_process_pool, pool_is_broken, replace_pool
 
 log = get_logger("deid_node.node")
@@ -55,12 +56,15 @@ class Node:
         if not config.destinations:
             raise ConfigError("destinations: the node needs at least one [[destinations]] entry")
         self.config = config
-        # First thing in data_dir: its lock (DataDirInUseError when another node owns it).
-        self.store = Store(config.node.data_dir, exclusive=True)
+        # First thing in data_dir: its lock (DataDirInUseError when another node owns it; with
+        # a PostgreSQL store, another process with this replica_id).
+        self.store = open_store(config, exclusive=True)
+        self.replicated = config.store.backend == "postgresql"
+        files = config.files_dir
         # One pipeline per project, each with its own secret (shared where secret_name says).
         self.projects = {p.name: p for p in config.all_projects}
         self.settings = {
-            p.name: pipeline_settings(p, load_or_create_secret(config.node.data_dir, p.secret))
+            p.name: pipeline_settings(p, load_or_create_secret(files, p.secret))
             for p in config.all_projects
         }
         self.router = Router.from_config(config)
@@ -90,7 +94,7 @@ class Node:
             list(self._destinations)
         )
         node = self.config.node
-        enable_chunked_receive(node.data_dir / "tmp")
+        enable_chunked_receive(self.store.tmp_dir)
         if self.config.console.enabled:
             self._console = self._start_console()  # ConfigError naming console.port if taken
         try:
@@ -100,6 +104,9 @@ class Node:
             raise ConfigError(
                 f"node.port: cannot listen on {node.host}:{node.port}: {exc.strerror or exc}"
             ) from None
+        if self.replicated:
+            self.store.register_replica(self.port if self._server else node.port)
+            self._spawn("heartbeat", self._heartbeat_loop)
         self._spawn("scheduler", self._schedule_loop)
         for dest in self.config.destinations:
             self._spawn(f"forward-{dest.name}", self._forward_loop, dest)
@@ -112,7 +119,8 @@ class Node:
             ae_title=node.ae_title,
             host=node.host,
             port=self.port,
-            data_dir=str(node.data_dir),
+            data_dir=str(self.config.files_dir),
+            replica_id=node.replica_id if self.replicated else None,
             destinations=[d.name for d in self.config.destinations],
             projects={p.name: list(p.called_ae_titles) for p in self.projects.values()},
             tls=node.tls is not None,
@@ -237,6 +245,9 @@ class Node:
     def _process_guarded(self, batch_id: int) -> None:
         try:
             self.process_batch(batch_id)
+        except ClaimLostError:
+            # This replica stalled past its lease; another one processed the batch again.
+            log.warning("claim_lost", batch_id=batch_id)
         except Exception as exc:
             if isinstance(exc, BrokenProcessPool):
                 self._replace_broken_pool()
@@ -248,6 +259,19 @@ class Node:
         finally:
             self._in_flight.release()
             self._scheduler_wake.set()  # a slot is free: claim the next complete batch now
+
+    def _heartbeat_loop(self) -> None:
+        """Replicas: renew this replica's leases every third of lease_seconds, and put back in
+        the queue the work of replicas whose leases ran out (they died or lost the database)."""
+        interval = self.config.store.lease_seconds / 3
+        while not self._stop.is_set():
+            self.store.heartbeat()
+            taken = self.store.requeue_expired()
+            if any(taken.values()):
+                log.warning("replica_work_taken_over", **taken)
+                for event in (self._scheduler_wake, *self._forward_wake.values()):
+                    event.set()
+            self._stop.wait(interval)
 
     def _replace_broken_pool(self) -> None:
         """A worker died (killed, out of memory, crash in a decoder): start a new pool, once,
@@ -306,7 +330,7 @@ class Node:
         outcome = run_series(
             sources,
             settings,
-            self.config.node.data_dir / "deid" / str(batch_id),
+            self.store.data_dir / "deid" / str(batch_id),
             executor=self._pool,
             earlier=earlier,
             url_for_output=lambda _path: None,  # set once a destination acknowledges it
@@ -388,15 +412,18 @@ class Node:
                             down_s=round(down_for, 1),
                             deliveries=due,
                         )
-            for delivery in self.store.due_deliveries():
-                if delivery["destination"] == dest.name and not self._stop.is_set():
-                    if self.forward_delivery(dest, delivery):
-                        link.mark_up()
-                    else:
-                        # Unreachable: the others would wait out the same connect timeout one
-                        # after the other; the probe makes them due once it answers again.
-                        link.mark_down()
-                        break
+            # One due delivery at a time, claimed (replicas never send one twice at once).
+            while not self._stop.is_set():
+                delivery = self.store.claim_due_delivery(dest.name)
+                if delivery is None:
+                    break
+                if self.forward_delivery(dest, delivery):
+                    link.mark_up()
+                else:
+                    # Unreachable: the others would wait out the same connect timeout one
+                    # after the other; the probe makes them due once it answers again.
+                    link.mark_down()
+                    break
             probe_in = link.seconds_until_probe()
             poll = self.config.node.poll_seconds
             wait = poll if probe_in is None else min(poll, probe_in)

@@ -15,7 +15,7 @@ from deid_node.config import Config, load_config
 from deid_node.errors import DeidNodeError
 from deid_node.log import get_logger
 from deid_node.pull import QUERY_KEYS, validate_query
-from deid_node.store import Store
+from deid_node.store import Store, open_existing_store
 from deid_node.store.pulls import PULL_JOB_FINAL
 
 log = get_logger("deid_node.pull_cli")
@@ -69,12 +69,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def _open_store(config: Config) -> Store:
-    if not (config.node.data_dir / "deid-node.sqlite").exists():
-        raise DeidNodeError(
-            f"no database in {config.node.data_dir}: has the node run with this config?"
-        )
     # Neither exclusive nor read-only: writes next to the running node, as `retry` does.
-    return Store(config.node.data_dir)
+    return open_existing_store(config)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -154,7 +150,7 @@ def follow(store: Store, job_id: int, poll: float = 1.0) -> dict[str, Any]:
 
 def cmd_pull_status(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    store = Store(config.node.data_dir, readonly=True)
+    store = open_existing_store(config, readonly=True)
     try:
         jobs = store.pull_jobs(args.job)
         if args.job is not None and not jobs:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deid_node.config import load_config  # noqa: E402
 from deid_node.errors import DeidNodeError  # noqa: E402
-from deid_node.store import Store  # noqa: E402
+from deid_node.store import open_existing_store  # noqa: E402
 
 COLUMNS = (
     "project",
@@ -49,13 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         since = _normalise_since(args.since) if args.since else None
         config = load_config(args.config)
-        if not config.db_path.exists():
-            raise DeidNodeError(
-                f"no database at {config.db_path}: has the node run with this config?"
-            )
         if args.project:
             config.project(args.project)  # an error naming the known projects
-        store = Store(config.node.data_dir, readonly=True)
+        store = open_existing_store(config, readonly=True)
         reports = store.reports(
             study_uid=args.study,
             series_uid=args.series,

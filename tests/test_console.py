@@ -552,11 +552,11 @@ def test_healthz_is_503_when_the_database_takes_no_writes_or_the_scp_is_down(tmp
             }
             # Root ignores file modes, so chmod proves nothing here: SQLite's own switch makes
             # the node's connection refuse every write, as a read-only database would.
-            node.store.db.execute("PRAGMA query_only = ON")
+            node.store.engine.db.execute("PRAGMA query_only = ON")
             response = http.get("/healthz")
             assert response.status_code == 503
             assert response.json()["database_writable"] is False
-            node.store.db.execute("PRAGMA query_only = OFF")
+            node.store.engine.db.execute("PRAGMA query_only = OFF")
             assert http.get("/healthz").status_code == 200
             node._server.stop(1)  # the SCP stops listening (the node's own stop does this first)
             node._server = None

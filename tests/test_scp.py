@@ -185,11 +185,11 @@ def test_uid_mismatch_with_request_is_dataset_mismatch(scp, tmp_path):
 
 def test_database_failure_is_never_success(scp, tmp_path):
     port, store = scp()
-    store._conn.execute("PRAGMA query_only = ON")  # every write now fails inside SQLite
+    store.engine._conn.execute("PRAGMA query_only = ON")  # every write now fails inside SQLite
     paths = write_series([make_instance("CT")], tmp_path / "in")
     status = send_files(port, paths)
     assert status[0] != 0x0000 and status[0] in (0xA700, 0x0110)
-    store._conn.execute("PRAGMA query_only = OFF")
+    store.engine._conn.execute("PRAGMA query_only = OFF")
     assert not list((store.data_dir / "spool").rglob("*.dcm")), (
         "spool file of a refused instance remains"
     )

@@ -152,7 +152,7 @@ def test_readonly_store_reads_and_cannot_write(tmp_path):
     reader = Store(tmp_path, readonly=True)
     assert reader.status()["instances"] == 1
     with pytest.raises(sqlite3.OperationalError):
-        reader._conn.execute("DELETE FROM instances")
+        reader.engine._conn.execute("DELETE FROM instances")
     reader.close()
 
 
@@ -208,7 +208,7 @@ def test_acknowledgements_commit_without_fsync_and_leave_full_sync_on(tmp_path):
     store.mark_sent([(stored.id, "research", "dicom://R/2.25.1", 0)])
     assert store.query("SELECT COUNT(*) AS n FROM sent")[0]["n"] == 1
     # Receipts (acknowledged to a modality) stay power-safe: FULL is 2.
-    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store.engine._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
     store.close()
 
 

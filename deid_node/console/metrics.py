@@ -27,6 +27,7 @@ from prometheus_client.core import (
 from deid_node.pipeline import OCR_SECONDS_BUCKETS
 from deid_node.store import BATCH_STATES, Store
 from deid_node.store import metrics_queries as mq
+from deid_node.store.engine import StoreUnavailableError
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
@@ -186,7 +187,7 @@ def health(view: NodeView) -> dict[str, Any]:
     try:
         mq.probe_writable(view.store)
         checks["database_writable"] = True
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, StoreUnavailableError) as exc:
         checks["database_writable"] = False
         checks["database_error"] = type(exc).__name__
     checks["ok"] = checks["scp_listening"] and checks["database_writable"]

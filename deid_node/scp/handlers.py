@@ -24,6 +24,7 @@ from deid_node.pipeline import UID_PATTERN
 from deid_node.routing import Router
 from deid_node.scp.limits import PIXEL_TAGS, pixel_size_problem
 from deid_node.store import Receipt, Store
+from deid_node.store.engine import StoreUnavailableError
 
 log = get_logger("deid_node.scp")
 
@@ -84,7 +85,7 @@ def make_store_handler(
         bound = log.bind(calling_ae=calling_ae, sop_uid=str(event.request.AffectedSOPInstanceUID))
         try:
             return _store_instance(event, store, limits, routes, calling_ae, bound)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except (OSError, sqlite3.OperationalError, StoreUnavailableError) as exc:
             bound.error(
                 "store_failed", reason="disk or database error", error_type=type(exc).__name__
             )

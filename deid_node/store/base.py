@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
-import os
-import sqlite3
+import contextlib
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
 from deid_node.errors import DeidNodeError
 from deid_node.files import fsync_dirs
+from deid_node.store.engine import PostgresEngine, SqliteEngine
 from deid_node.store.lock import DataDirLock
-from deid_node.store.schema import MIGRATIONS, migrate
+from deid_node.store.schema import MIGRATIONS
 
 SUBFOLDERS = ("spool", "deid", "quarantine", "tmp")
 
 
 class StoreBase:
-    """Owns `data_dir`: the database, the spool (originals), deid outputs and the quarantine."""
+    """Owns `data_dir`: the database, the spool (originals), deid outputs and the quarantine.
 
-    def __init__(self, data_dir: Path, *, readonly: bool = False, exclusive: bool = False) -> None:
+    With `database_url` (PostgreSQL, `[store] backend = "postgresql"`) the database is shared by
+    the node's replicas and `data_dir` is the folder they share (`store.shared_dir`); each
+    replica (`replica_id`) owns its lock and its tmp/ folder there.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        readonly: bool = False,
+        exclusive: bool = False,
+        database_url: str | None = None,
+        replica_id: str = "",
+    ) -> None:
         """Open (and on first use create) the node's state.
 
-        exclusive: the node. Takes the data folder's lock before touching anything and holds it
-        until close(); a second process gets DataDirInUseError and changes nothing.
+        exclusive: the node. Takes the data folder's lock (a replica's own, on a shared
+        folder) before touching anything and holds it until close(); a second process gets
+        DataDirInUseError and changes nothing.
         readonly: for reports and status next to a running node; creates nothing, migrates
         nothing, writes nothing.
         Neither (`retry`, tests): takes the lock only while creating and migrating, when it is
@@ -35,15 +46,19 @@ class StoreBase:
         """
         self.data_dir = Path(data_dir).absolute()
         self.db_path = self.data_dir / "deid-node.sqlite"
-        self._lock = threading.RLock()
+        self.shared = database_url is not None
+        self.replica_id = replica_id
+        self._lock = threading.RLock()  # in-memory state of subclasses (open associations)
         self._data_dir_lock: DataDirLock | None = None
+        self.engine: SqliteEngine | PostgresEngine
         if readonly:
-            self._conn = sqlite3.connect(
-                f"{self.db_path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30
+            self.engine = (
+                PostgresEngine(database_url, readonly=True)
+                if database_url
+                else SqliteEngine(self.db_path, readonly=True)
             )
-            self.db = sqlite_utils.Database(self._conn)
             return
-        lock = DataDirLock(self.data_dir)
+        lock = DataDirLock(self.data_dir, self._lock_name())
         if exclusive:
             lock.acquire_or_fail()
             self._data_dir_lock = lock
@@ -53,45 +68,48 @@ class StoreBase:
         try:
             if owner:
                 self._create_folders()
-            self._connect()
-            if owner:
-                with self.transaction() as conn:
-                    migrate(conn, self.db)
-            else:
-                version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-                if version != len(MIGRATIONS):
-                    self._conn.close()
+            self.engine = (
+                PostgresEngine(database_url) if database_url else SqliteEngine(self.db_path)
+            )
+            try:
+                if owner or self.shared:
+                    self.engine.migrate()
+                elif self.engine.schema_version() != len(MIGRATIONS):
                     raise DeidNodeError(
-                        f"{self.db_path}: schema version {version}, this deid-node needs"
-                        f" {len(MIGRATIONS)}; the node running on it is another version"
+                        f"{self.db_path}: schema version {self.engine.schema_version()}, this"
+                        f" deid-node needs {len(MIGRATIONS)}; the node running on it is another"
+                        " version"
                     )
+            except BaseException:
+                self.engine.close()
+                raise
         except BaseException:
             lock.release()
             raise
         if not exclusive:
             lock.release()
 
+    def _lock_name(self) -> str:
+        return f"replicas/{self.replica_id}.lock" if self.shared else "deid-node.lock"
+
+    @property
+    def tmp_dir(self) -> Path:
+        """Received bytes before they are adopted: a replica's own on a shared folder (its
+        clean-up at start must not touch another replica's receipts in flight)."""
+        if self.shared:
+            return self.data_dir / "tmp" / self.replica_id
+        return self.data_dir / "tmp"
+
     def _create_folders(self) -> None:
         for sub in ("", *SUBFOLDERS):
             (self.data_dir / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # The 256 spool folders exist, durably, before the first receipt: acknowledging an
         # instance then needs no fsync of a folder's parent.
         spool = self.data_dir / "spool"
         for index in range(256):
             (spool / f"{index:02x}").mkdir(mode=0o700, exist_ok=True)
         fsync_dirs([spool, self.data_dir])
-
-    def _connect(self) -> None:
-        new = not self.db_path.exists()
-        self._conn = sqlite3.connect(
-            self.db_path, check_same_thread=False, isolation_level=None, timeout=30
-        )
-        if new:
-            os.chmod(self.db_path, 0o600)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self.db = sqlite_utils.Database(self._conn)
 
     # Paths in the database are relative to data_dir (POSIX form), so that a folder moved to
     # a new disk or restored from a backup keeps working.
@@ -103,36 +121,17 @@ class StoreBase:
         """A path read from the database (an absolute one, from before migration 6, as is)."""
         return self.data_dir / stored
 
-    @contextmanager
-    def transaction(self, *, power_safe: bool = True) -> Iterator[sqlite3.Connection]:
-        """One write transaction. power_safe=False: the commit survives a crash of the process
-        (it is in the WAL, in the kernel's cache) but not a power loss, and costs no fsync;
-        the next power-safe commit makes it durable too."""
-        with self._lock:
-            if not power_safe:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._conn
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    # Also after a failed COMMIT (disk full): never leave the connection inside
-                    # a transaction, or every later write fails until restart.
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
-            finally:
-                if not power_safe:
-                    self._conn.execute("PRAGMA synchronous=FULL")
+    @contextlib.contextmanager
+    def transaction(self, *, power_safe: bool = True) -> Iterator[Any]:
+        """One write transaction (see SqliteEngine.transaction for power_safe)."""
+        with self.engine.transaction(power_safe=power_safe) as conn:
+            yield conn
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.db.query(sql, params))
+        return self.engine.query(sql, params)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-            if self._data_dir_lock is not None:
-                self._data_dir_lock.release()
-                self._data_dir_lock = None
+        self.engine.close()
+        if self._data_dir_lock is not None:
+            self._data_dir_lock.release()
+            self._data_dir_lock = None

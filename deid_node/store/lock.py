@@ -17,8 +17,8 @@ LOCK_NAME = "deid-node.lock"
 
 
 class DataDirLock:
-    def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / LOCK_NAME
+    def __init__(self, data_dir: Path, name: str = LOCK_NAME) -> None:
+        self.path = Path(data_dir) / name
         self._fd: int | None = None
 
     def acquire(self) -> bool:

@@ -101,9 +101,14 @@ def processing_durations(rows: list[dict[str, Any]]) -> list[float]:
 
 
 def probe_writable(store: StoreBase) -> None:
-    """Rewrite one row: raises sqlite3.Error when the database takes no writes."""
+    """Rewrite one row: raises (sqlite3.Error, StoreUnavailableError) when the database
+    takes no writes."""
     with store.transaction(power_safe=False) as conn:
-        conn.execute("INSERT OR REPLACE INTO health_probe (id, at) VALUES (1, ?)", (utcnow(),))
+        conn.execute(
+            "INSERT INTO health_probe (id, at) VALUES (1, ?)"
+            " ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            (utcnow(),),
+        )
 
 
 def received_since(store: StoreBase, since: str) -> int:

@@ -70,5 +70,9 @@ class QuarantineFiles(StoreBase):
         """A report row for an instance the SCP refused (with the DIMSE status and why)."""
         if row.get("quarantine_path"):
             row["quarantine_path"] = self.relative(row["quarantine_path"])
-        with self.transaction():
-            self.db["refused"].insert({"received_at": utcnow(), **row})
+        row = {"received_at": utcnow(), **row}
+        with self.transaction() as conn:
+            conn.execute(
+                f"INSERT INTO refused ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )

@@ -275,6 +275,36 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     db["instances"].create_index(["project", "series_uid", "sop_uid"], if_not_exists=True)
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    """Replicas (issue 18): who holds a batch being processed or a delivery being sent, and
+    until when (a lease a heartbeat renews; once it expires another replica takes the work
+    over); the replicas themselves; and the batches an open association of a replica holds
+    back from completion."""
+    for table in ("batches", "deliveries"):
+        columns = db[table].columns_dict
+        if "claimed_by" not in columns:
+            db[table].add_column("claimed_by", str)
+        if "lease_until" not in columns:
+            db[table].add_column("lease_until", float)
+    db["replicas"].create(
+        {
+            "replica_id": str,
+            "host": str,
+            "port": int,
+            "pid": int,
+            "started_at": str,
+            "heartbeat_at": float,  # time.time()
+        },
+        pk="replica_id",
+        if_not_exists=True,
+    )
+    db["holds"].create(
+        {"replica_id": str, "association": str, "batch_id": int},
+        pk=("replica_id", "association", "batch_id"),
+        if_not_exists=True,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -285,6 +315,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
 ]
 
 

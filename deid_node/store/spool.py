@@ -15,7 +15,7 @@ from deid_node.store.base import StoreBase
 class SpoolFiles(StoreBase):
     def tmp_write(self, data: bytes) -> Path:
         """Put received bytes in a file under tmp/ (adopted into the spool or quarantine next)."""
-        path = self.data_dir / "tmp" / f"{uuid.uuid4().hex}.dcm"
+        path = self.tmp_dir / f"{uuid.uuid4().hex}.dcm"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -40,7 +40,7 @@ class SpoolFiles(StoreBase):
         mid-dataset, or a crash mid-receive). They hold patient data and nothing refers to them."""
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for path in (self.data_dir / "tmp").iterdir():
+        for path in self.tmp_dir.iterdir():
             try:
                 if path.stat().st_mtime <= cutoff:
                     path.unlink()
@@ -53,7 +53,10 @@ class SpoolFiles(StoreBase):
         """Spool files with no row: moved into the spool by a receipt whose commit never
         happened (so never acknowledged). Only at start, under the data folder's lock, when no
         receipt is in flight. Moved aside to quarantine/orphans/, never deleted: a file the
-        database does not know may still be someone's only copy."""
+        database does not know may still be someone's only copy. Not on a folder replicas
+        share: another replica's receipt may be in flight."""
+        if self.shared:
+            return 0
         known = {
             r["spool_path"]
             for r in self.query("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")
@@ -78,7 +81,8 @@ class SpoolFiles(StoreBase):
         ):
             for key in ("spool_path", "deid_path"):
                 if row[key] and self.absolute(row[key]).exists():
-                    self.absolute(row[key]).unlink()
+                    # Another replica may clean the same batch at the same moment.
+                    self.absolute(row[key]).unlink(missing_ok=True)
                     removed += 1
         return removed
 

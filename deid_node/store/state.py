@@ -15,6 +15,7 @@ Rows:
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -26,6 +27,7 @@ from deid_node.modes import DEFAULT_PROJECT
 from deid_node.report import build_report
 from deid_node.store.pulls import PullQueries
 from deid_node.store.quarantine import QuarantineFiles
+from deid_node.store.replicas import ClaimLostError, ReplicaQueries
 from deid_node.store.reports import ReportQueries
 from deid_node.store.schema import utcnow
 from deid_node.store.spool import SpoolFiles
@@ -69,11 +71,26 @@ class StoredInstance:
     duplicate: bool
 
 
-class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
-    """The node's state in `data_dir`; the only writer of its database."""
+class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries, ReplicaQueries):
+    """The node's state in `data_dir`; the only writer of its database (with PostgreSQL: one of
+    the replicas that share it, see store/replicas.py)."""
 
-    def __init__(self, data_dir: Path, *, readonly: bool = False, exclusive: bool = False) -> None:
-        super().__init__(data_dir, readonly=readonly, exclusive=exclusive)
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        readonly: bool = False,
+        exclusive: bool = False,
+        database_url: str | None = None,
+        replica_id: str = "",
+    ) -> None:
+        super().__init__(
+            data_dir,
+            readonly=readonly,
+            exclusive=exclusive,
+            database_url=database_url,
+            replica_id=replica_id,
+        )
         # Receiving batches fed by an association still open (association -> batch ids): not
         # complete until it closes. In memory: after a restart no association is open.
         self._held: dict[Hashable, set[int]] = {}
@@ -113,12 +130,15 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                     for project, path in zip(targets, paths, strict=True)
                 ]
                 if association is not None:
-                    held = self._held.setdefault(association, set())
-                    held.update(
+                    fed = {
                         stored.batch_id
                         for (stored, drop, _), project in zip(outcomes, targets, strict=True)
                         if project is not None and not drop
-                    )
+                    }
+                    with self._lock:
+                        self._held.setdefault(association, set()).update(fed)
+                    if self.shared:
+                        self._hold_in_database(conn, _key(association), fed)
         except BaseException:
             for path in paths[1:]:
                 path.unlink(missing_ok=True)
@@ -142,6 +162,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
     ) -> tuple[StoredInstance, bool, str | None]:
         """One project's row: (the row, drop the file as a known copy, an earlier file to
         delete after the commit)."""
+        # Replicas receiving one series at once add to its batch one after the other.
+        self.engine.lock_key(conn, f"{project}/{receipt.series_uid}")
         if receipt.sha256:
             seen = conn.execute(
                 "SELECT i.id, i.batch_id, b.round FROM instances i JOIN batches b ON b.id = i.batch_id"
@@ -158,7 +180,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         # Unrouted instances of a series wait in one batch of no project, final from the start
         # (rejected): kept for retention_hours from the last one, never processed.
         row = conn.execute(
-            "SELECT id, round FROM batches WHERE series_uid = ? AND project IS ? AND state = ?",
+            "SELECT id, round FROM batches WHERE series_uid = ? AND project IS ? AND state = ?"
+            f"{self.engine.for_update()}",
             (receipt.series_uid, project, "receiving" if project is not None else "rejected"),
         ).fetchone()
         if row is None:
@@ -236,16 +259,21 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         with self._lock:
             ids = self._held.pop(association, set())
             if ids:
-                self._restart_stable_clock(ids)
+                self._restart_stable_clock(ids, _key(association))
         return sorted(ids)
 
-    def _restart_stable_clock(self, ids: set[int]) -> None:
+    def _restart_stable_clock(self, ids: set[int], association: str) -> None:
         marks = ",".join("?" * len(ids))
         with self.transaction() as conn:
             conn.execute(
                 f"UPDATE batches SET last_received_at = ? WHERE state = 'receiving' AND id IN ({marks})",
                 (time.time(), *sorted(ids)),
             )
+            if self.shared:
+                conn.execute(
+                    "DELETE FROM holds WHERE replica_id = ? AND association = ?",
+                    (self.replica_id, association),
+                )
 
     def _held_batches(self) -> set[int]:
         """Batch ids an open association holds. An association whose thread ended without a
@@ -265,18 +293,26 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         held = self._held_batches()
         per_project = per_project or {}
         with self.transaction() as conn:
-            ids = [
-                batch_id
+            if self.shared:
+                held |= self._held_by_live_replicas(conn)
+            candidates = [
+                (batch_id, now - per_project.get(project, stable_seconds))
                 for batch_id, project, last in conn.execute(
                     "SELECT id, project, last_received_at FROM batches WHERE state = 'receiving'"
                 )
                 if batch_id not in held and last <= now - per_project.get(project, stable_seconds)
             ]
-            for batch_id in ids:
-                conn.execute(
-                    "UPDATE batches SET state = 'complete', completed_at = ? WHERE id = ?",
-                    (utcnow(), batch_id),
-                )
+            # Guarded: a series is completed once, by one replica, and not while an instance
+            # another replica just added restarted its clock.
+            ids = [
+                batch_id
+                for batch_id, cutoff in candidates
+                if conn.execute(
+                    "UPDATE batches SET state = 'complete', completed_at = ? WHERE id = ?"
+                    " AND state = 'receiving' AND last_received_at <= ?",
+                    (utcnow(), batch_id, cutoff),
+                ).rowcount
+            ]
         return ids
 
     def oldest_receiving(self) -> float | None:
@@ -313,14 +349,14 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 " batches p WHERE p.series_uid = batches.series_uid AND p.project IS batches.project"
                 " AND p.round < batches.round"
                 " AND p.state IN ('receiving', 'complete', 'processing'))"
-                " ORDER BY last_received_at, id LIMIT 1"
+                f" ORDER BY last_received_at, id LIMIT 1{self.engine.skip_locked()}"
             ).fetchone()
             if row is None:
                 return None
             conn.execute(
-                "UPDATE batches SET state = 'processing', processing_attempts = processing_attempts + 1"
-                " WHERE id = ?",
-                (row[0],),
+                "UPDATE batches SET state = 'processing', processing_attempts = processing_attempts + 1,"
+                " claimed_by = ?, lease_until = ? WHERE id = ?",
+                (self.replica_id, time.time() + self.lease_seconds, row[0]),
             )
             return row[0]
 
@@ -332,14 +368,17 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
             ).fetchone()[0]
             state = "complete" if attempts < max_attempts else "failed"
             conn.execute(
-                "UPDATE batches SET state = ?, summary = ?,"
-                " finished_at = CASE WHEN ? = 'failed' THEN ? END WHERE id = ? AND state = 'processing'",
+                "UPDATE batches SET state = ?, summary = ?, claimed_by = NULL, lease_until = NULL,"
+                " finished_at = CASE WHEN ? = 'failed' THEN ? END WHERE id = ? AND state = 'processing'"
+                # A replica whose claim was taken over leaves the batch to the new holder.
+                f"{' AND claimed_by IS ?' if self.shared else ''}",
                 (
                     state,
                     json.dumps({"outcome": "failed", "error": error}),
                     state,
                     utcnow(),
                     batch_id,
+                    *((self.replica_id,) if self.shared else ()),
                 ),
             )
         return state
@@ -347,10 +386,22 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
     def recover_after_restart(self) -> dict[str, int]:
         """Put interrupted work back in the queue: processing -> complete (outputs are derived
         deterministically, so redoing them is safe); forwarding keeps its deliveries."""
+        # On a shared database only this replica's own claims: another's are its own (or,
+        # once their lease ran out, anyone's: requeue_expired).
+        mine = " AND claimed_by IS ?" if self.shared else ""
+        params = (self.replica_id,) if self.shared else ()
         with self.transaction() as conn:
             processing = conn.execute(
-                "UPDATE batches SET state = 'complete' WHERE state = 'processing'"
+                "UPDATE batches SET state = 'complete', claimed_by = NULL, lease_until = NULL"
+                f" WHERE state = 'processing'{mine}",
+                params,
             ).rowcount
+            conn.execute(
+                f"UPDATE deliveries SET claimed_by = NULL, lease_until = NULL WHERE 1 = 1{mine}",
+                params,
+            )
+            if self.shared:
+                conn.execute("DELETE FROM holds WHERE replica_id = ?", params)
         return {
             "requeued_processing": processing,
             "quarantine_moves_completed": self._complete_quarantine_moves(),
@@ -493,6 +544,15 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
             state = "rejected" if not to_send else "forwarded"
         now = utcnow()
         with self.transaction() as conn:
+            if self.shared:
+                # Only the replica holding the claim records results: after its lease ran out
+                # another one processes the batch again (same derived outputs), and records.
+                claim = conn.execute(
+                    f"SELECT state, claimed_by FROM batches WHERE id = ?{self.engine.for_update()}",
+                    (batch_id,),
+                ).fetchone()
+                if tuple(claim) != ("processing", self.replica_id):
+                    raise ClaimLostError(f"batch {batch_id}: claim lost to another replica")
             for r in results:
                 report = r["report"]
                 if report.get("quarantine"):
@@ -516,7 +576,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                         (batch_id, name, now),
                     )
             conn.execute(
-                "UPDATE batches SET state=?, passed=?, processed_at=?, summary=?,"
+                "UPDATE batches SET state=?, passed=?, processed_at=?, summary=?, claimed_by=NULL,"
+                " lease_until=NULL,"
                 " finished_at=CASE WHEN ? IN ('rejected','failed','forwarded') THEN ? END WHERE id=?",
                 (state, int(passed), now, json.dumps(summary), state, now, batch_id),
             )
@@ -530,6 +591,28 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
             " ORDER BY next_attempt_at, id",
             (time.time(),),
         )
+
+    def claim_due_delivery(self, destination: str) -> dict[str, Any] | None:
+        """The next due delivery to `destination`, claimed by this replica for lease_seconds
+        (no other replica sends it meanwhile); the attempt's end (done, failed) releases it."""
+        now = time.time()
+        unclaimed = " AND (claimed_by IS NULL OR lease_until < ?)" if self.shared else ""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "SELECT * FROM deliveries WHERE state = 'pending' AND destination = ?"
+                f" AND next_attempt_at <= ?{unclaimed} ORDER BY next_attempt_at, id LIMIT 1"
+                f"{self.engine.skip_locked()}",
+                (destination, now, now) if self.shared else (destination, now),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            delivery = dict(zip([d[0] for d in cursor.description], row, strict=True))
+            conn.execute(
+                "UPDATE deliveries SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                (self.replica_id, now + self.lease_seconds, delivery["id"]),
+            )
+        return delivery
 
     def unsent_instances(self, batch_id: int, destination: str) -> list[dict[str, Any]]:
         rows = self.query(f"SELECT i.* FROM {_UNSENT} ORDER BY i.id", (batch_id, destination))
@@ -548,12 +631,14 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         with self.transaction(power_safe=False) as conn:
             for instance_id, destination, url_deid, status in acknowledged:
                 conn.execute(
-                    "INSERT OR REPLACE INTO sent (instance_id, destination, url_deid, status, at)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    "INSERT INTO sent (instance_id, destination, url_deid, status, at)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE"
+                    " SET url_deid = excluded.url_deid, status = excluded.status, at = excluded.at",
                     (instance_id, destination, url_deid, status, utcnow()),
                 )
                 row = conn.execute(
-                    "SELECT report FROM instances WHERE id = ?", (instance_id,)
+                    f"SELECT report FROM instances WHERE id = ?{self.engine.for_update()}",
+                    (instance_id,),
                 ).fetchone()
                 report = json.loads(row[0])
                 if report.get("url_deid") is None:
@@ -574,12 +659,14 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         context for it); it is not offered again until `retry`. Its report says why."""
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO dest_refused (instance_id, destination, status, reason, at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO dest_refused (instance_id, destination, status, reason, at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (instance_id, destination) DO UPDATE"
+                " SET status = excluded.status, reason = excluded.reason, at = excluded.at",
                 (instance_id, destination, status, reason, utcnow()),
             )
             (text,) = conn.execute(
-                "SELECT report FROM instances WHERE id = ?", (instance_id,)
+                f"SELECT report FROM instances WHERE id = ?{self.engine.for_update()}",
+                (instance_id,),
             ).fetchone()
             report = json.loads(text)
             report.setdefault("destinations", {})[destination] = {
@@ -624,7 +711,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 "last_error": error,
             }
             unsent = conn.execute(
-                f"SELECT i.id, i.report FROM {_UNSENT}", (batch_id, destination)
+                f"SELECT i.id, i.report FROM {_UNSENT}{self.engine.for_update()}",
+                (batch_id, destination),
             ).fetchall()
             for instance_id, text in unsent:
                 report = json.loads(text)
@@ -635,7 +723,8 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 )
             conn.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, updated_at = ?,"
-                " state = ?, next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                " state = ?, next_attempt_at = COALESCE(?, next_attempt_at), claimed_by = NULL,"
+                " lease_until = NULL WHERE id = ?",
                 (
                     error,
                     utcnow(),
@@ -651,7 +740,7 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
         with self.transaction() as conn:
             conn.execute(
                 "UPDATE deliveries SET state = 'done', attempts = attempts + 1, last_error = NULL,"
-                " updated_at = ? WHERE id = ?",
+                " updated_at = ?, claimed_by = NULL, lease_until = NULL WHERE id = ?",
                 (utcnow(), delivery_id),
             )
             self._settle_batch(conn, delivery_id)
@@ -766,6 +855,11 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries):
                 params,
             )
         return count
+
+
+def _key(association: Hashable) -> str:
+    """An open association's name in the database (unique while it is open)."""
+    return f"{os.getpid()}-{id(association)}"
 
 
 def _ended(association: Hashable) -> bool:
