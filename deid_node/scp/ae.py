@@ -50,7 +50,8 @@ def store_limits(node: NodeConfig) -> StoreLimits:
     )
 
 
-def network_limits(node: NodeConfig) -> NetworkLimits:
+def network_limits(node: NodeConfig, data_dir: Path | None = None) -> NetworkLimits:
+    """`data_dir`: where received bytes land (node.data_dir, or a shared folder)."""
     return NetworkLimits(
         max_associations=node.max_associations,
         max_pending_connections=node.max_pending_connections,
@@ -62,7 +63,7 @@ def network_limits(node: NodeConfig) -> NetworkLimits:
             max_association_bytes=node.max_association_mb * MB,
             max_instance_bytes=node.max_instance_mb * MB,
             min_free_disk_bytes=node.min_free_disk_mb * MB,
-            data_dir=node.data_dir,
+            data_dir=data_dir or node.data_dir,
         ),
     )
 
@@ -82,7 +83,7 @@ def start_server(
         ssl_context=server_ssl_context(node.tls) if node.tls else None,
         evt_handlers=handlers(store, limits or store_limits(node), Routes(router)),
         server_class=NodeServer,
-        limits=network_limits(node),
+        limits=network_limits(node, store.data_dir),
     )
     threading.Thread(target=server.serve_forever, name="scp-accept", daemon=True).start()
     return server
