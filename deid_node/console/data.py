@@ -116,7 +116,8 @@ class ConsoleData:
         if row is None:
             raise HTTPException(404, "no such quarantined file (discarded or retried already?)")
         if action == "reprocess":
-            result = self.store.retry_processing(row["series_uid"])
+            # That file's project only: the same series in another project is its own.
+            result = self.store.retry_processing(row["series_uid"], row.get("project"))
             self.view.request_reprocess()
             detail = f"{result['instances']} instance(s) re-queued"
         elif action == "release":
