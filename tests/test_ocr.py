@@ -87,3 +87,17 @@ def test_easyocr_engine_redacts_through_pixels() -> None:
     )
     assert outcome.changed and outcome.engine == "easyocr"
     assert found_strings(tesseract_text(ds.pixel_array), planted[:1]) == []
+
+
+@pytest.mark.ocr
+def test_rapidocr_reads_a_crop_as_part_of_its_frame() -> None:
+    """frame_shape: a crop is scaled for detection as its whole frame; boxes come back in the
+    crop's pixels."""
+    engine = get_engine("rapidocr")
+    frame = np.repeat(blank_image(3, 600, 800)[:, :, None], 3, axis=2)
+    planted = draw_text(frame, "PIDQX778812", (420, 330), scale=0.45, thickness=1)
+    crop = frame[300:400, 400:640]
+    read = engine.recognize(crop, frame_shape=(600, 800))
+    local = planted.__class__(planted.text, planted.x - 400, planted.y - 300, planted.w, planted.h)
+    assert any(covers(b, local) and normalise(b.text or "") == "PIDQX778812" for b in read)
+    assert all(b.x + b.w <= 240 and b.y + b.h <= 100 for b in read)
