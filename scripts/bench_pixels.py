@@ -4,6 +4,10 @@ harder draws, and real CT/MR/NM/CR images without text.
     .venv/bin/python scripts/bench_pixels.py            # 60 images + 3 cines + 20 hard, both engines
     .venv/bin/python scripts/bench_pixels.py --quick    # 8 images + 1 cine + 2 hard + 3 real files
     .venv/bin/python scripts/bench_pixels.py --write docs/benchmarks-pixels.md
+    .venv/bin/python scripts/bench_pixels.py --speed --json   # issue 17's three figures
+
+`speed_figures()` (and `--speed --json`) gives {"ocr_ms_per_image", "cine60_ratio", "recall",
+...}: RapidOCR, REDACT_ALL_TEXT, in this process; scripts/bench.py prints them.
 
 Each engine runs in its own process so that peak RSS is that engine's. Metrics:
 string recall (identifying strings with >= 99% of their ink blanked; every seed is one image),
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -32,7 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from dicomgen import PHI, make_instance  # noqa: E402
-from textimages import Planted, hard_text_image, text_image, to_stored  # noqa: E402
+from textimages import (  # noqa: E402
+    Planted,
+    cine_frames,
+    hard_text_image,
+    text_image,
+    to_stored,
+)
 
 from deid_node.config import PixelsConfig  # noqa: E402
 from deid_node.deid.pixels import redact_pixels  # noqa: E402
@@ -110,7 +121,9 @@ def _ink(image: np.ndarray, blank: np.ndarray, planted: list[Planted]) -> list[n
     return [drawn & p.mask(drawn.shape) for p in planted]
 
 
-def run_engine(engine: str, count: int, cines: int, hard: int, real: int) -> dict:
+def run_engine(
+    engine: str, count: int, cines: int, hard: int, real: int, modes: tuple[Mode, ...] = MODES
+) -> dict:
     # The guard is measured, not applied: every image is redacted and its share counted.
     config = _config(engine, max_redacted_fraction=1.0)
     from deid_node.ocr import get_engine
@@ -120,7 +133,7 @@ def run_engine(engine: str, count: int, cines: int, hard: int, real: int) -> dic
     load = time.perf_counter() - t0
     out: dict = {"engine": engine, "load_s": load, "modes": {}, "real": {}}
     blanked: dict[str, set[tuple[int, int]]] = {}
-    for mode in MODES:
+    for mode in modes:
         strings = found = boxes = boxes_hit = clinical = clinical_kept = 0
         hard_strings = hard_found = over_limit = 0
         outside_changed = outside_total = 0
@@ -128,6 +141,7 @@ def run_engine(engine: str, count: int, cines: int, hard: int, real: int) -> dic
         single: list[float] = []
         per_seed: list[float] = []
         blanked[mode.value] = hits = set()
+        missed: list[str] = []
         for case, (kind, stored, photometric, inks, planted, header) in enumerate(
             cases(count, cines, hard)
         ):
@@ -181,6 +195,8 @@ def run_engine(engine: str, count: int, cines: int, hard: int, real: int) -> dic
                             found += int(ok)
                         if ok:
                             hits.add((case, index * 100 + number))
+                        else:
+                            missed.append(f"{kind}#{case}/frame{index}/string{number}")
                     if mode is Mode.REDACT_ALL_TEXT or not p.clinical:
                         boxes += 1
                         boxes_hit += int(box_share >= 0.9)
@@ -202,11 +218,80 @@ def run_engine(engine: str, count: int, cines: int, hard: int, real: int) -> dic
             "images": count + cines + hard,
             "hard_images": hard,
             "frames": int(frames_total),
+            "missed": missed,
         }
-    all_text, sensitive = (blanked[m.value] for m in MODES)
-    out["sensitive_missed_of_all"] = len(all_text - sensitive)
+    if len(blanked) == len(MODES):
+        all_text, sensitive = (blanked[m.value] for m in MODES)
+        out["sensitive_missed_of_all"] = len(all_text - sensitive)
     out["real"] = run_real(engine, REAL_FILES[:real])
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def speed_figures(
+    images: int = 10, frames: int = 60, recall_images: int = 60, hard: int = 20
+) -> dict:
+    """Issue 17's figures for RapidOCR in REDACT_ALL_TEXT, measured in this process:
+    ocr_ms_per_image: mean wall ms of redact_pixels on `images` ordinary 800x600 RGB draws
+    (engine loaded and warmed first); cine60_ratio: a `frames`-frame 800x600 cine with still
+    text on a moving sector (textimages.cine_frames) against its first frame alone (median of
+    3); cine_strings_missed: identifying strings of that cine with under 99% of their ink
+    blanked in some frame; recall / hard_recall: string recall of the ordinary and hard draws
+    as in the table (recall_images + hard images; 0 skips it)."""
+    from deid_node.ocr import get_engine
+
+    config = _config("rapidocr", max_redacted_fraction=1.0)
+    get_engine("rapidocr")
+    warm, _ = text_image(99, H, W, colour=True)
+    redact_pixels(make_instance("US", photometric="RGB", pixel_array=warm), MODES[0], config)
+    seconds = []
+    for seed in range(images):
+        image, _ = text_image(100 + seed, H, W, colour=True, min_scale=0.4, max_scale=1.0)
+        ds = make_instance("US", photometric="RGB", pixel_array=image)
+        t = time.perf_counter()
+        redact_pixels(ds, MODES[0], config)
+        seconds.append(time.perf_counter() - t)
+    cine, planted = cine_frames(0, frames, "static", H, W)
+    blank, _ = cine_frames(0, frames, "static", H, W, blank=True)
+    one = []
+    for _ in range(3):
+        ds = make_instance("US", photometric="RGB", pixel_array=cine[0])
+        t = time.perf_counter()
+        redact_pixels(ds, MODES[0], config)
+        one.append(time.perf_counter() - t)
+    ds = make_instance("US", photometric="RGB", pixel_array=cine[0])
+    ds.NumberOfFrames, ds.PixelData = frames, cine.tobytes()
+    t = time.perf_counter()
+    outcome = redact_pixels(ds, MODES[0], config)
+    cine_s = time.perf_counter() - t
+    after = ds.pixel_array.reshape(cine.shape)
+    missed = 0
+    for index, frame_planted in enumerate(planted):
+        changed = (after[index] != cine[index]).any(axis=2)
+        ink = (cine[index] != blank[index]).any(axis=2)
+        for p in frame_planted:
+            own = ink & p.mask(ink.shape)
+            missed += int(not p.clinical and own.any() and changed[own].mean() < 0.99)
+    out = {
+        "ocr_ms_per_image": 1000 * float(np.mean(seconds)),
+        "ocr_ms_per_image_median": 1000 * float(np.median(seconds)),
+        "images": images,
+        "cine_frames": frames,
+        "cine_s": cine_s,
+        "one_frame_s": float(np.median(one)),
+        "cine60_ratio": cine_s / float(np.median(one)),
+        "cine_reasons": list(outcome.reasons),
+        "cine_strings_missed": missed,
+        "recall": None,
+        "hard_recall": None,
+        "cpus": _cpus(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
+    if recall_images or hard:
+        result = run_engine("rapidocr", recall_images, 0, hard, 0, modes=(MODES[0],))
+        m = result["modes"][MODES[0].value]
+        out["recall"], out["hard_recall"] = m["string_recall"], m["hard_string_recall"]
+        out["strings"], out["missed"] = m["strings"], m["missed"]
     return out
 
 
@@ -339,8 +424,6 @@ def render(results: list[dict], command: str) -> str:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0))
 
 
@@ -353,7 +436,22 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=None, help="real files without text")
     parser.add_argument("--write", type=Path, help="write the markdown table here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--speed", action="store_true", help="issue 17's figures (speed_figures)")
+    parser.add_argument("--json", action="store_true", help="with --speed: one JSON object")
+    parser.add_argument("--frames", type=int, default=60, help="with --speed: cine frames")
     args = parser.parse_args()
+    if args.speed:
+        quick = (3, 0, 0) if args.quick else (10, 60, 20)
+        figures = speed_figures(
+            quick[0], args.frames, quick[1] if args.images is None else args.images,
+            quick[2] if args.hard is None else args.hard,
+        )  # fmt: skip
+        if args.json:
+            print(json.dumps(figures))
+        else:
+            for key, value in figures.items():
+                print(f"{key}: {value}")
+        return
     # 60 images: 336 identifying strings, so one miss moves recall by 0.3%, not 0.7%.
     count, cines, hard, real = (8, 1, 2, 3) if args.quick else (60, 3, 20, len(REAL_FILES))
     count = count if args.images is None else args.images
