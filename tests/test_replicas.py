@@ -5,6 +5,11 @@ storescu as the modality, Orthanc as the research PACS. Orthanc runs with its lo
 so that every C-STORE it receives is counted ("Incoming Store request"), duplicates included:
 a duplicate carries the same de-identified UIDs and would only overwrite (or be "Already
 stored"), so counting unique instances alone could not see it.
+
+Issue 18's Done-when: a series split over three replicas is judged once and reaches Orthanc
+once per instance; kill -9 of the replica processing it, and of the one forwarding it, is made
+good by the others within lease_seconds + 10 s (the wait's bound) with at most one duplicate;
+a PostgreSQL restart (and a 3 s outage) mid-transfer loses nothing acknowledged.
 """
 
 from __future__ import annotations
