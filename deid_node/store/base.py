@@ -48,14 +48,15 @@ class StoreBase:
         self.db_path = self.data_dir / "deid-node.sqlite"
         self.shared = database_url is not None
         self.replica_id = replica_id
-        self._lock = threading.RLock()  # in-memory state of subclasses (open associations)
+        # Transactions and the in-memory state of subclasses (open associations): one lock.
+        self._lock = threading.RLock()
         self._data_dir_lock: DataDirLock | None = None
         self.engine: SqliteEngine | PostgresEngine
         if readonly:
             self.engine = (
-                PostgresEngine(database_url, readonly=True)
+                PostgresEngine(database_url, readonly=True, lock=self._lock)
                 if database_url
-                else SqliteEngine(self.db_path, readonly=True)
+                else SqliteEngine(self.db_path, readonly=True, lock=self._lock)
             )
             return
         lock = DataDirLock(self.data_dir, self._lock_name())
@@ -69,7 +70,9 @@ class StoreBase:
             if owner:
                 self._create_folders()
             self.engine = (
-                PostgresEngine(database_url) if database_url else SqliteEngine(self.db_path)
+                PostgresEngine(database_url, lock=self._lock)
+                if database_url
+                else SqliteEngine(self.db_path, lock=self._lock)
             )
             try:
                 if owner or self.shared:

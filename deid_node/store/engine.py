@@ -12,9 +12,11 @@ gets the same tables, columns and indexes, derived from them (`pg_schema_stateme
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from decimal import Decimal
@@ -37,9 +39,13 @@ class SqliteEngine:
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, readonly: bool = False, lock: threading.RLock | None = None
+    ) -> None:
         self.path = path
-        self._lock = threading.RLock()
+        # The store's own lock: its in-memory state and its transactions under one lock, so
+        # that neither waits for the other in the opposite order.
+        self._lock = lock or threading.RLock()
         if readonly:
             self._conn = sqlite3.connect(
                 f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False, timeout=30
@@ -111,13 +117,30 @@ class PostgresEngine:
     between replicas, row locks, SKIP LOCKED claims and advisory locks keep them apart."""
 
     dialect = "postgresql"
+    # While the server is unreachable, a transaction fails at once for this long after a
+    # failed try instead of waiting for a connection again: the SCP answers 0xA700 quickly,
+    # long before the modality's DIMSE timeout, however many threads want the database.
+    RETRY_AFTER_SECONDS = 1.0
+    # How long one try waits for a connection (an established one is reused: no wait).
+    CONNECT_WAIT_SECONDS = 3.0
 
-    def __init__(self, url: str, *, readonly: bool = False, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        readonly: bool = False,
+        connect_timeout: float = 10.0,
+        lock: threading.RLock | None = None,
+    ) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool, PoolTimeout
 
         self._errors = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
-        self._lock = threading.RLock()
+        self._lock = lock or threading.RLock()  # see SqliteEngine
+        self._down_until = 0.0
+        # The pool reports each failed reconnection; the store reports the outage itself
+        # (StoreUnavailableError, in JSON log lines), once per operation that failed.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self.readonly = readonly
         self.pool = ConnectionPool(
             url,
@@ -153,16 +176,20 @@ class PostgresEngine:
     def transaction(self, *, power_safe: bool = True) -> Iterator[Any]:
         """One transaction (PostgreSQL commits durably: synchronous_commit is the server's)."""
         with self._lock:
+            if time.monotonic() < self._down_until:
+                raise StoreUnavailableError("PostgreSQL unavailable (retrying shortly)")
             try:
-                with self.pool.connection() as conn:
+                with self.pool.connection(timeout=self.CONNECT_WAIT_SECONDS) as conn:
                     if self.readonly:
                         conn.read_only = True
                     with conn.transaction():
                         yield PgConnection(conn)
             except self._errors as exc:
+                self._down_until = time.monotonic() + self.RETRY_AFTER_SECONDS
                 raise StoreUnavailableError(
                     f"PostgreSQL unavailable ({type(exc).__name__})"
                 ) from None
+            self._down_until = 0.0
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
         with self.transaction() as conn:
