@@ -858,7 +858,10 @@ class Store(SpoolFiles, QuarantineFiles, ReportQueries, PullQueries, ReplicaQuer
 
 
 def _key(association: Hashable) -> str:
-    """An open association's name in the database (unique while it is open)."""
+    """An open association's name in the database (unique while it is open): a pynetdicom
+    association by identity, a name (tests, tools) as itself."""
+    if isinstance(association, str):
+        return association
     return f"{os.getpid()}-{id(association)}"
 
 
