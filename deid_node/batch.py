@@ -38,7 +38,7 @@ from deid_node.pipeline import (
     read_header,
     run_series,
 )
-from deid_node.report import build_report
+from deid_node.report import unprocessed_report
 from deid_node.workers import pool_is_broken, replace_pool
 
 log = get_logger("deid_node.batch")
@@ -253,17 +253,10 @@ def _failed_report(source: SourceFile, error: str) -> dict[str, Any]:
     def uid(keyword: str) -> str | None:
         return (str(header.get(keyword, "") or "") or None) if header is not None else None
 
-    return build_report(
+    return unprocessed_report(
         url=source.url,
         study_uid=uid("StudyInstanceUID"),
-        study_uid_deid=None,
         series_uid=uid("SeriesInstanceUID"),
-        series_uid_deid=None,
-        evaluations=[],
-        save_condition=False,
-        series_agg=False,
-        disabling_urls=[],
-        url_deid=None,
         SOPInstanceUID=uid("SOPInstanceUID"),
         error=error,
     )

@@ -55,3 +55,28 @@ def build_report(
     }
     report.update({k: v for k, v in extra.items() if v is not None})
     return report
+
+
+def unprocessed_report(
+    *,
+    url: str,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The report of a file that was never judged nor de-identified (refused at receive, no
+    project took it, unreadable in a batch run): nothing de-identified, nothing sent; `extra`
+    says why (`error`, ...)."""
+    return build_report(
+        url=url,
+        study_uid=study_uid,
+        study_uid_deid=None,
+        series_uid=series_uid,
+        series_uid_deid=None,
+        evaluations=[],
+        save_condition=False,
+        series_agg=False,
+        disabling_urls=[],
+        url_deid=None,
+        **extra,
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from deid_node.report import build_report
+from deid_node.report import unprocessed_report
 from deid_node.store.base import StoreBase
 
 
@@ -60,17 +60,8 @@ class ReportQueries(StoreBase):
             "SELECT * FROM refused WHERE received_at >= ? ORDER BY received_at, id", (since or "",)
         )
         return [
-            build_report(
+            unprocessed_report(
                 url=f"dicom://{r['calling_ae']}/{r['sop_uid']}",
-                study_uid=None,
-                study_uid_deid=None,
-                series_uid=None,
-                series_uid_deid=None,
-                evaluations=[],
-                save_condition=False,
-                series_agg=False,
-                disabling_urls=[],
-                url_deid=None,
                 SOPInstanceUID=r["sop_uid"],
                 calling_ae=r["calling_ae"],
                 received_at=r["received_at"],

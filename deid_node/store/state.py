@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deid_node.modes import DEFAULT_PROJECT
-from deid_node.report import build_report
+from deid_node.report import unprocessed_report
 from deid_node.store.pulls import PullQueries
 from deid_node.store.quarantine import QuarantineFiles
 from deid_node.store.replicas import ClaimLostError, ReplicaQueries
@@ -876,17 +876,10 @@ UNROUTED = "unrouted: no project takes this instance (called AE title, calling A
 
 def _unrouted_report(receipt: Receipt, url: str, stamp: str) -> dict[str, Any]:
     """The report of an instance no project took: kept, never processed or forwarded."""
-    report = build_report(
+    report = unprocessed_report(
         url=url,
         study_uid=receipt.study_uid,
-        study_uid_deid=None,
         series_uid=receipt.series_uid,
-        series_uid_deid=None,
-        evaluations=[],
-        save_condition=False,
-        series_agg=False,
-        disabling_urls=[],
-        url_deid=None,
         SOPInstanceUID=receipt.sop_uid,
         calling_ae=receipt.calling_ae,
         received_at=stamp,
