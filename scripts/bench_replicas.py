@@ -29,9 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from dicomgen import make_series, write_series  # noqa: E402
+from faultpeers import KillableNode, node_raw, write_config  # noqa: E402
 from peers import storescu  # noqa: E402
 from pgcluster import create_database, start_cluster, stop_cluster  # noqa: E402
-from test_replicas import counting_orthanc, pg_rows, running_replicas  # noqa: E402
+from test_replicas import (  # noqa: E402
+    counting_orthanc,
+    orthanc_destination,
+    pg_rows,
+    running_replicas,
+)
 
 
 def _wait(predicate, timeout: float, what: str) -> float:
@@ -43,6 +49,37 @@ def _wait(predicate, timeout: float, what: str) -> float:
     raise TimeoutError(f"{what}: not after {timeout} s")
 
 
+def send_all(ports: list[int], files: list[Path], senders: int) -> None:
+    chunks = [files[i::senders] for i in range(senders)]
+    with ThreadPoolExecutor(senders) as pool:
+        sent = list(
+            pool.map(
+                lambda item: storescu(ports[item[0] % len(ports)], item[1], timeout=600),
+                enumerate(chunks),
+            )
+        )
+    failed = [s for s in sent if s.returncode]
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0].stderr[-600:]}")
+
+
+def throughput_sqlite(work: Path, files: list[Path], senders: int) -> float:
+    """The same run on one node with its embedded SQLite store (the baseline)."""
+    with counting_orthanc(work / "orthanc-sqlite") as pacs:
+        raw = node_raw(work / "sqlite", [orthanc_destination(pacs)], workers=1)
+        raw["series"]["stable_seconds"] = 1
+        node = KillableNode(
+            write_config(work / "sqlite.toml", raw), raw["node"]["port"], work / "sqlite.log"
+        ).start()
+        try:
+            started = time.monotonic()
+            send_all([node.port], files, senders)
+            _wait(lambda: pacs.count_instances() >= len(files), 900, "all in Orthanc")
+            return len(files) / (time.monotonic() - started)
+        finally:
+            node.stop()
+
+
 def throughput(cluster, work: Path, replicas: int, files: list[Path], senders: int) -> float:
     url = create_database(cluster, f"bench_{replicas}_{int(time.time())}")
     (work / f"r{replicas}").mkdir()
@@ -52,26 +89,8 @@ def throughput(cluster, work: Path, replicas: int, files: list[Path], senders: i
             work / f"r{replicas}", replicas, url=url, pacs=pacs, stable_seconds=1
         ) as reps,
     ):
-        chunks = [files[i::senders] for i in range(senders)]
         started = time.monotonic()
-        with ThreadPoolExecutor(senders) as pool:
-            sent = list(
-                pool.map(
-                    lambda item: storescu(reps.ports[item[0] % replicas], item[1], timeout=600),
-                    enumerate(chunks),
-                )
-            )
-        failed = [s for s in sent if s.returncode]
-        if failed:
-            logs = "".join(
-                line + "\n"
-                for path in reps.log_paths
-                for line in path.read_text().splitlines()
-                if '"level": "error"' in line or '"level": "warning"' in line
-            )
-            raise RuntimeError(
-                f"storescu failed: {failed[0].stderr[-600:]}{failed[0].stdout[-300:]}\n{logs[-2000:]}"
-            )
+        send_all(reps.ports, files, senders)
         _wait(lambda: pacs.count_instances() >= len(files), 900, "all in Orthanc")
         return len(files) / (time.monotonic() - started)
 
@@ -131,6 +150,7 @@ def main() -> int:
         cluster = start_cluster(work / "pg")
         try:
             files = write_series(make_series(args.instances, "CT"), work / "in")
+            baseline = throughput_sqlite(work, files, args.senders)
             rates = {n: throughput(cluster, work, n, files, args.senders) for n in (1, 3)}
             kill = takeover(cluster, work, args.lease)
         finally:
@@ -139,9 +159,13 @@ def main() -> int:
         f"# bench_replicas {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit {commit}, "
         f"{platform.node()}, {len(__import__('os').sched_getaffinity(0))} CPUs"
     )
-    print(f"{args.instances} CT instances, {args.senders} storescu at once, REDACT_NO_TEXT")
+    print(
+        f"{args.instances} CT instances, {args.senders} storescu at once, REDACT_NO_TEXT,"
+        " first byte sent to every instance in Orthanc; node.workers = 1 per node"
+    )
+    print(f"  1 node on SQLite (baseline): {baseline:.1f} instances/s")
     for n, rate in rates.items():
-        print(f"  {n} replica(s): {rate:.1f} instances/s (first byte to all in Orthanc)")
+        print(f"  {n} replica(s) on PostgreSQL: {rate:.1f} instances/s")
     print(
         f"takeover, lease_seconds = {args.lease:g}: series claimed again"
         f" {kill['claimed_again_s']:.1f} s after kill -9, in Orthanc after"
