@@ -541,7 +541,14 @@ def test_release_under_series_policy_all_forwards_the_whole_series_once(tmp_path
 
 
 @pytest.mark.network
-def test_healthz_is_503_when_the_database_takes_no_writes_or_the_scp_is_down(tmp_path):
+def test_healthz_is_503_when_the_database_takes_no_writes_or_the_scp_is_down(
+    tmp_path, monkeypatch
+):
+    import sqlite3
+
+    from deid_node.console import metrics
+
+    monkeypatch.setattr(metrics, "HEALTH_TIMEOUT_SECONDS", 1.0)
     node = start_node(console_config(tmp_path))
     try:
         with client(node) as http:
@@ -558,6 +565,17 @@ def test_healthz_is_503_when_the_database_takes_no_writes_or_the_scp_is_down(tmp
             assert response.json()["database_writable"] is False
             node.store.engine.db.execute("PRAGMA query_only = OFF")
             assert http.get("/healthz").status_code == 200
+            # Another writer holds the database (stuck): the probe waits, the check does not.
+            blocker = sqlite3.connect(node.store.db_path, timeout=1, isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                response = http.get("/healthz")
+                assert response.status_code == 503
+                assert response.json()["database_error"] == "TimeoutError"
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            wait_until(lambda: http.get("/healthz").status_code == 200, 60, what="healthz green")
             node._server.stop(1)  # the SCP stops listening (the node's own stop does this first)
             node._server = None
             response = http.get("/healthz")

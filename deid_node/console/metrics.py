@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,13 +182,19 @@ def make_registry(view: NodeView) -> CollectorRegistry:
     return registry
 
 
+HEALTH_TIMEOUT_SECONDS = 5.0
+_HEALTH_PROBE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healthz")
+
+
 def health(view: NodeView) -> dict[str, Any]:
     """/healthz: the SCP listens and the database takes a write."""
     checks: dict[str, Any] = {"scp_listening": bool(view.scp_listening())}
     try:
-        mq.probe_writable(view.store)
+        # Bounded: a writer stuck on the database (a full disk, a lock) must turn the check
+        # red, not hang it. A probe still stuck makes the next ones wait behind it: red too.
+        _HEALTH_PROBE.submit(mq.probe_writable, view.store).result(timeout=HEALTH_TIMEOUT_SECONDS)
         checks["database_writable"] = True
-    except (sqlite3.Error, StoreUnavailableError) as exc:
+    except (sqlite3.Error, StoreUnavailableError, TimeoutError) as exc:
         checks["database_writable"] = False
         checks["database_error"] = type(exc).__name__
     checks["ok"] = checks["scp_listening"] and checks["database_writable"]
