@@ -296,13 +296,19 @@ def _scan_frames(
     full, text boxes read (identifying or not), and how the frames were scanned (reasons).
 
     A cine is read once (_scan_cine); when its check finds text the first frame did not hold,
-    or its frames differ as wholes, every frame is scanned (_scan_every_frame).
+    the moving regions are read in every frame (_scan_moving_every_frame); when its frames
+    differ as wholes, every frame is scanned (_scan_every_frame).
     """
     count = decoded.frames.shape[0]
     if count >= _CINE_MIN_FRAMES:
         once = _scan_cine(decoded, display, engine, classifier, config)
         if once.boxes is not None:
             return [once.boxes] * count, once.read, ["cine_text_found_once"]
+        if once.regions:
+            frame_boxes, read, reused = _scan_moving_every_frame(
+                display, count, once, engine, classifier, config
+            )
+            return frame_boxes, once.read + read, [once.why, f"frames_reused={reused}"]
         frame_boxes, scanned, read = _scan_every_frame(decoded, display, engine, classifier, config)
         return frame_boxes, read, [once.why, f"frames_reused={count - scanned}"]
     frame_boxes, scanned, read = _scan_every_frame(decoded, display, engine, classifier, config)
@@ -314,6 +320,8 @@ class _CineScan:
     boxes: list[TextBox] | None  # to blank in every frame; None: scan every frame
     read: int
     why: str = ""
+    first: list[TextBox] = field(default_factory=list)  # the first frame's boxes
+    regions: list[tuple[int, int, int, int]] = field(default_factory=list)  # moving, outside
 
 
 def _scan_cine(
@@ -356,8 +364,65 @@ def _scan_cine(
                 if inside.size and inside.mean() >= _CINE_SAME_TEXT:
                     extra.append(box)  # the first frame's text, its box drawn a little wider
                 else:
-                    return _CineScan(None, read, "cine_text_changes")
+                    return _CineScan(None, read, "cine_text_changes", boxes, regions)
     return _CineScan(boxes + extra, read)
+
+
+def _scan_moving_every_frame(
+    display: DisplayMapper,
+    count: int,
+    once: _CineScan,
+    engine: OcrEngine,
+    classifier: SensitiveTextClassifier | None,
+    config: PixelsConfig,
+) -> tuple[list[list[TextBox]], int, int]:
+    """Boxes per frame when a cine's text moves or changes: the first frame's boxes outside
+    the moving regions (they cover every still pixel's text and what changes inside them) plus
+    what each frame's moving regions hold, read there only; a frame whose regions equal the
+    previous frame's reuses its finds. (boxes per frame, text boxes read, frames reused)."""
+    height, width = display.image(0).shape[:2]
+    result = [once.first]
+    # A first-frame box inside a region (regions are grown over the boxes they cut) is kept in
+    # a frame where its pixels are those of the first frame (still text, read whole there);
+    # where they changed, the region's reading decides: moved text is not blanked where it no
+    # longer is.
+    areas = [TextBox(x0, y0, x1 - x0, y1 - y0) for x0, y0, x1, y1 in once.regions]
+    inside = [b for b in once.first if any(b.intersects(area) for area in areas)]
+    outside = [b for b in once.first if b not in inside]
+    first = display.image(0).astype(np.int16)
+    found: list[TextBox] = []
+    previous = display.image(0).copy()
+    read = reused = 0
+    for index in range(1, count):
+        image = display.image(index)
+        if all(
+            np.array_equal(image[y0:y1, x0:x1], previous[y0:y1, x0:x1])
+            for x0, y0, x1, y1 in once.regions
+        ):
+            reused += 1
+        else:
+            found = []
+            for x0, y0, x1, y1 in once.regions:
+                crop = image[y0:y1, x0:x1]
+                boxes, seen = _find(
+                    crop, engine, classifier, config.max_detect_side, (height, width)
+                )
+                read += seen
+                found += [b.shifted(x0, y0) for b in boxes]
+        still = [
+            b
+            for b in inside
+            if (
+                np.abs(
+                    image[b.y : b.y + b.h, b.x : b.x + b.w]
+                    - first[b.y : b.y + b.h, b.x : b.x + b.w]
+                )
+                <= _STILL_TOLERANCE
+            ).all()
+        ]
+        result.append(outside + still + found)
+        previous = image.copy()
+    return result, read, reused
 
 
 def _value_range(display: DisplayMapper, count: int) -> tuple[np.ndarray, np.ndarray]:
