@@ -331,7 +331,10 @@ def stop_cluster(cluster: PgCluster) -> None:
 def pg_cluster() -> Iterator[PgCluster]:
     """A temporary PostgreSQL cluster for the whole test session."""
     # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, the server user cannot enter it.
-    root = Path(tempfile.mkdtemp(prefix="deid-pgtest-"))
+    # In the system's temporary folder by name: tempfile's default is process-wide, and a node
+    # run in-process by an earlier test points it into its own private data folder, which the
+    # server's unprivileged user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="deid-pgtest-", dir=os.environ.get("TMPDIR") or "/tmp"))
     try:
         cluster = start_cluster(root)
     except BaseException:
