@@ -10,7 +10,8 @@ durable before the SCP answers Success. Other modules call named functions, neve
 - spool.py: received bytes (tmp/, spool/) and their clean-up;
 - quarantine.py: kept originals and the rows of refused instances;
 - reports.py: per-file reports and status;
-- state.py: `Store`, the state transitions of instances, batches and deliveries;
+- state.py: `Store`, the state transitions of instances and batches;
+- deliveries.py: deliveries to destinations, what each acknowledged or refused;
 - pulls.py: pull jobs (`deid-node pull`), their input lines and studies;
 - engine.py: SQLite or PostgreSQL under it (the same SQL, translated);
 - replicas.py: replicas sharing PostgreSQL: heartbeats, leases on claimed work, holds.

@@ -124,6 +124,12 @@ class StoreBase:
         """A path read from the database (an absolute one, from before migration 6, as is)."""
         return self.data_dir / stored
 
+    def _with_absolute_paths(self, row: dict[str, Any]) -> dict[str, Any]:
+        for key in ("spool_path", "deid_path"):
+            if row.get(key):
+                row[key] = str(self.absolute(row[key]))
+        return row
+
     @contextlib.contextmanager
     def transaction(self, *, power_safe: bool = True) -> Iterator[Any]:
         """One write transaction (see SqliteEngine.transaction for power_safe)."""
