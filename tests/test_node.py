@@ -384,6 +384,8 @@ def _quarantine_one_by_an_unreadable_spool_file(tmp_path: Path, raw: dict, paths
     quarantined = [r for r in node.store.reports() if r.get("quarantine")]
     assert len(quarantined) == 1, quarantined
     kept = Path(quarantined[0]["quarantine"])
+    # The report names the quarantine in the commit; the file moves there right after it.
+    wait_until(kept.exists, 30, what="the unreadable original moved into the quarantine")
     assert kept.read_bytes() == b"\0" * 64
     return node, good, kept
 
