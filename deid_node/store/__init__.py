@@ -10,7 +10,10 @@ durable before the SCP answers Success. Other modules call named functions, neve
 - spool.py: received bytes (tmp/, spool/) and their clean-up;
 - quarantine.py: kept originals and the rows of refused instances;
 - reports.py: per-file reports and status;
-- state.py: `Store`, the state transitions of instances and batches;
+- receiving.py: received instances, the batches they open, associations holding them, stable
+  batches made complete;
+- state.py: `Store`, and the state transitions of complete batches (processing, results,
+  failures, retries, recovery);
 - deliveries.py: deliveries to destinations, what each acknowledged or refused;
 - pulls.py: pull jobs (`deid-node pull`), their input lines and studies;
 - engine.py: SQLite or PostgreSQL under it (the same SQL, translated);
@@ -19,8 +22,9 @@ durable before the SCP answers Success. Other modules call named functions, neve
 
 from typing import Any
 
+from deid_node.store.receiving import Receipt, StoredInstance
 from deid_node.store.schema import BATCH_STATES, FINAL_STATES, utcnow
-from deid_node.store.state import Receipt, Store, StoredInstance
+from deid_node.store.state import Store
 
 
 def open_store(config: Any, **options: Any) -> Store:
