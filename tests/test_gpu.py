@@ -1,26 +1,58 @@
 """[pixels] device: "cuda" without a GPU fails at start-up, "auto" runs where it can, and on a
-CUDA GPU both engines run there and redact (the GPU tests skip on a machine without one).
+CUDA GPU both engines run there and redact, cines' frames read in batches (the GPU tests skip on
+a machine without one; the batched frame path is also checked on the CPU, batches forced on).
 """
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from dicomgen import make_instance
-from textimages import blank_image, draw_text, found_strings, normalise, tesseract_text
+from test_cine import H, W, assert_every_string_gone, cine_instance, redacted_frames
+from textimages import (
+    blank_image,
+    cine_frames,
+    draw_text,
+    found_strings,
+    normalise,
+    tesseract_text,
+    text_image,
+)
 
 from deid_node.config import PixelsConfig, parse_config
+from deid_node.deid.pixelcodec import DisplayMapper, decode
 from deid_node.deid.pixels import redact_pixels
+from deid_node.deid.textscan import scan_frames
 from deid_node.errors import ConfigError
-from deid_node.modes import DeidentifyRedactTextMode
+from deid_node.modes import DeidentifyRedactTextMode as Mode
 from deid_node.ocr import cuda_unavailable, get_engine, recognize_frames
 
 PHI = "PIDQX778812"
+# Generated frames carry big text on a mostly black frame (as in test_cine).
+EASY_CUDA = PixelsConfig(ocr_engine="easyocr", device="cuda", max_redacted_fraction=0.25)
 
 
 def burned_in(seed: int = 2, at: tuple[int, int] = (10, 30)) -> tuple[np.ndarray, list]:
     image = np.repeat(blank_image(seed, 240, 320)[:, :, None], 3, axis=2)
     return image, [draw_text(image, PHI, at, scale=0.8)]
+
+
+def assert_redacts(engine, config: PixelsConfig) -> None:
+    """redact_pixels with `config` blanks the planted string: its ink is gone, the engine that
+    found it no longer reads it, nor (where installed: not on the GPU machines) Tesseract."""
+    image, planted = burned_in()
+    ds = make_instance("US", photometric="RGB", pixel_array=image)
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, config)
+    assert outcome.changed and outcome.engine == engine.name
+    after = ds.pixel_array
+    ink = (image != np.repeat(blank_image(2, 240, 320)[:, :, None], 3, axis=2)).any(axis=2)
+    ink &= planted[0].mask(ink.shape)
+    assert (after != image).any(axis=2)[ink].mean() >= 0.99
+    assert not any("778812" in normalise(b.text or "") for b in engine.recognize(after))
+    if shutil.which("tesseract"):
+        assert found_strings(tesseract_text(after), planted) == []
 
 
 @pytest.fixture
@@ -122,12 +154,7 @@ def test_easyocr_runs_on_cuda_batched_and_redacts(torch_gpu) -> None:
     assert len(batched) == len(frames)
     for boxes in batched:
         assert any("778812" in normalise(b.text or "") for b in boxes), boxes
-    image, planted = burned_in()
-    ds = make_instance("US", photometric="RGB", pixel_array=image)
-    config = PixelsConfig(ocr_engine="easyocr", device="cuda")
-    outcome = redact_pixels(ds, DeidentifyRedactTextMode.REDACT_ALL_TEXT, config)
-    assert outcome.changed and outcome.engine == "easyocr"
-    assert found_strings(tesseract_text(ds.pixel_array), planted) == []
+    assert_redacts(engine, PixelsConfig(ocr_engine="easyocr", device="cuda"))
 
 
 @pytest.mark.gpu
@@ -135,9 +162,67 @@ def test_easyocr_runs_on_cuda_batched_and_redacts(torch_gpu) -> None:
 def test_rapidocr_runs_on_onnxruntime_cuda_and_redacts(onnxruntime_gpu) -> None:
     engine = get_engine("rapidocr", "cuda")
     assert engine.device == "cuda"
-    image, planted = burned_in()
-    ds = make_instance("US", photometric="RGB", pixel_array=image)
-    config = PixelsConfig(ocr_engine="rapidocr", device="cuda")
-    outcome = redact_pixels(ds, DeidentifyRedactTextMode.REDACT_ALL_TEXT, config)
-    assert outcome.changed and outcome.engine == "rapidocr"
-    assert found_strings(tesseract_text(ds.pixel_array), planted) == []
+    assert_redacts(engine, PixelsConfig(ocr_engine="rapidocr", device="cuda"))
+
+
+def slices(count: int = 3) -> tuple[np.ndarray, np.ndarray, list[list]]:
+    """Frames that differ as wholes (each its own draw), the same without text, and the
+    planted strings per frame."""
+    drawn = [text_image(40 + i, H, W, clinical=False) for i in range(count)]
+    blank = [text_image(40 + i, H, W, clinical=False, texts=())[0] for i in range(count)]
+    return np.stack([d[0] for d in drawn]), np.stack(blank), [d[1] for d in drawn]
+
+
+def scanned_boxes(frames: np.ndarray, engine) -> tuple[list, list[str]]:
+    ds = cine_instance(frames)
+    decoded = decode(ds)
+    boxes, _, how = scan_frames(decoded, DisplayMapper(ds, decoded), engine, None, EASY_CUDA)
+    return [[(b.x, b.y, b.w, b.h, b.text) for b in frame] for frame in boxes], how
+
+
+@pytest.mark.ocr
+@pytest.mark.slow
+@pytest.mark.easyocr
+def test_batched_frame_scan_finds_what_frame_by_frame_finds() -> None:
+    """The pixel stage's batched path (deid/textscan.py; EasyOCR on CUDA takes it), run on the
+    CPU with batches forced on: the same boxes in every frame as one frame at a time, for a cine
+    whose text moves (its moving regions read in every frame, together) and for frames that
+    differ as wholes (each read whole, together)."""
+    from deid_node.ocr.easy import EasyOcrEngine
+
+    one_by_one = get_engine("easyocr", "cpu")
+    assert not one_by_one.batches
+    batching = EasyOcrEngine("cpu", batches=True)
+    moving, _ = cine_frames(2, 6, "moving", H, W)
+    for frames in (moving, slices()[0]):
+        batched, how = scanned_boxes(frames, batching)
+        single, how_single = scanned_boxes(frames, one_by_one)
+        assert batched == single
+        assert how == how_single
+        assert all(any(box[4] for box in frame) for frame in batched)  # text in every frame
+    assert scanned_boxes(moving, batching)[1][0] == "cine_text_changes"
+
+
+@pytest.mark.gpu
+@pytest.mark.ocr
+@pytest.mark.easyocr
+@pytest.mark.parametrize("kind", ["static", "moving", "changing"])
+def test_easyocr_on_cuda_blanks_every_string_of_a_cine_in_every_frame(torch_gpu, kind) -> None:
+    frames, planted = cine_frames(3, 12, kind, H, W)
+    blank, _ = cine_frames(3, 12, kind, H, W, blank=True)
+    ds = cine_instance(frames)
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, EASY_CUDA)
+    assert get_engine("easyocr", "cuda").batches
+    assert outcome.changed and outcome.frames == 12
+    assert_every_string_gone(frames, blank, redacted_frames(ds), planted)
+
+
+@pytest.mark.gpu
+@pytest.mark.ocr
+@pytest.mark.easyocr
+def test_easyocr_on_cuda_blanks_frames_that_differ_as_wholes(torch_gpu) -> None:
+    frames, blank, planted = slices(4)
+    ds = cine_instance(frames)
+    outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, EASY_CUDA)
+    assert "cine_frames_differ" in outcome.reasons
+    assert_every_string_gone(frames, blank, redacted_frames(ds), planted)

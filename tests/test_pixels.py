@@ -40,8 +40,9 @@ from textimages import (
 )
 
 from deid_node.config import DeidConfig, PixelsConfig, RegionTemplate, parse_config
-from deid_node.deid.pixels import TEXT_RULES, RedactionLimitError, redact_pixels, text_boxes
+from deid_node.deid.pixels import RedactionLimitError, redact_pixels
 from deid_node.deid.sensitive import SensitiveTextClassifier
+from deid_node.deid.textscan import TEXT_RULES, text_boxes
 from deid_node.errors import ConfigError, PixelError
 from deid_node.modes import DeidentifyRedactTextMode as Mode
 from deid_node.modes import SeriesPolicy

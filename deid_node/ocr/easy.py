@@ -22,7 +22,11 @@ _THRESHOLDS: dict[str, Any] = {"text_threshold": 0.6, "low_text": 0.3}
 class EasyOcrEngine:
     name = "easyocr"
 
-    def __init__(self, device: Literal["cpu", "cuda"] = "cpu") -> None:
+    def __init__(
+        self, device: Literal["cpu", "cuda"] = "cpu", *, batches: bool | None = None
+    ) -> None:
+        """batches: frames go to `recognize_batch` together (deid/textscan.py); by default
+        on CUDA only, where a batch is faster than one frame at a time."""
         import easyocr  # lazy: pulls in torch
         import easyocr_en_models
 
@@ -37,6 +41,7 @@ class EasyOcrEngine:
         )
         self.device: str = str(self._reader.device)
         self._batch = GPU_RECOGNIZER_BATCH if self.device == "cuda" else 1
+        self.batches = self.device == "cuda" if batches is None else batches
         self._lock = threading.Lock()
 
     def detect(self, image: np.ndarray) -> list[TextBox]:
@@ -65,11 +70,11 @@ class EasyOcrEngine:
         self, images: Sequence[np.ndarray], *, batched: bool | None = None
     ) -> list[list[TextBox]]:
         """`recognize` of each image. Same-sized images go through the detector
-        GPU_BATCH_FRAMES at a time (readtext_batched) when `batched`; by default on CUDA only,
-        as on the CPU a batch is no faster."""
+        GPU_BATCH_FRAMES at a time (readtext_batched) when `batched` (by default: `batches`,
+        on CUDA only, as on the CPU a batch is no faster)."""
         rgbs = [as_rgb(image) for image in images]
         if batched is None:
-            batched = self.device == "cuda"
+            batched = self.batches
         if not batched or len({rgb.shape for rgb in rgbs}) > 1:
             return [self.recognize(rgb) for rgb in rgbs]
         out: list[list[TextBox]] = []
