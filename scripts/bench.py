@@ -1201,6 +1201,64 @@ def phase_gpu(res: Results, engines: list[str], cine_frames: int) -> None:
             f"{engine} on CUDA: {cine_frames}-frame cine, per frame ({out['cine_reasons']})",
             f"{out['cine_ms_per_frame']:.0f} ms",
         )
+    if "easyocr" in engines:
+        phase_gpu_against_cpu(res)
+
+
+def phase_gpu_against_cpu(res: Results) -> None:
+    """scripts/bench_gpu.py: EasyOCR on the GPU against the same machine's CPU (2 torch
+    threads), frames batched against one at a time, cines whose text is static, moving or
+    changing (issue 17 item 4)."""
+    print("gpu: scripts/bench_gpu.py", flush=True)
+    cmd = [sys.executable, str(REPO / "scripts" / "bench_gpu.py")]
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, env=PY_ENV, timeout=1800
+        )
+    except subprocess.TimeoutExpired:
+        res.note("bench_gpu.py ran past 30 min")
+        return
+    try:
+        out = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        tail = " ".join(done.stderr.strip().splitlines()[-2:])[:200]
+        res.note(f"bench_gpu.py failed (exit {done.returncode}): {tail}")
+        return
+    res.details["gpu_against_cpu"] = out
+    if out.get("gpu") is None:
+        res.note(f"bench_gpu.py: {out.get('why')}")
+        return
+    gpu, cpu = out["image_gpu"], out["image_cpu"]
+    res.add(
+        "GPU",
+        f"easyocr 800x600 image on CUDA ({gpu['images']} draws, string recall "
+        f"{gpu['string_recall']:.3f})",
+        f"{gpu['ms_mean']:.0f} ms",
+        f"CPU, {cpu['threads']} threads: {cpu['ms_mean']:.0f} ms (recall "
+        f"{cpu['string_recall']:.3f})",
+        f"{out['image_speedup']:.1f}x faster",
+    )
+    together = out["frames_together"]
+    res.add(
+        "GPU",
+        f"easyocr {together['frames']} frames batched, per frame (GPU memory peak "
+        f"{together['gpu_memory_peak_gib']:.1f} GiB; {together['frames_with_identical_boxes']}"
+        f" of {together['frames']} frames read the same as alone)",
+        f"{together['batched_ms_per_frame']:.0f} ms",
+        f"one at a time: {together['single_ms_per_frame']:.0f} ms",
+        f"{together['single_ms_per_frame'] / together['batched_ms_per_frame']:.1f}x",
+    )
+    for cine in out["cines_gpu"]:
+        res.add(
+            "GPU",
+            f"easyocr on CUDA: {cine['frames']}-frame cine, {cine['kind']} text, whole cine vs "
+            f"one frame ({', '.join(cine['reasons'])}; strings missed: {cine['strings_missed']})",
+            f"{cine['cine_s']:.2f} s",
+            f"one frame {cine['one_frame_s']:.2f} s",
+            f"{cine['ratio']:.1f}x",
+            "<= 3x",
+            met=verdict(cine["ratio"] <= 3 and cine["strings_missed"] == 0),
+        )
 
 
 def _ocr_child(
