@@ -1,5 +1,6 @@
-"""The pixel redaction modes (Encord's DeidentifyRedactTextMode), the series policy and the name
-of the implicit project."""
+"""Names and enums that config, conditions, deid and ocr share (a leaf module: it imports none of
+them): the pixel redaction modes (Encord's DeidentifyRedactTextMode), the series policy, the name
+of the implicit project, the de-identification profile options and the OCR engines."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ class SeriesPolicy(enum.StrEnum):
 # The project every config without [[projects]] has: the top-level sections, the node's AE title,
 # every destination, and the installation secret (data_dir/secret.key).
 DEFAULT_PROJECT = "default"
+
+# PS3.15 Table E.1-1's options, as `[deid] profile_options` names them.
+PROFILE_OPTIONS = (
+    "Retain Safe Private",
+    "Retain UIDs",
+    "Retain Device Identity",
+    "Retain Institution Identity",
+    "Retain Patient Characteristics",
+    "Retain Longitudinal Temporal Information Full Dates",
+    "Retain Longitudinal Temporal Information Modified Dates",
+    "Clean Descriptors",
+    "Clean Structured Content",
+    "Clean Graphics",
+)
+OCR_ENGINES = ("rapidocr", "easyocr")

@@ -9,21 +9,13 @@ from typing import Literal
 
 from deid_node.conditions import SaveDeidentifiedDicomCondition
 from deid_node.errors import ConfigError
-from deid_node.modes import DEFAULT_PROJECT, DeidentifyRedactTextMode, SeriesPolicy
-
-PROFILE_OPTIONS = (
-    "Retain Safe Private",
-    "Retain UIDs",
-    "Retain Device Identity",
-    "Retain Institution Identity",
-    "Retain Patient Characteristics",
-    "Retain Longitudinal Temporal Information Full Dates",
-    "Retain Longitudinal Temporal Information Modified Dates",
-    "Clean Descriptors",
-    "Clean Structured Content",
-    "Clean Graphics",
+from deid_node.modes import (  # noqa: F401 (re-exported)
+    DEFAULT_PROJECT,
+    OCR_ENGINES,
+    PROFILE_OPTIONS,
+    DeidentifyRedactTextMode,
+    SeriesPolicy,
 )
-OCR_ENGINES = ("rapidocr", "easyocr")
 
 
 @dataclass(frozen=True)

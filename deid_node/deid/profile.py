@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 
-from deid_node.config import PROFILE_OPTIONS
+from deid_node.modes import PROFILE_OPTIONS
 
 PROFILE_CSV = "ps3.15-table-e.1-1.csv"
 SAFE_PRIVATE_CSV = "ps3.15-table-e.3.10-1-safe-private.csv"

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from deid_node.errors import ConfigError
+from deid_node.modes import OCR_ENGINES
 from deid_node.ocr.base import OcrEngine, TextBox
 
 __all__ = [
@@ -33,7 +34,7 @@ __all__ = [
     "resolve_device",
 ]
 
-ENGINES = ("rapidocr", "easyocr")
+ENGINES = OCR_ENGINES
 DEVICES = ("auto", "cpu", "cuda")
 EASYOCR_EXTRA = "pip install 'deid-node[easyocr]'"
 
