@@ -2,16 +2,17 @@
 
 No exception escapes into the association. Success (0x0000) is returned only after the
 instance's bytes are fsynced in the spool and its row is committed in SQLite. The bytes are
-stored exactly as the modality sent them.
+stored exactly as the modality sent them. Where it is safe (`Store.overlapped_receipt`), the
+file's fsync runs while the row commits: Success still waits for both.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import wait
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from deid_node.modes import DEFAULT_PROJECT
 from deid_node.pipeline import UID_PATTERN
 from deid_node.routing import Router
 from deid_node.scp.limits import PIXEL_TAGS, pixel_size_problem
-from deid_node.store import Receipt, Store
+from deid_node.store import Receipt, Store, StoredInstance
 from deid_node.store.engine import StoreUnavailableError
+from deid_node.store.spool import file_sha256
 
 log = get_logger("deid_node.scp")
 
@@ -193,8 +195,6 @@ def _accept_file(
         )
         return refuse(problem.status, problem.reason, keep=keep, **problem.fields)
     projects = routes.projects(event, header, calling_ae)
-    digest = file_sha256(received)
-    path = store.spool_adopt(received)
     receipt = Receipt(
         sop_uid=uids["SOPInstanceUID"],
         sop_class_uid=str(request.AffectedSOPClassUID),
@@ -203,15 +203,8 @@ def _accept_file(
         transfer_syntax=syntax,
         calling_ae=calling_ae,
         peer=peer,
-        sha256=digest,
     )
-    try:
-        stored = store.record_instance(
-            receipt, path, size, association=event.assoc, projects=projects
-        )
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    stored = _record_durably(store, receipt, received, size, event.assoc, projects)
     bound.debug(
         "instance_stored",
         series_uid=receipt.series_uid,
@@ -224,12 +217,50 @@ def _accept_file(
     return SUCCESS
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _record_durably(
+    store: Store,
+    receipt: Receipt,
+    received: Path,
+    size: int,
+    association: Any,
+    projects: list[str],
+) -> StoredInstance:
+    """The file in the spool and its row (with the file's SHA-256), both durable when this
+    returns (and not before).
+
+    One row (one project, or unrouted) of an instance new to its series: the file's fsync runs
+    in another thread while this one hashes the file and commits the row, two disk flushes at
+    once (issue 17: the commit was a third of the handler). Otherwise (fan-out into hard
+    links, a re-send that replaces or drops a copy, PostgreSQL): the file is fsynced, then the
+    row committed."""
+    if len(projects) <= 1:
+        with store.overlapped_receipt(received, receipt.series_uid, receipt.sop_uid) as path:
+            if path is not None:
+                flushing = store.flush_spool_file(path)
+                try:
+                    receipt = replace(receipt, sha256=file_sha256(path))
+                    stored = store.record_instance(
+                        receipt, path, size, association=association, projects=projects
+                    )
+                except BaseException:
+                    wait((flushing,))
+                    path.unlink(missing_ok=True)
+                    raise
+        if path is not None:
+            # An fsync error raises here (0xA700, no Success); the row stays marked, and the
+            # next start drops it unless its file is whole.
+            flushing.result()
+            store.receipt_confirmed(path)
+            return stored
+    receipt = replace(receipt, sha256=file_sha256(received))
+    path = store.spool_adopt(received)
+    try:
+        return store.record_instance(
+            receipt, path, size, association=association, projects=projects
+        )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _remote(event: evt.Event) -> Any:

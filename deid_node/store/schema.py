@@ -305,6 +305,16 @@ def _migration_10(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_11(db: sqlite_utils.Database) -> None:
+    """Receipts whose row is committed while their file's fsync still runs (issue 17): a marker
+    per spool file, so that start-up checks exactly those files (store/spool.py)."""
+    db["receipts_in_flight"].create(
+        {"spool_path": str, "series_uid": str, "sop_uid": str},
+        pk="spool_path",
+        if_not_exists=True,
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -316,6 +326,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_8,
     _migration_9,
     _migration_10,
+    _migration_11,
 ]
 
 

@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from deid_node.files import adopt_durably, fsync_dirs
+from deid_node.log import get_logger
 from deid_node.store.base import StoreBase
+
+log = get_logger("deid_node.store")
+
+# fsyncs of received files that run while their rows commit (one per receipt in flight; more
+# associations than threads wait their turn). Threads start on first use.
+_FLUSHERS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spool-fsync")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file_and_folder(fd: int, folder: Path) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dirs([folder])
 
 
 class SpoolFiles(StoreBase):
+    def __init__(self, data_dir: Path, **options: Any) -> None:
+        super().__init__(data_dir, **options)
+        # Markers of overlapped receipts whose file and row are both durable, to delete.
+        self._confirmed_receipts: list[str] = []
+
     def tmp_write(self, data: bytes) -> Path:
         """Put received bytes in a file under tmp/ (adopted into the spool or quarantine next)."""
         path = self.tmp_dir / f"{uuid.uuid4().hex}.dcm"
@@ -25,6 +59,112 @@ class SpoolFiles(StoreBase):
         """Move a received file into the spool durably: fsync it, rename, fsync the folder."""
         name = uuid.uuid4().hex
         return adopt_durably(received, self.data_dir / "spool" / name[:2] / f"{name}.dcm")
+
+    @contextmanager
+    def overlapped_receipt(
+        self, received: Path, series_uid: str, sop_uid: str
+    ) -> Iterator[Path | None]:
+        """Move a received file into the spool for a row that may commit while the file's
+        fsync runs (`flush_spool_file`): the two disk flushes overlap instead of following
+        each other (issue 17). Run `record_instance` inside the block; wait for the flush
+        after it (outside the store's lock); acknowledge only once both are done.
+
+        Yields None where the receipt must go the serial way (`spool_adopt`, then the row):
+        on PostgreSQL; when the series already has a row of this SOP instance (recording it
+        would replace, or drop, a file of an earlier copy that may have been acknowledged);
+        across file systems. Holds the store's lock until the block ends, so that no other
+        receipt of this SOP instance records in between.
+
+        A crash may leave the row durable and the file not: before the row, a marker is
+        committed (receipts_in_flight, without fsync: the row's power-safe commit comes after
+        it in the WAL and makes it durable too), and start-up checks the file of every marked
+        row (`_drop_unconfirmed_receipts`)."""
+        if self.shared:
+            yield None
+            return
+        with self._lock:
+            known = self.query(
+                "SELECT 1 FROM instances WHERE series_uid = ? AND sop_uid = ? LIMIT 1",
+                (series_uid, sop_uid),
+            )
+            if known:
+                yield None
+                return
+            name = uuid.uuid4().hex
+            path = self.data_dir / "spool" / name[:2] / f"{name}.dcm"
+            confirmed, self._confirmed_receipts = self._confirmed_receipts, []
+            with self.transaction(power_safe=False) as conn:
+                conn.executemany(
+                    "DELETE FROM receipts_in_flight WHERE spool_path = ?",
+                    [(p,) for p in confirmed],
+                )
+                conn.execute(
+                    "INSERT INTO receipts_in_flight (spool_path, series_uid, sop_uid)"
+                    " VALUES (?, ?, ?)",
+                    (self.relative(path), series_uid, sop_uid),
+                )
+            try:
+                os.replace(received, path)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                yield None
+                return
+            yield path
+
+    def flush_spool_file(self, path: Path) -> Future[None]:
+        """fsync a file moved by `overlapped_receipt`, then its folder, in another thread.
+        The descriptor is opened here: the file may be unlinked before the thread runs."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return _FLUSHERS.submit(_fsync_file_and_folder, fd, path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def receipt_confirmed(self, path: Path) -> None:
+        """The file of an overlapped receipt is durable, as is its row: its marker may go
+        (deleted with the next marker's insert; one left at a stop is checked at start-up)."""
+        with self._lock:
+            self._confirmed_receipts.append(self.relative(path))
+
+    def _drop_unconfirmed_receipts(self) -> int:
+        """At start, under the data folder's lock: a marked receipt whose row was committed but
+        whose file is missing or differs from the row's SHA-256 was never acknowledged (Success
+        waits for the file's fsync): its row goes (and its batch, if it held nothing else);
+        the file, now without a row, is moved aside with the other orphans. A file that is
+        whole is fsynced again (a crash of the process alone leaves it in the page cache).
+        Returns how many rows were dropped."""
+        self._confirmed_receipts = []
+        markers = self.query("SELECT spool_path, series_uid, sop_uid FROM receipts_in_flight")
+        dropped = 0
+        with self.transaction() as conn:
+            for marker in markers:
+                rows = conn.execute(
+                    "SELECT id, batch_id, sha256, state FROM instances"
+                    " WHERE series_uid = ? AND sop_uid = ? AND spool_path = ?",
+                    (marker["series_uid"], marker["sop_uid"], marker["spool_path"]),
+                ).fetchall()
+                if not rows:
+                    continue  # the row never committed: its file (if any) is an orphan
+                path = self.absolute(marker["spool_path"])
+                if _whole(path, rows[0][2]):
+                    continue
+                for instance_id, batch_id, _, state in rows:
+                    if state not in ("received", "unrouted"):
+                        log.error("unconfirmed_receipt_kept", instance_id=instance_id, state=state)
+                        continue
+                    conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+                    conn.execute(
+                        "DELETE FROM batches WHERE id = ? AND state IN ('receiving', 'rejected')"
+                        " AND NOT EXISTS (SELECT 1 FROM instances WHERE batch_id = ?)",
+                        (batch_id, batch_id),
+                    )
+                    dropped += 1
+            conn.execute("DELETE FROM receipts_in_flight")
+        if dropped:
+            log.warning("unconfirmed_receipts_dropped", rows=dropped)
+        return dropped
 
     def spool_link(self, original: Path) -> Path:
         """Another name in the spool for an adopted original (one per project that takes it:
@@ -57,6 +197,7 @@ class SpoolFiles(StoreBase):
         share: another replica's receipt may be in flight."""
         if self.shared:
             return 0
+        self._drop_unconfirmed_receipts()
         known = {
             r["spool_path"]
             for r in self.query("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")
@@ -104,3 +245,18 @@ class SpoolFiles(StoreBase):
                 "UPDATE instances SET spool_path = NULL, deid_path = NULL WHERE batch_id = ?",
                 (batch_id,),
             )
+
+
+def _whole(path: Path, sha256: str) -> bool:
+    """The file is there with the bytes its row was recorded with; fsynced again if so."""
+    try:
+        if not sha256 or file_sha256(path) != sha256:
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+    except FileNotFoundError:
+        return False
