@@ -2,6 +2,14 @@
 
 Used by `deid-node deidentify` and by the Python API (`deidentify_dicom_files`).
 
+Each file goes to a worker first: the worker keeps what the series is judged on (its UIDs
+and the attributes the save conditions name) and de-identifies the file into a staging folder
+inside --out (`.deid-node-staging-*`). The parent then judges each series and publishes
+(renames into place) only the files that may leave; the staging folder is removed at the end.
+So nothing of a series that fails is ever under its output name, and the parent no longer
+reads every header before the workers start (a tenth of the CPU, all of it before the first
+worker started).
+
 Reports name inputs only by what the caller passed: a file by the path or URL given, a file
 found in a given folder by `<folder as given>#<n>`, n counting from 1 in the folder's files
 sorted by path (file and folder names are often the patient's). One bad input never stops
@@ -11,19 +19,25 @@ already seen.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+from pydicom import Dataset
+from pydicom.dataelem import DataElement
 
 # What deidentify_file imports, imported here, before the CLI and the API fork their worker
 # processes: each worker would otherwise import it again (a tenth of a second of CPU each).
@@ -32,14 +46,19 @@ import deid_node.deid.tags  # noqa: F401
 from deid_node.errors import InputError, UnsupportedSchemeError
 from deid_node.log import get_logger
 from deid_node.pipeline import (
+    ENCAPSULATED_DOCUMENT_TAG,
+    DeidJob,
+    DeidOutcome,
     FileResult,
     PipelineSettings,
     SourceFile,
+    deidentify_file,
+    evaluate_file,
     read_header,
     run_series,
 )
 from deid_node.report import unprocessed_report
-from deid_node.workers import pool_is_broken, replace_pool
+from deid_node.workers import map_jobs
 
 log = get_logger("deid_node.batch")
 
@@ -211,13 +230,17 @@ def run_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(sources), enabled=progress)
     result = BatchResult(reports=[], skipped_non_dicom=len(skipped), skipped_paths=skipped)
-    owned: list[Executor] = []
+    staging = Path(tempfile.mkdtemp(prefix=".deid-node-staging-", dir=out_dir))
     try:
+        staged = _deidentify_all(sources, staging, settings, executor, bar)
+        sources = [
+            replace(s, header=f.header) if f.header is not None else s
+            for s, f in zip(sources, staged, strict=True)
+        ]
+        publisher = _Publisher(sources, staged, out_dir)
         for group in group_by_series(sources):
             try:
-                outcome = run_series(
-                    group, settings, out_dir, executor=executor, on_file_done=bar.advance
-                )
+                outcome = run_series(group, settings, out_dir, executor=publisher)
                 reports = [r.report for r in outcome.results]
                 written, passed = outcome.summary["written"], outcome.summary["outcome"] == "passed"
                 summary = outcome.summary
@@ -234,17 +257,128 @@ def run_batch(
             bar.series_done(reports[0].get("SeriesInstanceUID") if reports else None, summary)
             if on_series:
                 on_series(reports)
-            if executor is not None and pool_is_broken(executor):
-                # A worker died (a decoder crash, the OOM killer): run_series ran the files it
-                # took down again one at a time; the next series get a fresh pool.
-                executor = replace_pool(executor, start_method="fork")
-                owned.append(executor)
     finally:
-        for pool in owned:
-            pool.shutdown(wait=True)
+        shutil.rmtree(staging, ignore_errors=True)
         bar.close()
     result.duration_s = time.monotonic() - started
     return result
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """One input after its worker: the header its series is judged on (None: the parent reads
+    it, for a file the worker could not read), and the file de-identified into the staging
+    folder (None if it was not: unreadable, or failing its own save conditions)."""
+
+    header: Dataset | None
+    outcome: DeidOutcome | None = None
+    root: Path | None = None  # the staging folder the outcome's path lies under
+
+
+def _deidentify_all(
+    sources: Sequence[SourceFile],
+    staging: Path,
+    settings: PipelineSettings,
+    executor: Executor | None,
+    bar: Progress,
+) -> list[_Staged]:
+    """Every input through a worker (`_read_and_deidentify`), in order. A worker that dies
+    fails the file that killed it only (`workers.map_jobs`); its series is judged on the
+    header read again here, and that file is quarantined."""
+    jobs = [(source, staging) for source in sources]
+    work = functools.partial(_read_and_deidentify, settings=settings)
+    staged: list[_Staged] = []
+    for outcome in map_jobs(work, jobs, executor, _worker_died):
+        staged.append(outcome)
+        bar.advance()
+    return staged
+
+
+def _worker_died(reason: str) -> _Staged:
+    return _Staged(None, DeidOutcome(None, "", "", "", {}, error=reason))
+
+
+def _read_and_deidentify(job: tuple[SourceFile, Path], settings: PipelineSettings) -> _Staged:
+    """In a worker: the file's header for its series' judgement, and, when the file passes its
+    own save conditions, the file de-identified under `root`."""
+    source, root = job
+    try:
+        header = source.header if source.header is not None else read_header(source.path)
+    except InputError:
+        return _Staged(None)  # the parent reads it again and reports why
+    evaluation = evaluate_file(replace(source, header=header), settings.conditions, settings.deid)
+    if not evaluation.passed:
+        return _Staged(header)  # never sent: the whole header, as the parent would have read
+    outcome = deidentify_file(DeidJob(source.path, root, source.pixels_reviewed), settings)
+    return _Staged(_judged_header(header, settings), outcome, root)
+
+
+# What evaluate_file, group_by_series and a failed series' reports read of a header, besides
+# the attributes the save conditions name.
+_JUDGED_KEYWORDS = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def _judged_header(header: Dataset, settings: PipelineSettings) -> Dataset:
+    """The part of a header that the parent judges the series on: the whole header is a tenth
+    of a millisecond to send back per file, this part a few microseconds. Copies, so that
+    nothing that changes the header later changes what the series was judged on."""
+    judged = Dataset()
+    tags = [*_JUDGED_KEYWORDS, ENCAPSULATED_DOCUMENT_TAG, *(c.tag for c in settings.conditions)]
+    for tag in tags:
+        if tag in header:
+            elem = header[tag]
+            value = elem.value
+            if isinstance(value, str | bytes | int | float) or value is None:
+                judged[tag] = DataElement(elem.tag, elem.VR, value)  # immutable value
+            else:
+                judged[tag] = copy.deepcopy(elem)
+    return judged
+
+
+class _Publisher(Executor):
+    """run_series' executor in a batch: each file was de-identified already, into the staging
+    folder; run_series submits only the files that may leave, and submitting one moves it into
+    --out under its output name (an error outcome is handed back as it is).
+
+    Two inputs with the same SOPInstanceUID were staged under the same name (one overwrote
+    the other; the batch refuses the second): the one that may leave is de-identified again
+    here, as run_series would have done, so that it is never the other file's output."""
+
+    def __init__(
+        self, sources: Sequence[SourceFile], staged: Sequence[_Staged], out_dir: Path
+    ) -> None:
+        self.out_dir = out_dir
+        self.staged: dict[Path, _Staged] = {}
+        names: dict[Path, int] = defaultdict(int)
+        for source, done in zip(sources, staged, strict=True):
+            if done.outcome is not None:
+                self.staged.setdefault(source.path, done)
+                if done.outcome.path is not None:
+                    names[done.outcome.path] += 1
+        self.shared = {name for name, count in names.items() if count > 1}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        try:
+            (job,) = args
+            done = self.staged.get(job.src)
+            if done is None or done.outcome is None or done.outcome.path in self.shared:
+                future.set_result(fn(job))
+            else:
+                future.set_result(self._publish(done))
+        except Exception as exc:  # noqa: BLE001 - map_jobs reports it for this file
+            future.set_exception(exc)
+        return future
+
+    def _publish(self, staged: _Staged) -> DeidOutcome:
+        outcome, root = staged.outcome, staged.root
+        assert outcome is not None and root is not None
+        if outcome.path is None:
+            return outcome
+        final = self.out_dir / outcome.path.relative_to(root)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(outcome.path, final)
+        return replace(outcome, path=final)
 
 
 def _failed_report(source: SourceFile, error: str) -> dict[str, Any]:

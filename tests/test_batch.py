@@ -448,3 +448,64 @@ def test_the_report_never_goes_into_out_and_names_only_what_was_passed(tmp_path)
     assert report.stat().st_mode & 0o777 == 0o600
     text = report.read_text()
     assert text.count("Zyxwortha_Quilliam_CT") == 0 and f"{root}#1" in text and f"{root}#2" in text
+
+
+def test_files_are_published_only_once_their_series_is_judged(tmp_path):
+    """Each file is read once, in a worker, and de-identified into a staging folder inside
+    --out: only files of a series that may leave are moved to their output names, and the
+    staging folder is gone after the run, also when the run stops half-way."""
+    from deid_node.api import build_settings, worker_pool
+    from deid_node.batch import run_batch
+    from deid_node.config import DeidConfig, PixelsConfig
+    from deid_node.modes import SeriesPolicy
+
+    root = tmp_path / "in"
+    write_series(make_series(2, "CT", image_type="DERIVED\\SECONDARY"), root / "a")
+    mixed = make_series(2, "MR", image_type="DERIVED\\SECONDARY")
+    mixed[1].ImageType = ["ORIGINAL", "PRIMARY"]  # fails CRITERIA: holds its series back
+    write_series(mixed, root / "b")
+    settings = build_settings(
+        deid=DeidConfig(),
+        pixels=PixelsConfig(),
+        conditions=tuple(CRITERIA),
+        policy=SeriesPolicy.ALL,
+        data_dir=tmp_path / "d",
+    )
+
+    def published(out: Path) -> list[Path]:
+        return [
+            p
+            for p in out.rglob("*.dcm")
+            if not any(part.startswith(".deid-node-staging-") for part in p.parts)
+        ]
+
+    for workers in (1, 2):
+        out = tmp_path / f"o{workers}"
+        seen: list[tuple[list[dict], list[Path], list[Path]]] = []
+
+        def on_series(reports, out=out, seen=seen):
+            staged = [p for p in out.rglob("*.dcm") if p not in published(out)]
+            seen.append((reports, published(out), staged))
+
+        with worker_pool(workers) as executor:
+            result = run_batch([root], out, settings, executor=executor, on_series=on_series)
+        assert (result.series_passed, result.series_failed) == (1, 1)
+        # When the first series is reported, every file has been de-identified: the other
+        # series' files wait in the staging folder, none under an output name.
+        first_reports, first_published, first_staged = seen[0]
+        assert sorted(first_published) == sorted(
+            Path(r["url_deid"]) for r in first_reports if r["url_deid"]
+        )
+        assert len(first_published) + len(first_staged) >= 3  # the failing file is not staged
+        sent = [Path(r["url_deid"]) for reports, _, _ in seen for r in reports if r["url_deid"]]
+        assert sorted(published(out)) == sorted(sent) and len(sent) == 2
+        assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+    def stop(_reports):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        run_batch([root], out, settings, on_series=stop)
+    assert len(published(out)) <= 2  # at most the first series, which was judged
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
