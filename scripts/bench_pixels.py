@@ -295,6 +295,71 @@ def speed_figures(
     return out
 
 
+# RapidOCR configurations compared by --ab (issue 17 item 2), each an engine built in this
+# process: "before" is RapidOCR's own sessions (spinning, no arena) and float detector.
+RAPID_VARIANTS = {
+    "before": {"tuned": False},
+    "tuned": {"tuned": True, "int8_detector": False},
+    "int8": {"tuned": True, "int8_detector": True},
+    "tunedb1": {"tuned": True, "int8_detector": False, "rec_batch_num": 1},
+    "tunedb2": {"tuned": True, "int8_detector": False, "rec_batch_num": 2},
+}
+
+
+def _use_rapid(variant: str, built: dict) -> None:
+    """Make `variant` the engine that get_engine("rapidocr", ...) returns in this process."""
+    from deid_node import ocr
+    from deid_node.ocr.rapid import RapidOcrEngine
+
+    if variant not in built:
+        built[variant] = RapidOcrEngine(**RAPID_VARIANTS[variant])
+    for device in ("auto", "cpu"):
+        ocr._engines[("rapidocr", device)] = built[variant]
+
+
+def ab_figures(variants: list[str], images: int, recall_images: int, hard: int) -> dict:
+    """RapidOCR configurations side by side in one process: per 800x600 ordinary RGB draw,
+    every variant redacts it in turn (order rotated per image), wall and CPU ms per variant;
+    then each variant's string recall on `recall_images` ordinary + `hard` hard draws."""
+    config = _config("rapidocr", max_redacted_fraction=1.0)
+    built: dict = {}
+    warm, _ = text_image(99, H, W, colour=True)
+    for variant in variants:
+        _use_rapid(variant, built)
+        redact_pixels(make_instance("US", photometric="RGB", pixel_array=warm), MODES[0], config)
+    wall: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    loads = []
+    for seed in range(images):
+        image, _ = text_image(100 + seed, H, W, colour=True, min_scale=0.4, max_scale=1.0)
+        order = variants[seed % len(variants) :] + variants[: seed % len(variants)]
+        for variant in order:
+            _use_rapid(variant, built)
+            ds = make_instance("US", photometric="RGB", pixel_array=image)
+            t, c = time.perf_counter(), time.process_time()
+            redact_pixels(ds, MODES[0], config)
+            wall[variant].append(1000 * (time.perf_counter() - t))
+            cpu[variant].append(1000 * (time.process_time() - c))
+        loads.append(os.getloadavg()[0])
+    out: dict = {"images": images, "cpus": _cpus(), "load_avg_1min": [min(loads), max(loads)]}
+    for variant in variants:
+        w, c = np.array(wall[variant]), np.array(cpu[variant])
+        out[variant] = {
+            "wall_ms_median": float(np.median(w)),
+            "wall_ms_p25_p75": [float(np.percentile(w, 25)), float(np.percentile(w, 75))],
+            "wall_ms_min_max": [float(w.min()), float(w.max())],
+            "cpu_ms_median": float(np.median(c)),
+        }
+    for variant in variants if recall_images or hard else []:
+        _use_rapid(variant, built)
+        m = run_engine("rapidocr", recall_images, 0, hard, 0, modes=(MODES[0],))["modes"]
+        m = m[MODES[0].value]
+        out[variant].update(
+            recall=m["string_recall"], hard_recall=m["hard_string_recall"], missed=m["missed"]
+        )
+    return out
+
+
 def _config(engine: str, **limits: float) -> PixelsConfig:
     """The engine's config; --baseline runs of older code, whose config has no guard, too."""
     try:
@@ -439,7 +504,20 @@ def main() -> None:
     parser.add_argument("--speed", action="store_true", help="issue 17's figures (speed_figures)")
     parser.add_argument("--json", action="store_true", help="with --speed: one JSON object")
     parser.add_argument("--frames", type=int, default=60, help="with --speed: cine frames")
+    parser.add_argument(
+        "--ab",
+        help="RapidOCR variants side by side in one process, e.g. before,tuned,int8 "
+        "(--images: timed draws, default 20; --hard: hard draws for recall, default 20; "
+        "recall on 60 ordinary draws unless --quick)",
+    )
     args = parser.parse_args()
+    if args.ab:
+        figures = ab_figures(
+            args.ab.split(","), 20 if args.images is None else args.images,
+            0 if args.quick else 60, 20 if args.hard is None else args.hard,
+        )  # fmt: skip
+        print(json.dumps(figures, indent=1))
+        return
     if args.speed:
         quick = (3, 0, 0) if args.quick else (10, 60, 20)
         figures = speed_figures(

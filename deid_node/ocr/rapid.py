@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -15,13 +17,26 @@ from deid_node.ocr.base import TextBox, as_rgb, box_from_points
 # blown up to a 1200 px short side without bound.
 _DETECT_SHORT_SIDE = 1200
 _DETECT_LONG_SIDE_MAX = 2000
+# PP-OCRv4's detector with int8 weights and activations (static QDQ quantisation, calibrated
+# on generated text images: scripts/quantize_detector.py; not shipped). Off: about half the
+# detector's CPU time, but it lost 22 of 320 faint hard-draw strings (docs/benchmarks-pixels.md).
+_INT8_DETECTOR = Path(__file__).with_name("models") / "ch_PP-OCRv4_det_int8.onnx"
+# DB's input is normalised as RapidOCR does, in float32 (RapidOCR's own step runs in float64).
+_DET_SCALE = np.float32(2.0 / 255.0)
 
 
 class RapidOcrEngine:
     name = "rapidocr"
     crop_aware = True  # detect/recognize take frame_shape (ocr.base.OcrEngine)
 
-    def __init__(self, *, use_cuda: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        use_cuda: bool = False,
+        int8_detector: bool = False,
+        tuned: bool = True,
+        rec_batch_num: int = 6,
+    ) -> None:
         from rapidocr_onnxruntime import RapidOCR  # lazy: onnxruntime loads only when OCR runs
 
         # Lower box/score thresholds and looser boxes than the defaults: a missed identifier
@@ -42,6 +57,10 @@ class RapidOcrEngine:
         # Where the detector really runs: ONNX Runtime falls back to the CPU instead of failing.
         providers = self._ocr.text_det.infer.session.get_providers()
         self.device = "cuda" if providers[:1] == ["CUDAExecutionProvider"] else "cpu"
+        self._tuned = tuned and self.device == "cpu"
+        if self._tuned:
+            _tune_cpu_sessions(self._ocr, int8_detector=int8_detector)
+        self._ocr.text_rec.rec_batch_num = rec_batch_num
         self._lock = threading.Lock()
 
     def detect(
@@ -68,16 +87,21 @@ class RapidOcrEngine:
         # lost 1-3 of 320 faint hard-draw lines that the whole frame kept (DB's output at a
         # crop's edge differs; docs/benchmarks-pixels.md).
         factor = _detect_factor(*(frame_shape or (height, width)))
-        if factor != 1.0:
+        if self._tuned:
+            # Straight to the detector's multiple-of-32 size: one resize, not two.
+            size = (_round32(width * factor), _round32(height * factor))
+        else:
             size = (round(width * factor), round(height * factor))
+        if size != (width, height):
             rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_CUBIC)
+        scale = np.array([size[0] / width, size[1] / height])
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # RapidOCR follows OpenCV: BGR
         with self._lock:
             result, _ = self._ocr(bgr, use_det=True, use_cls=False, use_rec=use_rec)
         out = []
         for item in result or []:
             points, text, score = (item, None, 1.0) if not use_rec else item
-            pts = np.asarray(points, dtype=np.float64).reshape(-1, 2) / factor
+            pts = np.asarray(points, dtype=np.float64).reshape(-1, 2) / scale
             box = box_from_points(pts, height, width)
             if box is not None:
                 out.append((box, None if text is None else str(text), float(score)))
@@ -90,3 +114,47 @@ def _detect_factor(height: int, width: int) -> float:
         _DETECT_SHORT_SIDE / min(height, width), _DETECT_LONG_SIDE_MAX / max(height, width)
     )
     return max(1.0, factor)
+
+
+def _round32(value: float) -> int:
+    return max(32, int(round(value / 32) * 32))
+
+
+def _tune_cpu_sessions(ocr, *, int8_detector: bool) -> None:
+    """Rebuild RapidOCR's detector and recognizer sessions for a CPU shared with other work:
+    as many intra-op threads as this process may use, no spinning between ops (RapidOCR's
+    default spins, burning a core while waiting), the memory arena on (RapidOCR turns it off:
+    every run re-allocates the 1216x1600 feature maps), and optionally the int8 detector.
+    Detection's input is normalised in float32 by our own step."""
+    import onnxruntime as ort
+
+    threads = max(1, len(os.sched_getaffinity(0)))
+
+    def session(model: str | Path):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.enable_cpu_mem_arena = True
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+
+    det, rec = ocr.text_det, ocr.text_rec
+    det_model = _INT8_DETECTOR if int8_detector else det.infer.session._model_path
+    det.infer.session = session(det_model)
+    rec.session.session = session(rec.session.session._model_path)
+    det.get_preprocess = lambda _max_wh: _det_input
+
+
+def _det_input(bgr: np.ndarray) -> np.ndarray:
+    """DB's input, (x / 255 - 0.5) / 0.5 as CHW float32, at multiples of 32 (RapidOCR pads a
+    very flat crop, so its size may be off: resized as RapidOCR would)."""
+    height, width = bgr.shape[:2]
+    if height % 32 or width % 32:
+        bgr = cv2.resize(bgr, (_round32(width), _round32(height)))
+    x = bgr.astype(np.float32)
+    x *= _DET_SCALE
+    x -= np.float32(1.0)
+    return x.transpose(2, 0, 1)[np.newaxis].copy()
