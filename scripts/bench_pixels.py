@@ -296,13 +296,12 @@ def speed_figures(
 
 
 # RapidOCR configurations compared by --ab (issue 17 item 2), each an engine built in this
-# process: "before" is RapidOCR's own sessions (spinning, no arena) and float detector.
+# process: "before" is RapidOCR's own sessions (spinning, no arena, float64 normalising).
 RAPID_VARIANTS = {
     "before": {"tuned": False},
-    "tuned": {"tuned": True, "int8_detector": False},
-    "int8": {"tuned": True, "int8_detector": True},
-    "tunedb1": {"tuned": True, "int8_detector": False, "rec_batch_num": 1},
-    "tunedb2": {"tuned": True, "int8_detector": False, "rec_batch_num": 2},
+    "tuned": {"tuned": True},
+    "tunedb1": {"tuned": True, "rec_batch_num": 1},
+    "tunedb2": {"tuned": True, "rec_batch_num": 2},
 }
 
 
@@ -506,7 +505,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=60, help="with --speed: cine frames")
     parser.add_argument(
         "--ab",
-        help="RapidOCR variants side by side in one process, e.g. before,tuned,int8 "
+        help="RapidOCR variants side by side in one process, e.g. before,tuned "
         "(--images: timed draws, default 20; --hard: hard draws for recall, default 20; "
         "recall on 60 ordinary draws unless --quick)",
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -17,10 +16,6 @@ from deid_node.ocr.base import TextBox, as_rgb, box_from_points
 # blown up to a 1200 px short side without bound.
 _DETECT_SHORT_SIDE = 1200
 _DETECT_LONG_SIDE_MAX = 2000
-# PP-OCRv4's detector with int8 weights and activations (static QDQ quantisation, calibrated
-# on generated text images: scripts/quantize_detector.py; not shipped). Off: about half the
-# detector's CPU time, but it lost 22 of 320 faint hard-draw strings (docs/benchmarks-pixels.md).
-_INT8_DETECTOR = Path(__file__).with_name("models") / "ch_PP-OCRv4_det_int8.onnx"
 # DB's input is normalised as RapidOCR does, in float32 (RapidOCR's own step runs in float64).
 _DET_SCALE = np.float32(2.0 / 255.0)
 
@@ -33,7 +28,6 @@ class RapidOcrEngine:
         self,
         *,
         use_cuda: bool = False,
-        int8_detector: bool = False,
         tuned: bool = True,
         rec_batch_num: int = 6,
     ) -> None:
@@ -59,7 +53,7 @@ class RapidOcrEngine:
         self.device = "cuda" if providers[:1] == ["CUDAExecutionProvider"] else "cpu"
         self._tuned = tuned and self.device == "cpu"
         if self._tuned:
-            _tune_cpu_sessions(self._ocr, int8_detector=int8_detector)
+            _tune_cpu_sessions(self._ocr)
         self._ocr.text_rec.rec_batch_num = rec_batch_num
         self._lock = threading.Lock()
 
@@ -120,17 +114,18 @@ def _round32(value: float) -> int:
     return max(32, int(round(value / 32) * 32))
 
 
-def _tune_cpu_sessions(ocr, *, int8_detector: bool) -> None:
+def _tune_cpu_sessions(ocr) -> None:
     """Rebuild RapidOCR's detector and recognizer sessions for a CPU shared with other work:
     as many intra-op threads as this process may use, no spinning between ops (RapidOCR's
     default spins, burning a core while waiting), the memory arena on (RapidOCR turns it off:
-    every run re-allocates the 1216x1600 feature maps), and optionally the int8 detector.
-    Detection's input is normalised in float32 by our own step."""
+    every run re-allocates the 1216x1600 feature maps). Detection's input is normalised in
+    float32 by our own step. An int8 detector (static QDQ quantisation) took about half the
+    detector's CPU time but lost faint hard-draw strings: not used (docs/benchmarks-pixels.md)."""
     import onnxruntime as ort
 
     threads = max(1, len(os.sched_getaffinity(0)))
 
-    def session(model: str | Path):
+    def session(model: str):
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -142,8 +137,7 @@ def _tune_cpu_sessions(ocr, *, int8_detector: bool) -> None:
         return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
     det, rec = ocr.text_det, ocr.text_rec
-    det_model = _INT8_DETECTOR if int8_detector else det.infer.session._model_path
-    det.infer.session = session(det_model)
+    det.infer.session = session(det.infer.session._model_path)
     rec.session.session = session(rec.session.session._model_path)
     det.get_preprocess = lambda _max_wh: _det_input
 
