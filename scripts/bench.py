@@ -452,8 +452,10 @@ class NodeProcess:
         destination: str | None = None,
         workers: int = 2,
         poll: float = 1.0,
+        checkout: Path = REPO,
     ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        self.checkout = checkout  # whose deid_node runs (--ingest-baseline: another commit's)
         self.workdir = workdir
         self.port = free_port()
         self.data_dir = workdir / "data"
@@ -479,8 +481,11 @@ class NodeProcess:
             [sys.executable, "-m", "deid_node.cli", "serve", "--config", str(self.config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=PY_ENV,
+            cwd=self.checkout,
+            env={
+                **PY_ENV,
+                "PYTHONPATH": os.pathsep.join([str(self.checkout), PY_ENV["PYTHONPATH"]]),
+            },
         )
         wait_for_port(self.port, 60, self.proc)
         self.sampler = RssSampler(self.proc.pid).__enter__()
@@ -526,38 +531,57 @@ class NodeProcess:
 # -- phases ----------------------------------------------------------------------------------
 
 
-def phase_ingest(res: Results, work: Path, files: list[Path], repeats: int) -> None:
+def phase_ingest(
+    res: Results, work: Path, files: list[Path], repeats: int, baseline: Path | None = None
+) -> None:
+    """baseline: a checkout of another commit (`git archive C deid_node | tar -x -C DIR`), run
+    as a second node in every round: before/after in one run, under the same load."""
     n = len(files)
     print(f"ingest: {n} instances, {repeats} round(s) each of storescp, bare SCP, node", flush=True)
     rates: dict[str, list[float]] = defaultdict(list)
     node_peak = 0
+
+    def bare(round_: int, name: str = "bare", **options: Any) -> float:
+        with bare_scp(work / f"{name}-{round_}", **options) as proc:
+            sent = send(proc.port, files, timeout=300)  # type: ignore[attr-defined]
+        _check_sent("bare SCP", sent)
+        return n / sent.seconds
+
+    def node(round_: int, checkout: Path = REPO) -> float:
+        nonlocal node_peak
+        name = "node-ingest" if checkout == REPO else "node-base"
+        with NodeProcess(work / f"{name}-{round_}", stable=3600, checkout=checkout) as proc:
+            proc.sampler.reset()
+            sent = send(proc.port, files, timeout=300)
+            stored = proc.stored()
+            if checkout == REPO:
+                node_peak = max(node_peak, proc.sampler.peak)
+        _check_sent(name, sent)
+        if stored != n:
+            res.note(f"ingest round {round_}: {name} stored {stored} of {n}")
+        return n / sent.seconds
+
+    receivers: dict[str, Callable[[int], float]] = {
+        "bare": bare,
+        "node": node,
+        **({"baseline": lambda r: node(r, baseline)} if baseline is not None else {}),
+    }
     for round_ in range(repeats):
-        # Round-robin, so that drift of the machine hits every receiver alike.
+        # The node right next to the bare SCP, in turn before and after it, so that drift of
+        # the machine hits both alike; the what-ifs and storescp after them.
+        order = list(receivers) if round_ % 2 == 0 else list(reversed(receivers))
+        for name in order:
+            rates[name].append(receivers[name](round_))
+        rates["bare_poll"].append(bare(round_, "bare-poll", fast_poll=True))
+        rates["bare_pdu"].append(bare(round_, "bare-pdu", max_pdu=0))
         with storescp(work / f"storescp-{round_}") as port:
             sent = send(port, files, timeout=300)
         _check_sent("storescp", sent)
         rates["storescp"].append(n / sent.seconds)
-        with bare_scp(work / f"bare-{round_}") as proc:
-            sent = send(proc.port, files, timeout=300)  # type: ignore[attr-defined]
-        _check_sent("bare SCP", sent)
-        rates["bare"].append(n / sent.seconds)
-        with bare_scp(work / f"bare-pdu-{round_}", max_pdu=0) as proc:
-            sent = send(proc.port, files, timeout=300)  # type: ignore[attr-defined]
-        _check_sent("bare SCP", sent)
-        rates["bare_pdu"].append(n / sent.seconds)
-        with bare_scp(work / f"bare-poll-{round_}", fast_poll=True) as proc:
-            sent = send(proc.port, files, timeout=300)  # type: ignore[attr-defined]
-        _check_sent("bare SCP", sent)
-        rates["bare_poll"].append(n / sent.seconds)
-        with NodeProcess(work / f"node-ingest-{round_}", stable=3600) as node:
-            node.sampler.reset()
-            sent = send(node.port, files, timeout=300)
-            stored = node.stored()
-            node_peak = max(node_peak, node.sampler.peak)
-        _check_sent("node", sent)
-        if stored != n:
-            res.note(f"ingest round {round_}: node stored {stored} of {n}")
-        rates["node"].append(n / sent.seconds)
+        if baseline is not None:
+            print(
+                f"  round {round_ + 1}: baseline/bare {rates['baseline'][-1] / rates['bare'][-1]:.2f}x"
+            )
         print(
             f"  round {round_ + 1}/{repeats}: node/bare {rates['node'][-1] / rates['bare'][-1]:.2f}x,"
             f" node/bare-poll {rates['node'][-1] / rates['bare_poll'][-1]:.2f}x",
@@ -607,6 +631,16 @@ def phase_ingest(res: Results, work: Path, files: list[Path], repeats: int) -> N
         reference="bare SCP, same round",
         ratio=f"{min(paired):.2f}-{max(paired):.2f}x",
     )
+    if baseline is not None:
+        base = [b / bare for b, bare in zip(rates["baseline"], rates["bare"], strict=True)]
+        res.details["ingest_round_ratios"]["baseline/bare"] = [round(x, 2) for x in base]
+        res.add(
+            "Ingest",
+            f"  baseline node ({baseline}) vs bare SCP, per round: median (min-max)",
+            f"{statistics.median(base):.2f}x",
+            reference="bare SCP, same round",
+            ratio=f"{min(base):.2f}-{max(base):.2f}x",
+        )
     res.add(
         "Ingest",
         "  deid-node vs the bare SCP polling as it does",
@@ -1755,6 +1789,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-orthanc", action="store_true", help="end-to-end to a folder only")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, outputs)")
     parser.add_argument(
+        "--ingest-baseline",
+        type=Path,
+        help="a checkout of another commit's deid_node, run as a second node in each ingest round",
+    )
+    parser.add_argument(
         "--only",
         choices=["ingest"],
         help="run this phase alone and print its table (docs/benchmarks.md is written only"
@@ -1818,7 +1857,7 @@ def main(argv: list[str]) -> int:
     try:
         files = write_ct_series(work / "ct", args.instances)
         print(f"generated {len(files)} CT instances in {work / 'ct'}", flush=True)
-        phase_ingest(res, work, files, args.repeats)
+        phase_ingest(res, work, files, args.repeats, args.ingest_baseline)
         if args.only == "ingest":
             return _print_only(res, machine, args, work)
         phase_concurrency(res, work, args.instances)
