@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -243,7 +242,7 @@ def _record_durably(
                         receipt, path, size, association=association, projects=projects
                     )
                 except BaseException:
-                    wait((flushing,))
+                    flushing.wait()
                     path.unlink(missing_ok=True)
                     raise
         if path is not None:

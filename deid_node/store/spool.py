@@ -8,7 +8,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +33,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_file_and_folder(fd: int, folder: Path) -> None:
+def _fsync_and_close(fd: int) -> None:
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_dirs([folder])
+
+
+class SpoolFlush:
+    """The fsyncs of a spool file and of its folder, running at once in other threads (both
+    are needed: its bytes, and the name the rename gave it)."""
+
+    def __init__(self, *futures: Future[None]) -> None:
+        self._futures = futures
+
+    def wait(self) -> None:
+        wait(self._futures)
+
+    def result(self) -> None:
+        """Once both returned; the first one's error if either failed."""
+        self.wait()
+        for future in self._futures:
+            future.result()
 
 
 class SpoolFiles(StoreBase):
@@ -112,15 +128,21 @@ class SpoolFiles(StoreBase):
                 return
             yield path
 
-    def flush_spool_file(self, path: Path) -> Future[None]:
-        """fsync a file moved by `overlapped_receipt`, then its folder, in another thread.
+    def flush_spool_file(self, path: Path) -> SpoolFlush:
+        """fsync a file moved by `overlapped_receipt` and its folder, each in another thread.
         The descriptor is opened here: the file may be unlinked before the thread runs."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            return _FLUSHERS.submit(_fsync_file_and_folder, fd, path.parent)
+            own = _FLUSHERS.submit(_fsync_and_close, fd)
         except BaseException:
             os.close(fd)
             raise
+        try:
+            folder = _FLUSHERS.submit(fsync_dirs, [path.parent])
+        except BaseException:
+            wait((own,))
+            raise
+        return SpoolFlush(own, folder)
 
     def receipt_confirmed(self, path: Path) -> None:
         """The file of an overlapped receipt is durable, as is its row: its marker may go
