@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from textimages import blank_image, draw_text, normalise
@@ -101,3 +103,15 @@ def test_rapidocr_reads_a_crop_as_part_of_its_frame() -> None:
     local = planted.__class__(planted.text, planted.x - 400, planted.y - 300, planted.w, planted.h)
     assert any(covers(b, local) and normalise(b.text or "") == "PIDQX778812" for b in read)
     assert all(b.x + b.w <= 240 and b.y + b.h <= 100 for b in read)
+
+
+@pytest.mark.ocr
+def test_rapidocr_cpu_sessions_use_this_process_cores_without_spinning() -> None:
+    """RapidOCR's own sessions spin while waiting (a core burnt on a shared CPU) and turn the
+    memory arena off (the 1216x1600 feature maps re-allocated every run): ours do neither."""
+    engine = get_engine("rapidocr", "cpu")
+    for session in (engine._ocr.text_det.infer.session, engine._ocr.text_rec.session.session):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == len(os.sched_getaffinity(0))
+        assert options.enable_cpu_mem_arena
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
