@@ -1665,7 +1665,8 @@ WHERE_THE_TIME_WENT = """
 ## Where the time went (issue 17)
 
 How much one run says: four runs of this script on 2026-11-27 after these changes, on this
-machine shared with other work (load 1.8-8.8), gave: ingest 0.63-0.80x of the bare SCP;
+machine shared with other work (load 1.8-8.8), gave: ingest 0.63-0.80x of the bare SCP (before
+the receipt change below);
 pipeline 0.72-0.89x of dicognito on 300 files and 0.76-1.37x on 3,000; 0.60-0.78x of
 dicognito's files per CPU-second. Before (238a56e), in the same kind of interleaved runs:
 0.32x of dicognito on 300 files (4.0 CPU-s against 1.1) and 0.68x of the bare SCP.
@@ -1705,6 +1706,30 @@ as a what-if above. The polling alone, A/B in 6 interleaved rounds of 150 instan
 1.5-1.8): the node polling every 1 ms 135 inst/s, every 0.2 ms 158 inst/s, the bare SCP 190.
 It does not speed the bare SCP up (the what-if row); why was not established (a guess: the
 node's longer handler lets the DUL thread fall into its idle sleep before the answer is queued).
+
+Ingest, issue 17 item 6 (2026-11-27, commits ace6978 and 11a67d7). Per instance, timed around
+the handler's steps in an in-process node receiving 200-300 CT from storescu, the node before
+and after taken in turn (load 4-8: ranges, not points). Before, the handler took 3.6-11.7 ms:
+the rename and the two fsyncs in series 1.3-5.9 ms, the row's transaction 1.3-4.4 ms (its
+commit, a second flush to disk, the WAL's: 1.1-4.0), the header read 0.4-1.3 ms, the SHA-256
+0.4-0.7 ms; 1.5-2.4 ms of it CPU (the node's whole process: 4.0-4.4 ms of CPU per instance, the
+bare SCP's 2.5-3.2). Changed: for an instance new to its series (one row), the row commits
+while the file's fsync and its folder's fsync run in two other threads, and the SHA-256 is
+taken meanwhile; Success still waits for all three. A marker (table receipts_in_flight),
+committed before the row without fsync (the row's power-safe commit, later in the WAL, makes it
+durable), names each row that may reach the disk before its file: start-up hashes those files
+only and drops a row whose file is missing or differs (and its batch if it held nothing else;
+the file goes to quarantine/orphans). Re-sends of a known SOP Instance UID, fan-out to several
+projects and PostgreSQL keep the serial order. After, same setting: the handler 3.0-7.0 ms.
+`scripts/bench.py --only ingest --repeats 8 --ingest-baseline DIR` (DIR: `git archive ace6978^
+deid_node | tar -x -C DIR`, the node before) runs the bare SCP, the node and the node before
+next to each other in every round; node/bare per round, median (min-max of 8), after vs before
+in the same run: 1.07x (0.84-1.28) vs 0.64x (0.51-0.81) at load 7.3-5.2; 0.80x (0.73-0.91) vs
+0.74x (0.71-0.87) at load 1.0; 1.13x (0.80-1.53) vs 0.77x (0.67-0.88) at load 4.9-3.4 (commit
+145a9f3). The gain is the flush time, so it is largest when the disk is slow; on a quiet
+machine what is left is CPU (header read, hash, SQL: about 1 ms per instance more than the bare
+SCP). Hashing in another thread during the header read was tried: no measurable gain
+(1.01x the node without it, median of 8 rounds, load 2.6-4.7), left out.
 """
 
 
