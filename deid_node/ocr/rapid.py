@@ -53,7 +53,12 @@ class RapidOcrEngine:
         self.device = "cuda" if providers[:1] == ["CUDAExecutionProvider"] else "cpu"
         self._tuned = tuned and self.device == "cpu"
         if self._tuned:
-            _tune_cpu_sessions(self._ocr)
+            try:
+                _tune_cpu_sessions(self._ocr)
+            except AttributeError:
+                # _tune_cpu_sessions reaches into RapidOCR's objects (1.3-1.4): another
+                # release keeps its own sessions and preprocessing, slower but the same reading.
+                self._tuned = False
         self._ocr.text_rec.rec_batch_num = rec_batch_num
         self._lock = threading.Lock()
 
