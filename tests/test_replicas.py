@@ -371,6 +371,25 @@ def all_forwarded(url: str, series_uid: str) -> bool:
     return bool(states) and all(s == "forwarded" for s in states)
 
 
+def wait_forwarded(url: str, series_uid: str, timeout: float) -> None:
+    """Every batch of the series forwarded within `timeout` (bounded; generous, as these tests
+    share the machine with the rest of the suite); on timeout the failure names the batches'
+    and deliveries' states."""
+    try:
+        wait_until(lambda: all_forwarded(url, series_uid), timeout, what="series forwarded")
+    except TimeoutError as exc:
+        deliveries = pg_rows(
+            url,
+            "SELECT d.state, count(*) AS n FROM deliveries d JOIN batches b ON b.id = d.batch_id"
+            " WHERE b.series_uid = %s GROUP BY d.state",
+            (series_uid,),
+        )
+        raise AssertionError(
+            f"{exc}: batches {series_states(url, series_uid)}, deliveries "
+            f"{[(r['state'], r['n']) for r in deliveries]}"
+        ) from exc
+
+
 def deid_uids(url: str, series_uid: str) -> dict[str, str]:
     """Original SOPInstanceUID -> de-identified one, for the series' instances."""
     rows = pg_rows(
@@ -397,9 +416,7 @@ def test_series_split_over_three_replicas_is_judged_once(tmp_path, postgres_url)
         with running_replicas(tmp_path, 3, url=postgres_url, pacs=pacs) as replicas:
             acked = send_all_split(replicas, files)
             assert acked == {ds.SOPInstanceUID for ds in series}
-            wait_until(
-                lambda: all_forwarded(postgres_url, series_uid), 120, what="series forwarded"
-            )
+            wait_forwarded(postgres_url, series_uid, 180)
             batches = pg_rows(
                 postgres_url, "SELECT * FROM batches WHERE series_uid = %s", (series_uid,)
             )
@@ -571,7 +588,7 @@ def test_postgresql_restart_mid_transfer_loses_nothing_acknowledged(
         finally:
             for t in senders:
                 t.join(130)
-        wait_until(lambda: all_forwarded(postgres_url, series_uid), 120, what="series forwarded")
+        wait_forwarded(postgres_url, series_uid, 300)
         mapping = deid_uids(postgres_url, series_uid)
         arrived = set(orthanc_sop_uids(pacs))
     print(
@@ -637,7 +654,7 @@ def test_instances_are_refused_with_a700_while_postgresql_is_down(
             what="the replica taking instances again after PostgreSQL came back",
         )
         assert again
-        wait_until(lambda: all_forwarded(postgres_url, series_uid), 60, what="series forwarded")
+        wait_forwarded(postgres_url, series_uid, 120)
         mapping = deid_uids(postgres_url, series_uid)
         arrived = set(orthanc_sop_uids(pacs))
     assert sorted(mapping) == sorted(ds.SOPInstanceUID for ds in series)
