@@ -2,13 +2,15 @@
 
 Used by `deid-node deidentify` and by the Python API (`deidentify_dicom_files`).
 
-Each file goes to a worker first: the worker keeps what the series is judged on (its UIDs
-and the attributes the save conditions name) and de-identifies the file into a staging folder
-inside --out (`.deid-node-staging-*`). The parent then judges each series and publishes
-(renames into place) only the files that may leave; the staging folder is removed at the end.
-So nothing of a series that fails is ever under its output name, and the parent no longer
-reads every header before the workers start (a tenth of the CPU, all of it before the first
-worker started).
+Each file is parsed once, in a worker: the worker keeps what the series is judged on (its
+UIDs and the attributes the save conditions name) from the file as read, and de-identifies it
+into a staging folder inside --out (`.deid-node-staging-*`). The parent then judges each
+series and publishes (renames into place) only the files that may leave; the staging folder is
+removed at the end. So nothing of a series that fails is ever under its output name, and no
+header is read twice (the parent used to read every header before the workers read each file
+again: a tenth of the CPU, all of it before the first worker started). A file that will not
+leave (its series fails) is de-identified for nothing: the price of judging a series on what
+the workers read.
 
 Reports name inputs only by what the caller passed: a file by the path or URL given, a file
 found in a given folder by `<folder as given>#<n>`, n counting from 1 in the folder's files
@@ -38,6 +40,7 @@ from urllib.parse import unquote, urlparse
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
+from pydicom.tag import Tag
 
 # What deidentify_file imports, imported here, before the CLI and the API fork their worker
 # processes: each worker would otherwise import it again (a tenth of a second of CPU each).
@@ -53,7 +56,6 @@ from deid_node.pipeline import (
     PipelineSettings,
     SourceFile,
     deidentify_file,
-    evaluate_file,
     read_header,
     run_series,
 )
@@ -267,8 +269,8 @@ def run_batch(
 @dataclass(frozen=True)
 class _Staged:
     """One input after its worker: the header its series is judged on (None: the parent reads
-    it, for a file the worker could not read), and the file de-identified into the staging
-    folder (None if it was not: unreadable, or failing its own save conditions)."""
+    it, for a file the worker could not read), and the outcome of its de-identification into
+    the staging folder."""
 
     header: Dataset | None
     outcome: DeidOutcome | None = None
@@ -299,39 +301,46 @@ def _worker_died(reason: str) -> _Staged:
 
 
 def _read_and_deidentify(job: tuple[SourceFile, Path], settings: PipelineSettings) -> _Staged:
-    """In a worker: the file's header for its series' judgement, and, when the file passes its
-    own save conditions, the file de-identified under `root`."""
+    """In a worker: the file read once, de-identified under `root`, and what its series is
+    judged on, taken from the file as read (before it changes)."""
     source, root = job
-    try:
-        header = source.header if source.header is not None else read_header(source.path)
-    except InputError:
-        return _Staged(None)  # the parent reads it again and reports why
-    evaluation = evaluate_file(replace(source, header=header), settings.conditions, settings.deid)
-    if not evaluation.passed:
-        return _Staged(header)  # never sent: the whole header, as the parent would have read
-    outcome = deidentify_file(DeidJob(source.path, root, source.pixels_reviewed), settings)
-    return _Staged(_judged_header(header, settings), outcome, root)
+    judged: list[Dataset] = []
+
+    def take_header(ds: Dataset) -> None:
+        judged.append(_judged_header(ds, settings))
+
+    outcome = deidentify_file(
+        DeidJob(source.path, root, source.pixels_reviewed), settings, on_read=take_header
+    )
+    # Not read (an unreadable file): the parent reads its header and reports why.
+    return _Staged(judged[0] if judged else None, outcome, root)
 
 
 # What evaluate_file, group_by_series and a failed series' reports read of a header, besides
 # the attributes the save conditions name.
 _JUDGED_KEYWORDS = ("SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# Where read_header (stop_before_pixels) stops: float, double float and integer pixel data.
+_PIXEL_TAGS = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
 def _judged_header(header: Dataset, settings: PipelineSettings) -> Dataset:
-    """The part of a header that the parent judges the series on: the whole header is a tenth
-    of a millisecond to send back per file, this part a few microseconds. Copies, so that
-    nothing that changes the header later changes what the series was judged on."""
+    """The part of a header that the parent judges the series on, as read_header would have
+    read it (nothing from the pixel data on): the UIDs, the encapsulated document, and what
+    the save conditions name. The whole header costs a tenth of a millisecond to send back per
+    file, this part a few microseconds. Copies: the de-identification changes the original."""
     judged = Dataset()
+    pixels = [tag for tag in _PIXEL_TAGS if tag in header]
+    before = min(pixels, default=None)
     tags = [*_JUDGED_KEYWORDS, ENCAPSULATED_DOCUMENT_TAG, *(c.tag for c in settings.conditions)]
     for tag in tags:
-        if tag in header:
-            elem = header[tag]
-            value = elem.value
-            if isinstance(value, str | bytes | int | float) or value is None:
-                judged[tag] = DataElement(elem.tag, elem.VR, value)  # immutable value
-            else:
-                judged[tag] = copy.deepcopy(elem)
+        if tag not in header or (before is not None and Tag(tag) >= before):
+            continue
+        elem = header[tag]
+        value = elem.value
+        if isinstance(value, str | bytes | int | float) or value is None:
+            judged[tag] = DataElement(elem.tag, elem.VR, value)  # an immutable value
+        else:
+            judged[tag] = copy.deepcopy(elem)
     return judged
 
 

@@ -7,9 +7,12 @@ import functools
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydicom import Dataset
 
 from deid_node.conditions import SaveDeidentifiedDicomCondition
 from deid_node.config import DeidConfig, PixelsConfig
@@ -76,11 +79,17 @@ def pseudonymizer_for(settings: PipelineSettings) -> Any:
     )
 
 
-def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
+def deidentify_file(
+    job: DeidJob,
+    settings: PipelineSettings,
+    on_read: Callable[[Dataset], None] | None = None,
+) -> DeidOutcome:
     """Read one file, redact its pixels, de-identify its header, scan for residue, write it.
 
     The output path is `dst_root/<StudyUID>/<SeriesUID>/<SOPUID>.dcm` with the new UIDs.
     Never raises for a bad file: the outcome carries an error without patient values.
+    `on_read` is called with the file as read, before anything in it changes (the batch takes
+    what the series is judged on from it: each file is parsed once).
     """
     from deid_node.deid.jpeg_markers import strip_pixel_data_markers
     from deid_node.deid.pixelcodec import unused_bits_possible
@@ -102,6 +111,8 @@ def deidentify_file(job: DeidJob, settings: PipelineSettings) -> DeidOutcome:
         str(ds.get("SOPInstanceUID", "")),
     )
     try:
+        if on_read is not None:
+            on_read(ds)
         # Unused high bits may hold an overlay to clear: such pixel data is read, not streamed.
         streamed = _detach_pixel_data(ds) if no_text and not unused_bits_possible(ds) else None
         identifiers = identifying_values(ds, settings.deid)
