@@ -231,7 +231,8 @@ def identifying_values(ds: Dataset, config: DeidConfig | None = None) -> Identif
     de-identifying. With `config`, values a selected Retain option keeps (institution, device,
     dates) are left out, and the node's own values are known."""
     options = set(config.profile_options) if config else set()
-    kinds = _table_id_kinds(option_columns(o for o in OPTIONS if o in options))
+    # A copy: the cached table must not take the keywords added below.
+    kinds = dict(_table_id_kinds(option_columns(o for o in OPTIONS if o in options)))
     kinds |= _KIND_BY_KEYWORD
     # What a Retain option keeps is in the output by choice: an issuer named like the kept
     # institution is no leak there.
