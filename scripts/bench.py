@@ -1654,8 +1654,20 @@ LIMITS = {
         "Processing on a loaded machine (see the load above): 1.04-1.17 s on the quieter runs of"
         " 2026-11-25 and 2026-11-27; issue 8, not changed here."
     ),
-    "800x600 US image": "OCR speed is issue 17 item 2 (pixels); see docs/benchmarks-pixels.md.",
-    "whole cine": "One OCR pass per cine is issue 17 item 3 (pixels).",
+    "800x600 US image": (
+        "RapidOCR's float PP-OCRv4 detector on the 2x-upscaled frame (the faint 6-14 px lines"
+        " need it) is ~300 ms of it by itself on 2 cores; the levers that cut it (int8, a "
+        "smaller detection side, detecting only on text-bearing regions) lost faint strings "
+        "and were reverted (docs/benchmarks-pixels.md). A GPU is the way under 300 ms "
+        "(README, GPU)."
+    ),
+    "whole cine": (
+        "This cine's speckle changes in every frame over the whole sector, so after the first"
+        " frame the check reads the sector in three more views (the middle and last frames, "
+        "and the projection of each moving pixel's value farthest from the first frame's): "
+        "about 1 + 3 x the sector's share of a frame. tests/textimages.py's cines (a sector "
+        "that moves on a still border) take 2.2-2.6x (docs/benchmarks-pixels.md)."
+    ),
     "string recall": "Recall is measured by scripts/bench_pixels.py (pixels).",
 }
 
