@@ -175,14 +175,31 @@ def _scan_moving_every_frame(
     first = display.image(0).astype(np.int16)
     previous = display.image(0).copy()
     stills: list[list[TextBox]] = []
-    changed: list[int] = []  # frames whose regions differ from the previous frame's
+    finds: dict[int, list[TextBox]] = {}  # per changed frame (its regions differ)
+    pending: list[tuple[int, list[np.ndarray]]] = []  # changed frames' crops, read together
+    read = 0
+
+    def read_pending() -> int:
+        seen_total = 0
+        for at, (x0, y0, _, _) in enumerate(once.regions):
+            crops = [crops_of[at] for _, crops_of in pending]
+            reads = _find_many(crops, engine, classifier, config.max_detect_side, (height, width))
+            for (index, _), (boxes, seen) in zip(pending, reads, strict=True):
+                seen_total += seen
+                finds.setdefault(index, []).extend(b.shifted(x0, y0) for b in boxes)
+        pending.clear()
+        return seen_total
+
     for index in range(1, count):
         image = display.image(index)
         if not all(
             np.array_equal(image[y0:y1, x0:x1], previous[y0:y1, x0:x1])
             for x0, y0, x1, y1 in once.regions
         ):
-            changed.append(index)
+            finds[index] = []
+            pending.append((index, [image[y0:y1, x0:x1].copy() for x0, y0, x1, y1 in once.regions]))
+            if len(pending) == _BATCH_FRAMES:
+                read += read_pending()
         stills.append(
             [
                 b
@@ -197,26 +214,12 @@ def _scan_moving_every_frame(
             ]
         )
         previous = image.copy()
-    finds: dict[int, list[TextBox]] = {}
-    read = 0
-    for chunk in _chunks(changed):
-        images = [display.image(index) for index in chunk]
-        per_frame: list[list[TextBox]] = [[] for _ in chunk]
-        for x0, y0, x1, y1 in once.regions:
-            crops = [image[y0:y1, x0:x1].copy() for image in images]
-            for found, (boxes, seen) in zip(
-                per_frame,
-                _find_many(crops, engine, classifier, config.max_detect_side, (height, width)),
-                strict=True,
-            ):
-                read += seen
-                found += [b.shifted(x0, y0) for b in boxes]
-        finds.update(zip(chunk, per_frame, strict=True))
+    read += read_pending()
     found: list[TextBox] = []
     for index, still in zip(range(1, count), stills, strict=True):
         found = finds.get(index, found)  # a frame whose regions did not change: the last finds
         result.append(outside + still + found)
-    return result, read, count - 1 - len(changed)
+    return result, read, count - 1 - len(finds)
 
 
 def _value_range(display: DisplayMapper, count: int) -> tuple[np.ndarray, np.ndarray]:
