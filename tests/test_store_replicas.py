@@ -41,6 +41,17 @@ def receive(store: Store, sop: str, series: str = "1.2.3", association=None) -> 
     return store.record_instance(receipt(sop, series), path, 1, association=association).batch_id
 
 
+def once_up(call, *args):
+    """call(*args) once the store reaches PostgreSQL again (it reconnects by itself)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return call(*args)
+        except StoreUnavailableError:
+            assert time.monotonic() < deadline, "the store did not reconnect by itself"
+            time.sleep(0.3)
+
+
 def expire(store: Store, table: str) -> None:
     """As if the holder's heartbeat had stopped lease_seconds ago."""
     with store.transaction() as conn:
@@ -102,6 +113,32 @@ def test_an_open_association_of_a_live_replica_holds_the_series_for_all(pair):
     with a.transaction() as conn:  # a stopped beating (died with the association open)
         conn.execute("UPDATE replicas SET heartbeat_at = 0 WHERE replica_id = 'a'")
     assert b.requeue_expired()["holds"] == 1
+    assert b.complete_stable_batches(0) == [batch_id]
+
+
+def test_a_hold_whose_release_failed_is_let_go_by_its_replicas_next_heartbeat(pair, pg_cluster):
+    """The association closed while PostgreSQL was down: its hold stayed in the database, and
+    a live replica's hold keeps the series from completing on every replica."""
+    a, b = pair
+    batch_id = receive(a, "1.2.3.1", association="assoc")
+    pg_stop(pg_cluster, mode="immediate")
+    try:
+        with pytest.raises(StoreUnavailableError):
+            a.association_closed("assoc")
+    finally:
+        pg_start(pg_cluster)
+    assert once_up(b.complete_stable_batches, 0) == [], "completed before the hold was let go"
+    once_up(a.heartbeat)
+    assert a.query("SELECT * FROM holds") == []
+    assert b.complete_stable_batches(0) == [batch_id]
+
+
+def test_a_heartbeat_keeps_the_holds_of_open_associations(pair):
+    a, b = pair
+    batch_id = receive(a, "1.2.3.1", association="assoc")
+    a.heartbeat()
+    assert b.complete_stable_batches(0) == [], "an open association's hold was let go"
+    a.association_closed("assoc")
     assert b.complete_stable_batches(0) == [batch_id]
 
 

@@ -227,6 +227,39 @@ class ReceivingQueries(ReplicaQueries):
                     (self.replica_id, association),
                 )
 
+    def heartbeat(self) -> None:
+        """The replica's heartbeat (ReplicaQueries.heartbeat); then this replica's holds whose
+        association is no longer open here are let go. Their release failed (the database was
+        unreachable when the association closed), and a live replica's hold keeps its series
+        from completing on every replica: three replicas whose associations closed during a
+        PostgreSQL restart held one series back from each other for good."""
+        super().heartbeat()
+        if not self.shared:
+            return
+        with self.transaction() as conn:  # the store's lock: `_held` cannot change meanwhile
+            open_keys = {_key(association) for association in self._held}
+            stale = [
+                (association, batch_id)
+                for association, batch_id in conn.execute(
+                    "SELECT association, batch_id FROM holds WHERE replica_id = ?",
+                    (self.replica_id,),
+                ).fetchall()
+                if association not in open_keys
+            ]
+            for association in sorted({association for association, _ in stale}):
+                conn.execute(
+                    "DELETE FROM holds WHERE replica_id = ? AND association = ?",
+                    (self.replica_id, association),
+                )
+            ids = sorted({batch_id for _, batch_id in stale})
+            if ids:  # stable `stable_seconds` from now, as after a close
+                marks = ",".join("?" * len(ids))
+                conn.execute(
+                    "UPDATE batches SET last_received_at = ? WHERE state = 'receiving'"
+                    f" AND id IN ({marks})",
+                    (time.time(), *ids),
+                )
+
     def _held_batches(self) -> set[int]:
         """Batch ids an open association holds. An association whose thread ended without a
         close event reaching us (it cannot hold a batch forever) is let go here."""
