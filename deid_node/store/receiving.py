@@ -215,12 +215,8 @@ class ReceivingQueries(ReplicaQueries):
         return sorted(ids)
 
     def _restart_stable_clock(self, ids: set[int], association: str) -> None:
-        marks = ",".join("?" * len(ids))
         with self.transaction() as conn:
-            conn.execute(
-                f"UPDATE batches SET last_received_at = ? WHERE state = 'receiving' AND id IN ({marks})",
-                (time.time(), *sorted(ids)),
-            )
+            _restart_clocks(conn, ids)
             if self.shared:
                 conn.execute(
                     "DELETE FROM holds WHERE replica_id = ? AND association = ?",
@@ -251,14 +247,8 @@ class ReceivingQueries(ReplicaQueries):
                     "DELETE FROM holds WHERE replica_id = ? AND association = ?",
                     (self.replica_id, association),
                 )
-            ids = sorted({batch_id for _, batch_id in stale})
-            if ids:  # stable `stable_seconds` from now, as after a close
-                marks = ",".join("?" * len(ids))
-                conn.execute(
-                    "UPDATE batches SET last_received_at = ? WHERE state = 'receiving'"
-                    f" AND id IN ({marks})",
-                    (time.time(), *ids),
-                )
+            if stale:  # stable `stable_seconds` from now, as after a close
+                _restart_clocks(conn, {batch_id for _, batch_id in stale})
 
     def _held_batches(self) -> set[int]:
         """Batch ids an open association holds. An association whose thread ended without a
@@ -324,6 +314,15 @@ class ReceivingQueries(ReplicaQueries):
             "SELECT id, project, last_received_at FROM batches WHERE state = 'receiving'"
         )
         return [(r["last_received_at"], r["project"]) for r in rows if r["id"] not in held]
+
+
+def _restart_clocks(conn: Any, ids: set[int]) -> None:
+    """The receiving batches `ids` become stable `stable_seconds` from now."""
+    marks = ",".join("?" * len(ids))
+    conn.execute(
+        f"UPDATE batches SET last_received_at = ? WHERE state = 'receiving' AND id IN ({marks})",
+        (time.time(), *sorted(ids)),
+    )
 
 
 def _key(association: Hashable) -> str:
