@@ -10,8 +10,8 @@ formats people write them (19800102, 1980-01-02, 02.01.1980, 01/02/1980, 2 Jan 1
 1980-Jan-02, 1980年1月2日 ...), the birth date also with a 2-digit year. Values shorter than 3
 characters (initials) are never looked for.
 
-A leaf: it imports nothing of ours, so that `deid.residual` (what to look for, and where) and its
-callers share one matcher.
+A leaf: it imports nothing of ours, so that `deid.identifiers` (what to look for),
+`deid.residual` (where) and their callers share one matcher.
 """
 
 from __future__ import annotations

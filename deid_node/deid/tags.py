@@ -29,7 +29,7 @@ sequence depth and in the file meta. Policy beyond the table, chosen deliberatel
   Attributes Sequences always are. DA/DT/TM are removed unless a Retain Longitudinal option is
   selected.
 
-The identifying values and the residual scan live in `deid.residual`.
+The identifying values live in `deid.identifiers`, the residual scan in `deid.residual`.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID_dictionary
 
 from deid_node.config import PROFILE_OPTIONS, DeidConfig
+from deid_node.deid.elements import element_values, value_text
+from deid_node.deid.identifiers import identifying_values  # the pipeline's, through here
+from deid_node.deid.matching import Matcher
 from deid_node.deid.profile import (
     BASIC_CODE,
     CLEAN_PIXEL_DATA_CODE,
@@ -59,14 +62,7 @@ from deid_node.deid.profile import (
     load_safe_private,
     option_columns,
 )
-from deid_node.deid.residual import (  # identifying_values, residual_scan: the pipeline's
-    Matcher,
-    element_values,
-    evidence,
-    identifying_values,
-    residual_scan,
-    value_text,
-)
+from deid_node.deid.residual import evidence, residual_scan  # residual_scan: the pipeline's
 from deid_node.deid.uids import Pseudonymizer
 from deid_node.errors import InputError
 
