@@ -35,16 +35,16 @@ from deid_node.config.model import (
     StoreConfig,
     TlsConfig,
 )
-from deid_node.config.node import _parse_console, _parse_node, _parse_store
-from deid_node.config.peers import _parse_destination, _parse_source
-from deid_node.config.projects import _parse_project
+from deid_node.config.node import parse_console, parse_node, parse_store
+from deid_node.config.peers import parse_destination, parse_source
+from deid_node.config.projects import parse_project
 from deid_node.config.stages import (
-    _parse_condition_list,
-    _parse_deid,
-    _parse_pixels,
-    _parse_series,
+    parse_condition_list,
+    parse_deid,
+    parse_pixels,
+    parse_series,
 )
-from deid_node.config.tables import _list, _reject_unknown, _replace
+from deid_node.config.tables import as_list, reject_unknown, replace
 from deid_node.errors import ConfigError
 
 
@@ -63,7 +63,7 @@ def load_config(path: str | Path) -> Config:
 
 
 def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
-    _reject_unknown(
+    reject_unknown(
         raw,
         {
             "node",
@@ -79,24 +79,24 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         },
         "",
     )
-    node = _parse_node(raw)
-    store = _parse_store(raw.get("store", {}))
+    node = parse_node(raw)
+    store = parse_store(raw.get("store", {}))
 
-    series = _parse_series(raw.get("series", {}), "series")
-    deid = _parse_deid(raw.get("deid", {}), "deid")
-    pixels = _parse_pixels(raw.get("pixels", {}))
-    conditions = _parse_condition_list(_list(raw, "save_conditions"), "save_conditions")
+    series = parse_series(raw.get("series", {}), "series")
+    deid = parse_deid(raw.get("deid", {}), "deid")
+    pixels = parse_pixels(raw.get("pixels", {}))
+    conditions = parse_condition_list(as_list(raw, "save_conditions"), "save_conditions")
 
     destinations = tuple(
-        _parse_destination(entry, index, node)
-        for index, entry in enumerate(_list(raw, "destinations"))
+        parse_destination(entry, index, node)
+        for index, entry in enumerate(as_list(raw, "destinations"))
     )
     names = [d.name for d in destinations]
     if len(set(names)) != len(names):
         raise ConfigError("destinations: names must be unique")
-    console = _parse_console(raw.get("console", {}))
+    console = parse_console(raw.get("console", {}))
     sources = tuple(
-        _parse_source(entry, index) for index, entry in enumerate(_list(raw, "sources"))
+        parse_source(entry, index) for index, entry in enumerate(as_list(raw, "sources"))
     )
     if len({s.name for s in sources}) != len(sources):
         raise ConfigError("sources: names must be unique")
@@ -104,12 +104,12 @@ def parse_config(raw: Mapping[str, Any], source: Path | None = None) -> Config:
         node, series, deid, pixels, conditions, destinations, source, console, sources=sources
     )
     projects = tuple(
-        _parse_project(entry, index, raw, config)
-        for index, entry in enumerate(_list(raw, "projects"))
+        parse_project(entry, index, raw, config)
+        for index, entry in enumerate(as_list(raw, "projects"))
     )
     if len({p.name for p in projects}) != len(projects):
         raise ConfigError("projects: names must be unique")
-    return _replace(config, projects=projects, store=store)
+    return replace(config, projects=projects, store=store)
 
 
 __all__ = [

@@ -9,31 +9,31 @@ from pathlib import Path
 from typing import Any
 
 from deid_node.config.model import ConsoleConfig, NodeConfig, StoreConfig, TlsConfig
-from deid_node.config.tables import _check_port, _replace, _section
+from deid_node.config.tables import check_port, replace, section
 from deid_node.errors import ConfigError
 
 
-def _parse_node(raw: Mapping[str, Any]) -> NodeConfig:
+def parse_node(raw: Mapping[str, Any]) -> NodeConfig:
     """[node]: the SCP's address, network and disk limits, TLS, the replica's name."""
     if not isinstance(raw.get("node", {}), Mapping):
         raise ConfigError("node: expected a table")
     node_raw = dict(raw.get("node", {}))
     peers = _parse_allowed_peers(node_raw.pop("allowed_peers", {}))
     tls = _parse_tls(node_raw.pop("tls", None))
-    node = _section(NodeConfig, node_raw, "node")
-    node = _replace(node, allowed_peers=peers, tls=tls)
+    node = section(NodeConfig, node_raw, "node")
+    node = replace(node, allowed_peers=peers, tls=tls)
     if not node.ae_title or len(node.ae_title) > 16 or not node.ae_title.isascii():
         raise ConfigError("node.ae_title: must be 1-16 ASCII characters")
-    _check_port(node.port, "node.port")
+    check_port(node.port, "node.port")
     for key in ("max_instance_mb", "min_free_disk_mb", "workers"):
         if getattr(node, key) < (1 if key == "workers" else 0):
             raise ConfigError(f"node.{key}: must be positive")
     _check_network_limits(node)
-    node = _replace(node, data_dir=Path(node.data_dir).absolute())
+    node = replace(node, data_dir=Path(node.data_dir).absolute())
     if not node.replica_id:
         import socket
 
-        node = _replace(node, replica_id=f"{socket.gethostname()}:{node.port}")
+        node = replace(node, replica_id=f"{socket.gethostname()}:{node.port}")
     if len(node.replica_id) > 64 or not re.fullmatch(r"[A-Za-z0-9._:-]+", node.replica_id):
         raise ConfigError("node.replica_id: 1-64 characters of letters, digits, . _ : -")
     return node
@@ -64,8 +64,8 @@ def _parse_tls(raw: Any) -> TlsConfig | None:
     for key in ("cert", "key"):
         if key not in raw:
             raise ConfigError(f"node.tls.{key}: required when [node.tls] is present")
-    tls = _section(TlsConfig, raw, "node.tls")
-    tls = _replace(tls, **{k: Path(v).absolute() for k, v in vars(tls).items() if v is not None})
+    tls = section(TlsConfig, raw, "node.tls")
+    tls = replace(tls, **{k: Path(v).absolute() for k, v in vars(tls).items() if v is not None})
     for key, path in vars(tls).items():
         if path is not None and not path.is_file():
             raise ConfigError(f"node.tls.{key}: no such file {path}")
@@ -90,8 +90,8 @@ def _check_network_limits(node: NodeConfig) -> None:
         raise ConfigError("node.association_request_timeout_seconds: must be > 0")
 
 
-def _parse_store(raw: Any) -> StoreConfig:
-    store = _section(StoreConfig, raw, "store")
+def parse_store(raw: Any) -> StoreConfig:
+    store = section(StoreConfig, raw, "store")
     if store.backend not in ("sqlite", "postgresql"):
         raise ConfigError(f"store.backend: {store.backend!r} is not one of sqlite, postgresql")
     if store.backend == "sqlite":
@@ -112,12 +112,12 @@ def _parse_store(raw: Any) -> StoreConfig:
         )
     if store.lease_seconds < 2:
         raise ConfigError("store.lease_seconds: must be >= 2")
-    return _replace(store, shared_dir=Path(store.shared_dir).absolute())
+    return replace(store, shared_dir=Path(store.shared_dir).absolute())
 
 
-def _parse_console(raw: Any) -> ConsoleConfig:
-    console = _section(ConsoleConfig, raw, "console")
-    _check_port(console.port, "console.port")
+def parse_console(raw: Any) -> ConsoleConfig:
+    console = section(ConsoleConfig, raw, "console")
+    check_port(console.port, "console.port")
     if (console.tls_cert is None) != (console.tls_key is None):
         raise ConfigError("console.tls_cert: tls_cert and tls_key go together")
     for key in ("tls_cert", "tls_key"):
@@ -129,4 +129,4 @@ def _parse_console(raw: Any) -> ConsoleConfig:
         for key in ("users_file", "tls_cert", "tls_key")
         if getattr(console, key) is not None
     }
-    return _replace(console, **paths)
+    return replace(console, **paths)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from deid_node.config.model import DestinationConfig, NodeConfig, SourceConfig
-from deid_node.config.tables import _check_port, _replace, _section
+from deid_node.config.tables import check_port, replace, section
 from deid_node.errors import ConfigError
 
 
-def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationConfig:
+def parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationConfig:
     label = f"destinations[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{label}: expected a table")
@@ -23,7 +23,7 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
     if not isinstance(entry.get("url", ""), str):
         raise ConfigError(f"{label}.url: expected a string")
     entry = {("base_url" if k == "url" else k): v for k, v in entry.items()}
-    dest = _section(DestinationConfig, entry, label)
+    dest = section(DestinationConfig, entry, label)
     if dest.type == "dicomweb":
         dest = _check_dicomweb(dest, label)
     elif dest.type == "dicom":
@@ -33,13 +33,13 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
             )
         if not dest.host:
             raise ConfigError(f"{label}.host: required for a dicom destination")
-        _check_port(dest.port, f"{label}.port")
+        check_port(dest.port, f"{label}.port")
         if not dest.calling_ae_title:
-            dest = _replace(dest, calling_ae_title=node.ae_title)
+            dest = replace(dest, calling_ae_title=node.ae_title)
     elif dest.type == "folder":
         if dest.path is None:
             raise ConfigError(f"{label}.path: required for a folder destination")
-        dest = _replace(dest, path=Path(dest.path).absolute())
+        dest = replace(dest, path=Path(dest.path).absolute())
     else:
         raise ConfigError(
             f"{label}.type: must be 'dicom', 'dicomweb' or 'folder', not {dest.type!r}"
@@ -49,7 +49,7 @@ def _parse_destination(entry: Any, index: int, node: NodeConfig) -> DestinationC
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"{label}.{key}: no such file {path}")
-            dest = _replace(dest, **{key: Path(path).absolute()})
+            dest = replace(dest, **{key: Path(path).absolute()})
     if (dest.tls_cert is None) != (dest.tls_key is None):
         raise ConfigError(f"{label}.tls_cert: tls_cert and tls_key go together")
     if dest.tls_cert is not None and dest.tls_ca is None:
@@ -86,7 +86,7 @@ def _check_dicomweb(dest: DestinationConfig, label: str) -> DestinationConfig:
         if path is not None:
             if not Path(path).is_file():
                 raise ConfigError(f"{label}.{key}: no such file {path}")
-            dest = _replace(dest, **{key: Path(path).absolute()})
+            dest = replace(dest, **{key: Path(path).absolute()})
     if dest.ca_file is not None and scheme != "https":
         raise ConfigError(f"{label}.ca_file: only for an https url")
     for key in ("tls_ca", "tls_cert", "tls_key"):
@@ -96,24 +96,24 @@ def _check_dicomweb(dest: DestinationConfig, label: str) -> DestinationConfig:
         raise ConfigError(f"{label}.instances_per_request: must be 1-1000")
     if dest.timeout_seconds <= 0:
         raise ConfigError(f"{label}.timeout_seconds: must be > 0")
-    return _replace(dest, base_url=url)
+    return replace(dest, base_url=url)
 
 
-def _parse_source(entry: Any, index: int) -> SourceConfig:
+def parse_source(entry: Any, index: int) -> SourceConfig:
     label = f"sources[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{label}: expected a table")
     for key in ("name", "ae_title", "host", "port"):
         if key not in entry:
             raise ConfigError(f"{label}.{key}: required")
-    src = _section(SourceConfig, entry, label)
+    src = section(SourceConfig, entry, label)
     if not src.name:
         raise ConfigError(f"{label}.name: must not be empty")
     if not src.ae_title or len(src.ae_title) > 16 or not src.ae_title.isascii():
         raise ConfigError(f"{label}.ae_title: must be 1-16 ASCII characters")
     if not src.host:
         raise ConfigError(f"{label}.host: must not be empty")
-    _check_port(src.port, f"{label}.port")
+    check_port(src.port, f"{label}.port")
     if src.retrieve not in ("move", "get"):
         raise ConfigError(f"{label}.retrieve: {src.retrieve!r} is not one of move, get")
     if src.max_concurrent < 1:

@@ -9,12 +9,12 @@ from typing import Any
 
 from deid_node.config.model import Config, ProjectConfig
 from deid_node.config.stages import (
-    _parse_condition_list,
-    _parse_deid,
-    _parse_pixels,
-    _parse_series,
+    parse_condition_list,
+    parse_deid,
+    parse_pixels,
+    parse_series,
 )
-from deid_node.config.tables import _coerce, _list, _reject_unknown
+from deid_node.config.tables import as_list, coerce, reject_unknown
 from deid_node.errors import ConfigError
 
 _PROJECT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
@@ -29,11 +29,11 @@ def _inherited(raw: Mapping[str, Any], entry: Mapping[str, Any], key: str, label
     return {**top, **own}
 
 
-def _parse_project(entry: Any, index: int, raw: Mapping[str, Any], config: Config) -> ProjectConfig:
+def parse_project(entry: Any, index: int, raw: Mapping[str, Any], config: Config) -> ProjectConfig:
     label = f"projects[{index}]"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{label}: expected a table")
-    _reject_unknown(
+    reject_unknown(
         entry,
         {
             "name",
@@ -57,7 +57,7 @@ def _parse_project(entry: Any, index: int, raw: Mapping[str, Any], config: Confi
         ("called_ae_titles", [config.node.ae_title]),
         ("calling_ae_titles", []),
     ):
-        values = _coerce(entry.get(key, default), "tuple[str, ...]", f"{label}.{key}")
+        values = coerce(entry.get(key, default), "tuple[str, ...]", f"{label}.{key}")
         for title in values:
             if not title.strip() or len(title.strip()) > 16 or not title.isascii() or "\\" in title:
                 raise ConfigError(f"{label}.{key}: {title!r} is not an AE title (1-16 ASCII)")
@@ -66,7 +66,7 @@ def _parse_project(entry: Any, index: int, raw: Mapping[str, Any], config: Confi
         raise ConfigError(f"{label}.called_ae_titles: at least one AE title")
     if "destinations" not in entry:
         raise ConfigError(f"{label}.destinations: required (names of [[destinations]])")
-    destinations = _coerce(entry["destinations"], "tuple[str, ...]", f"{label}.destinations")
+    destinations = coerce(entry["destinations"], "tuple[str, ...]", f"{label}.destinations")
     known = {d.name for d in config.destinations}
     for dest in destinations:
         if dest not in known:
@@ -79,18 +79,18 @@ def _parse_project(entry: Any, index: int, raw: Mapping[str, Any], config: Confi
         raise ConfigError(f"{label}.secret_name: 1-64 characters of a-z, 0-9 and -")
     if not isinstance(entry.get("match", []), list):
         raise ConfigError(f"{label}.match: expected an array of conditions")
-    own_conditions = _list(entry, "save_conditions") if "save_conditions" in entry else []
+    own_conditions = as_list(entry, "save_conditions") if "save_conditions" in entry else []
     return ProjectConfig(
         name=name,
         called_ae_titles=titles["called_ae_titles"],
         calling_ae_titles=titles["calling_ae_titles"],
         destinations=destinations,
-        match=_parse_condition_list(entry.get("match", []), f"{label}.match"),
-        series=_parse_series(_inherited(raw, entry, "series", label), f"{label}.series"),
-        deid=_parse_deid(_inherited(raw, entry, "deid", label), f"{label}.deid"),
-        pixels=_parse_pixels(_inherited(raw, entry, "pixels", label), f"{label}.pixels"),
+        match=parse_condition_list(entry.get("match", []), f"{label}.match"),
+        series=parse_series(_inherited(raw, entry, "series", label), f"{label}.series"),
+        deid=parse_deid(_inherited(raw, entry, "deid", label), f"{label}.deid"),
+        pixels=parse_pixels(_inherited(raw, entry, "pixels", label), f"{label}.pixels"),
         save_conditions=(
-            _parse_condition_list(own_conditions, f"{label}.save_conditions")
+            parse_condition_list(own_conditions, f"{label}.save_conditions")
             if own_conditions
             else config.save_conditions
         ),

@@ -15,19 +15,19 @@ from deid_node.config.model import (
     RegionTemplate,
     SeriesConfig,
 )
-from deid_node.config.tables import _reject_unknown, _replace, _section
+from deid_node.config.tables import reject_unknown, replace, section
 from deid_node.errors import ConditionError, ConfigError
 
 
-def _parse_series(raw: Any, label: str) -> SeriesConfig:
-    series = _section(SeriesConfig, raw, label)
+def parse_series(raw: Any, label: str) -> SeriesConfig:
+    series = section(SeriesConfig, raw, label)
     if series.stable_seconds < 0:
         raise ConfigError(f"{label}.stable_seconds: must be >= 0")
     return series
 
 
-def _parse_deid(raw: Any, label: str) -> DeidConfig:
-    deid = _section(DeidConfig, raw, label)
+def parse_deid(raw: Any, label: str) -> DeidConfig:
+    deid = section(DeidConfig, raw, label)
     for option in deid.profile_options:
         if option not in PROFILE_OPTIONS:
             raise ConfigError(
@@ -44,16 +44,16 @@ def _parse_deid(raw: Any, label: str) -> DeidConfig:
     if len(deid.patient_id_prefix) > 48 or "\\" in deid.patient_id_prefix:
         raise ConfigError(f"{label}.patient_id_prefix: at most 48 characters, no backslash")
     if deid.lookup_table is not None:
-        deid = _replace(deid, lookup_table=Path(deid.lookup_table).absolute())
+        deid = replace(deid, lookup_table=Path(deid.lookup_table).absolute())
     return deid
 
 
-def _parse_pixels(raw: Any, where: str = "pixels") -> PixelsConfig:
+def parse_pixels(raw: Any, where: str = "pixels") -> PixelsConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a table")
     templates_raw = raw.get("templates", [])
     rest = {k: v for k, v in raw.items() if k != "templates"}
-    pixels = _section(PixelsConfig, rest, where)
+    pixels = section(PixelsConfig, rest, where)
     if pixels.ocr_engine not in OCR_ENGINES:
         raise ConfigError(f"{where}.ocr_engine: must be one of {', '.join(OCR_ENGINES)}")
     from deid_node.ocr import check_engine  # numpy only; engines are found, not imported
@@ -63,13 +63,13 @@ def _parse_pixels(raw: Any, where: str = "pixels") -> PixelsConfig:
     fraction = pixels.max_redacted_fraction
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         raise ConfigError(f"{where}.max_redacted_fraction: expected a number in (0, 1], e.g. 0.05")
-    pixels = _replace(pixels, max_redacted_fraction=float(fraction))
+    pixels = replace(pixels, max_redacted_fraction=float(fraction))
     templates = []
     for index, entry in enumerate(templates_raw):
         label = f"{where}.templates[{index}]"
         if not isinstance(entry, Mapping):
             raise ConfigError(f"{label}: expected a table")
-        _reject_unknown(entry, {"manufacturer", "model", "rows", "columns", "regions"}, label)
+        reject_unknown(entry, {"manufacturer", "model", "rows", "columns", "regions"}, label)
         regions = entry.get("regions", [])
         if not regions or not all(
             isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and v >= 0 for v in r)
@@ -85,10 +85,10 @@ def _parse_pixels(raw: Any, where: str = "pixels") -> PixelsConfig:
                 regions=tuple(tuple(r) for r in regions),
             )
         )
-    return _replace(pixels, templates=tuple(templates))
+    return replace(pixels, templates=tuple(templates))
 
 
-def _parse_condition_list(raw: list[Any], label: str) -> tuple[SaveDeidentifiedDicomCondition, ...]:
+def parse_condition_list(raw: list[Any], label: str) -> tuple[SaveDeidentifiedDicomCondition, ...]:
     try:
         return tuple(parse_conditions(raw, label))
     except ConditionError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -11,22 +12,23 @@ from deid_node.errors import ConfigError
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 
 
-def _section(cls: type, raw: Any, label: str) -> Any:
+def section(cls: type, raw: Any, label: str) -> Any:
     """Build a dataclass from a TOML table, coercing to the annotated types; name bad keys."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{label}: expected a table")
     known = {f.name: f for f in fields(cls) if f.init}
-    _reject_unknown(raw, set(known), label)
+    reject_unknown(raw, set(known), label)
     values = {}
     for key, value in raw.items():
-        values[key] = _coerce(value, known[key].type, f"{label}.{key}")
+        values[key] = coerce(value, known[key].type, f"{label}.{key}")
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{label}: {exc}") from None
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """A TOML value as the annotated type; ConfigError naming `key` when it is not one."""
     kind = str(annotation)
     try:
         if kind.startswith("tuple"):
@@ -64,26 +66,28 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}") from None
 
 
-def _reject_unknown(raw: Mapping[str, Any], known: set[str], label: str) -> None:
+def reject_unknown(raw: Mapping[str, Any], known: set[str], label: str) -> None:
+    """ConfigError naming the first key of `raw` not in `known`, and the known keys."""
     unknown = sorted(set(raw) - known)
     if unknown:
         prefix = f"{label}." if label else ""
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
 
 
-def _list(raw: Mapping[str, Any], key: str) -> list[Any]:
+def as_list(raw: Mapping[str, Any], key: str) -> list[Any]:
+    """An array of tables (`[[key]]`), empty when absent."""
     value = raw.get(key, [])
     if not isinstance(value, list):
         raise ConfigError(f"{key}: expected an array of tables ([[{key}]])")
     return value
 
 
-def _check_port(port: int, key: str) -> None:
+def check_port(port: int, key: str) -> None:
+    """ConfigError naming `key` unless the port is 1-65535."""
     if not 0 < port < 65536:
         raise ConfigError(f"{key}: must be 1-65535")
 
 
-def _replace(obj: Any, **changes: Any) -> Any:
-    from dataclasses import replace
-
-    return replace(obj, **changes)
+def replace(obj: Any, **changes: Any) -> Any:
+    """A frozen section with some fields changed (dataclasses.replace)."""
+    return dataclasses.replace(obj, **changes)
