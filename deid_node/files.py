@@ -64,7 +64,8 @@ def write_durably(
     sync_dir=False leaves the folder's fsync to the caller (`fsync_dirs`, once per series).
     """
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # O_NOFOLLOW: a temporary name planted as a symbolic link is refused, not written through.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as handle:
             if callable(data):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,10 +146,10 @@ def deidentify_file(
         folder = job.dst_root / new[0] / new[1]
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{new[2]}.dcm"
-        # A name of its own per input: two inputs never share a temporary file.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{new[2]}.", suffix=".part", dir=folder)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        # A name of its own per input: two inputs never share a temporary file (a thread
+        # writes one file at a time; two writing the same new SOP Instance UID differ by
+        # process or thread). Cheaper than mkstemp's random name, create, close and reopen.
+        tmp = folder / f".{new[2]}.{os.getpid()}.{threading.get_ident()}.part"
         write_durably(
             tmp,
             path,
