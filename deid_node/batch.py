@@ -431,7 +431,9 @@ def write_report(report: Path, reports: Sequence[dict[str, Any]]) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{report.name}.", suffix=".part", dir=report.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(list(reports), handle, indent=2)
+            # One file's report per line: json.dumps without indent runs in C, json.dump with
+            # indent in Python (a tenth of the parent's CPU on 3,000 files).
+            handle.write("[\n" + ",\n".join(json.dumps(r) for r in reports) + "\n]\n")
         os.chmod(tmp_name, 0o600)
         os.replace(tmp_name, report)
     except BaseException:
