@@ -19,7 +19,7 @@ from deid_node.config import Config, DeidConfig, PixelsConfig
 from deid_node.errors import ConfigError
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.pipeline import PipelineSettings
-from deid_node.workers import make_process_pool
+from deid_node.workers import RenewablePool
 
 DEFAULT_DATA_DIR = Path("var")
 
@@ -95,7 +95,8 @@ def build_settings(
 
 
 class worker_pool:  # noqa: N801 - used as a context manager, reads like one
-    """A process pool for `workers > 1`, or None (inline) for one worker."""
+    """A process pool for `workers > 1`, or None (inline) for one worker. A worker that dies
+    under a run gets the rest of the run a fresh pool of as many workers (RenewablePool)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -103,7 +104,7 @@ class worker_pool:  # noqa: N801 - used as a context manager, reads like one
 
     def __enter__(self) -> Any:
         if self.workers > 1:
-            self.pool = make_process_pool(self.workers, start_method="fork")
+            self.pool = RenewablePool(self.workers, start_method="fork")
         return self.pool
 
     def __exit__(self, *exc: object) -> None:

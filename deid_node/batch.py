@@ -60,7 +60,7 @@ from deid_node.pipeline import (
     run_series,
 )
 from deid_node.report import unprocessed_report
-from deid_node.workers import map_jobs
+from deid_node.workers import RenewablePool, map_jobs, map_jobs_renewing
 
 log = get_logger("deid_node.batch")
 
@@ -74,6 +74,9 @@ class BatchResult:
     files_written: int = 0
     duration_s: float = 0.0
     skipped_paths: list[str] = field(default_factory=list)
+    # Which process de-identified each input, by its report's url (None: its worker died):
+    # a diagnostic, never written to a report.
+    worker_pids: dict[str, int | None] = field(default_factory=dict)
 
     def summary_line(self) -> str:
         return (
@@ -235,6 +238,7 @@ def run_batch(
     staging = Path(tempfile.mkdtemp(prefix=".deid-node-staging-", dir=out_dir))
     try:
         staged = _deidentify_all(sources, staging, settings, executor, bar)
+        result.worker_pids = {s.url: f.worker_pid for s, f in zip(sources, staged, strict=True)}
         sources = [
             replace(s, header=f.header) if f.header is not None else s
             for s, f in zip(sources, staged, strict=True)
@@ -275,6 +279,7 @@ class _Staged:
     header: Dataset | None
     outcome: DeidOutcome | None = None
     root: Path | None = None  # the staging folder the outcome's path lies under
+    worker_pid: int | None = None
 
 
 def _deidentify_all(
@@ -284,13 +289,18 @@ def _deidentify_all(
     executor: Executor | None,
     bar: Progress,
 ) -> list[_Staged]:
-    """Every input through a worker (`_read_and_deidentify`), in order. A worker that dies
-    fails the file that killed it only (`workers.map_jobs`); its series is judged on the
+    """Every input through a worker (`_read_and_deidentify`), in order, a few in flight at a
+    time. A worker that dies fails the file that killed it only, and the rest of the run gets
+    a fresh pool of as many workers (`workers.map_jobs_renewing`); its series is judged on the
     header read again here, and that file is quarantined."""
-    jobs = [(source, staging) for source in sources]
+    jobs = ((source, staging) for source in sources)
     work = functools.partial(_read_and_deidentify, settings=settings)
+    if executor is None or isinstance(executor, RenewablePool):
+        outcomes = map_jobs_renewing(work, jobs, executor, _worker_died)
+    else:  # a pool the caller renews itself
+        outcomes = map_jobs(work, list(jobs), executor, _worker_died)
     staged: list[_Staged] = []
-    for outcome in map_jobs(work, jobs, executor, _worker_died):
+    for outcome in outcomes:
         staged.append(outcome)
         bar.advance()
     return staged
@@ -313,7 +323,7 @@ def _read_and_deidentify(job: tuple[SourceFile, Path], settings: PipelineSetting
         DeidJob(source.path, root, source.pixels_reviewed), settings, on_read=take_header
     )
     # Not read (an unreadable file): the parent reads its header and reports why.
-    return _Staged(judged[0] if judged else None, outcome, root)
+    return _Staged(judged[0] if judged else None, outcome, root, worker_pid=os.getpid())
 
 
 # What evaluate_file, group_by_series and a failed series' reports read of a header, besides
@@ -381,9 +391,10 @@ class _Publisher(Executor):
 
     def _publish(self, staged: _Staged) -> DeidOutcome:
         outcome, root = staged.outcome, staged.root
-        assert outcome is not None and root is not None
-        if outcome.path is None:
+        assert outcome is not None
+        if outcome.path is None:  # nothing written (its worker may have died: no root then)
             return outcome
+        assert root is not None
         final = self.out_dir / outcome.path.relative_to(root)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(outcome.path, final)

@@ -9,8 +9,9 @@ node, the batch CLI and the API start the pool.
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
@@ -38,6 +39,8 @@ def pool_is_broken(executor: Executor | None) -> bool:
     """Whether a worker process died under this pool, so that every later submit would raise
     BrokenProcessPool. ProcessPoolExecutor has no public flag: its private `_broken` is read
     here only (tests/test_workers.py fails if a Python upgrade removes it)."""
+    if isinstance(executor, RenewablePool):
+        executor = executor.executor
     return bool(getattr(executor, "_broken", False))
 
 
@@ -50,6 +53,28 @@ def replace_pool(
     if workers is None:
         workers = int(getattr(executor, "_max_workers", 1) or 1)
     return make_process_pool(workers, start_method=start_method)
+
+
+class RenewablePool(Executor):
+    """A process pool that a dead worker does not shrink: `renew()` puts a fresh pool with as
+    many workers, started the same way, in place of a broken one. The batch front door (CLI and
+    API) holds one for a run; the node replaces its shared pool itself (replace_pool)."""
+
+    def __init__(self, workers: int, *, start_method: str = "forkserver") -> None:
+        self.workers = workers
+        self.start_method = start_method
+        self.executor = make_process_pool(workers, start_method=start_method)
+
+    def submit(self, fn: Callable[..., Outcome], /, *args: object, **kwargs: object) -> Future:
+        return self.executor.submit(fn, *args, **kwargs)
+
+    def renew(self) -> None:
+        self.executor = replace_pool(
+            self.executor, workers=self.workers, start_method=self.start_method
+        )
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.executor.shutdown(wait=wait, cancel_futures=cancel_futures)
 
 
 def _warm_up() -> None:
@@ -82,11 +107,109 @@ def map_jobs(
     return _outcomes(fn, jobs, futures, failed)
 
 
+AHEAD_PER_WORKER = 32
+_NO_JOB = object()
+
+
+def map_jobs_renewing(
+    fn: Callable[[Job], Outcome],
+    jobs: Iterable[Job],
+    pool: RenewablePool | None,
+    failed: Callable[[str], Outcome],
+    *,
+    window: int | None = None,
+    ahead: int | None = None,
+) -> Iterator[Outcome]:
+    """`fn` of each job, in order, on `pool` (inline without one), for a run that owns its pool
+    (the batch). At most `window` jobs (default: twice the workers, and one) are submitted and
+    not finished, and at most `ahead` (default: AHEAD_PER_WORKER per worker) are submitted and
+    not yet yielded: a run of 100,000 files holds a few futures, not 100,000, and a slow file
+    stops the other workers only once they are `ahead` files past it.
+
+    A worker that dies breaks the pool, and every job not finished fails with it though at most
+    one caused it: those run again one at a time in a pool of their own, so that only a job
+    that kills that worker too gets `failed(reason)`, and the rest of the run goes on in a fresh
+    pool with as many workers (`pool.renew()`), not one file at a time."""
+    if pool is None:
+        for job in jobs:
+            yield fn(job)
+        return
+    window = max(1, window or 2 * pool.workers + 1)
+    ahead = max(window, ahead or AHEAD_PER_WORKER * pool.workers)
+    todo = iter(jobs)
+    more = True
+    submitted: deque[tuple[Job, Future]] = deque()  # in order, until yielded
+    unfinished: set[Future] = set()
+    while more or submitted:
+        while more and len(unfinished) < window and len(submitted) < ahead:
+            job = next(todo, _NO_JOB)
+            if job is _NO_JOB:
+                more = False
+                break
+            future = _submit(pool, fn, job)
+            submitted.append((job, future))
+            unfinished.add(future)
+        if not submitted:
+            break
+        finished = {f for f in unfinished if f.done()}
+        if not finished and not submitted[0][1].done():
+            finished, _ = wait(unfinished, return_when=FIRST_COMPLETED)
+        unfinished -= finished
+        if any(_died(f) for f in finished):
+            yield from _outcomes_after_death(fn, submitted, pool, failed)
+            unfinished.clear()
+            continue
+        while submitted and submitted[0][1].done() and not _died(submitted[0][1]):
+            _, future = submitted.popleft()
+            try:
+                yield future.result()
+            except Exception as exc:  # noqa: BLE001 - pickling errors...
+                yield failed(_worker_failed(exc))
+
+
+def _submit(pool: Executor, fn: Callable[[Job], Outcome], job: Job) -> Future:
+    try:
+        return pool.submit(fn, job)
+    except BrokenProcessPool as exc:  # broken before this job: it is in flight with the others
+        future: Future = Future()
+        future.set_exception(exc)
+        return future
+
+
+def _died(future: Future) -> bool:
+    """Whether this finished future failed because its pool broke."""
+    return not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+
+
+def _outcomes_after_death(
+    fn: Callable[[Job], Outcome],
+    submitted: deque[tuple[Job, Future]],
+    pool: RenewablePool,
+    failed: Callable[[str], Outcome],
+) -> Iterator[Outcome]:
+    """The outcomes of every job submitted to a pool that broke, in order: those done before
+    the break as they are, the others run again alone (`_outcomes`). The pool is renewed once
+    every future of the broken one is settled: renewing it cancels what is still pending."""
+    taken = list(submitted)
+    submitted.clear()
+    wait([f for _, f in taken])
+    pool.renew()
+    yield from _outcomes(
+        fn,
+        [job for job, _ in taken],
+        [None if _died(f) else f for _, f in taken],
+        failed,
+        start_method=pool.start_method,
+    )
+
+
 def _outcomes(
     fn: Callable[[Job], Outcome],
     jobs: list[Job],
     futures: list[Future | None],
     failed: Callable[[str], Outcome],
+    *,
+    start_method: str = "forkserver",
 ) -> Iterator[Outcome]:
     """Each file's outcome. A worker that dies breaks the whole shared pool: every file in
     flight, of every series, fails with BrokenProcessPool, though at most one caused it. Those
@@ -105,7 +228,7 @@ def _outcomes(
                 except Exception as exc:  # noqa: BLE001 - pickling errors...
                     yield failed(_worker_failed(exc))
                     continue
-            alone = alone or make_process_pool(1)
+            alone = alone or make_process_pool(1, start_method=start_method)
             try:
                 yield alone.submit(fn, job).result()
             except BrokenProcessPool:
