@@ -6,7 +6,9 @@ Each file is parsed once, in a worker: the worker keeps what the series is judge
 UIDs and the attributes the save conditions name) from the file as read, and de-identifies it
 into a staging folder inside --out (`.deid-node-staging-*`). The parent then judges each
 series and publishes (renames into place) only the files that may leave; the staging folder is
-removed at the end. So nothing of a series that fails is ever under its output name, and no
+removed at the end. A run holds a lock on its staging folder for its life; a run killed
+half-way leaves its folder behind, unlocked, and the next run into the same --out removes it
+(never a folder whose lock is held: a run going on at the same time). So nothing of a series that fails is ever under its output name, and no
 header is read twice (the parent used to read every header before the workers read each file
 again: a tenth of the CPU, all of it before the first worker started). A file that will not
 leave (its series fails) is de-identified for nothing: the price of judging a series on what
@@ -22,6 +24,7 @@ already seen.
 from __future__ import annotations
 
 import copy
+import fcntl
 import functools
 import hashlib
 import json
@@ -235,7 +238,8 @@ def run_batch(
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = Progress(len(sources), enabled=progress)
     result = BatchResult(reports=[], skipped_non_dicom=len(skipped), skipped_paths=skipped)
-    staging = Path(tempfile.mkdtemp(prefix=".deid-node-staging-", dir=out_dir))
+    _remove_stale_staging(out_dir)
+    staging, lock = _make_staging(out_dir)
     try:
         staged = _deidentify_all(sources, staging, settings, executor, bar)
         result.worker_pids = {s.url: f.worker_pid for s, f in zip(sources, staged, strict=True)}
@@ -265,9 +269,63 @@ def run_batch(
                 on_series(reports)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)  # drops the flock, after the folder is gone
         bar.close()
     result.duration_s = time.monotonic() - started
     return result
+
+
+STAGING_PREFIX = ".deid-node-staging-"
+STAGING_LOCK = "run.lock"
+
+
+def _make_staging(out_dir: Path) -> tuple[Path, int]:
+    """A new staging folder inside `out_dir` and the descriptor of its lock, held for the run
+    (the kernel drops it when the process dies, kill -9 included). The lock file gets its name
+    only once locked: another run never finds it there unlocked while this one lives."""
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    taking = staging / f".{STAGING_LOCK}.taking"
+    fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        os.rename(taking, staging / STAGING_LOCK)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging, fd
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Remove the staging folders in `out_dir` of runs that died (their lock can be taken);
+    leave those of a run going on (lock held) and those without a lock file (a run starting
+    now, or one of a version before the lock). Their files are de-identified, but of series
+    never judged: they must not stay in the folder that gets shared."""
+    removed = in_use = without_lock = 0
+    for folder in sorted(out_dir.glob(f"{STAGING_PREFIX}*")):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            fd = os.open(folder / STAGING_LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            without_lock += 1
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            in_use += 1
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    if removed or in_use or without_lock:
+        log.info(
+            "staging_folders_found",
+            removed=removed,
+            in_use=in_use,
+            without_lock=without_lock,
+        )
 
 
 @dataclass(frozen=True)

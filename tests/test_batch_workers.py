@@ -1,20 +1,25 @@
 """Batch: a worker process that dies costs only the file that killed it, and the rest of the run
-keeps as many workers."""
+keeps as many workers; a killed run's staging folder is removed by the next run into the same
+--out, never the folder of a run going on."""
 
 from __future__ import annotations
 
 import os
 import resource
+import select
+import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 from dicomgen import make_series, write_series
+from structlog.testing import capture_logs
 
 from deid_node.api import build_settings, worker_pool
-from deid_node.batch import run_batch
+from deid_node.batch import STAGING_PREFIX, run_batch
 from deid_node.config import DeidConfig, PixelsConfig
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.workers import (
@@ -86,9 +91,6 @@ def children() -> set[int]:
     return found
 
 
-STAGING_PREFIX = ".deid-node-staging-"
-
-
 def published(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.dcm") if not any(x.startswith(STAGING_PREFIX) for x in p.parts)]
 
@@ -153,3 +155,123 @@ def test_map_jobs_renewing_fails_the_killer_only_and_renews_the_pool():
     assert [o[0] for o in outcomes[:3] + outcomes[4:]] == [n * n for n in range(40) if n != 3]
     # Jobs 11 on were submitted after job 3's outcome (8 ahead at most): to the new pool.
     assert len({pid for _, pid in outcomes[11:]}) == 2
+
+
+# -- staging folders of killed runs ------------------------------------------------------------
+
+# A batch run in a process of its own. Once its first series is reported, every file has been
+# de-identified into its staging folder; then it kills itself ("die") or waits for a line on
+# stdin before it goes on ("hold").
+RUN = """
+import os, signal, sys
+from pathlib import Path
+from deid_node.api import build_settings
+from deid_node.batch import run_batch
+from deid_node.config import DeidConfig, PixelsConfig
+from deid_node.modes import SeriesPolicy
+
+inputs, out, data, action = sys.argv[1:5]
+settings = build_settings(deid=DeidConfig(redact_pixels_mode="REDACT_NO_TEXT"),
+    pixels=PixelsConfig(), conditions=(),
+    policy=SeriesPolicy.ALL, data_dir=Path(data))
+first = []
+
+def on_series(_reports):
+    if first:
+        return
+    first.append(True)
+    print("staged", flush=True)
+    if action == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.stdin.readline()
+
+result = run_batch([inputs], Path(out), settings, on_series=on_series, progress=False)
+print("done", result.files_written, flush=True)
+"""
+
+
+def start_run(inputs: Path, out: Path, data: Path, action: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, str(inputs), str(out), str(data), action],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 120) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1)
+        if ready:
+            return proc.stdout.readline().strip()
+        if proc.poll() is not None:
+            break
+    raise AssertionError(f"no line from the run (exit status {proc.poll()})")
+
+
+def staging_folders(out: Path) -> list[Path]:
+    return sorted(out.glob(f"{STAGING_PREFIX}*"))
+
+
+def two_series(root: Path) -> None:
+    write_series(make_series(2, "CT", image_type="DERIVED\\SECONDARY"), root / "a")
+    write_series(make_series(3, "MR", image_type="DERIVED\\SECONDARY"), root / "b")
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(tmp_path):
+    two_series(tmp_path / "in")
+    out = tmp_path / "out"
+    with start_run(tmp_path / "in", out, tmp_path / "d", "die") as killed:
+        try:
+            assert read_line(killed) == "staged"
+            assert killed.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            killed.kill()
+    (stale,) = staging_folders(out)
+    assert len(list(stale.rglob("*.dcm"))) >= 2, "the killed run left de-identified files"
+    write_series(make_series(1, "CT", image_type="DERIVED\\SECONDARY"), tmp_path / "next")
+    with capture_logs() as logs:
+        result = run_batch([tmp_path / "next"], out, settings_for(tmp_path / "d"), progress=False)
+    assert result.files_written == 1
+    assert staging_folders(out) == []
+    found = [e for e in logs if e["event"] == "staging_folders_found"]
+    assert found == [
+        {
+            "event": "staging_folders_found",
+            "log_level": "info",
+            "removed": 1,
+            "in_use": 0,
+            "without_lock": 0,
+        }
+    ]
+
+
+def test_the_staging_folder_of_a_run_going_on_is_left_alone(tmp_path):
+    two_series(tmp_path / "in")
+    write_series(make_series(1, "CT", image_type="DERIVED\\SECONDARY"), tmp_path / "next")
+    out = tmp_path / "out"
+    with start_run(tmp_path / "in", out, tmp_path / "d", "hold") as running:
+        try:
+            assert read_line(running) == "staged"
+            (theirs,) = staging_folders(out)
+            staged = sorted(theirs.rglob("*.dcm"))
+            assert staged, "the other run has files waiting in its staging folder"
+            with capture_logs() as logs:
+                result = run_batch(
+                    [tmp_path / "next"], out, settings_for(tmp_path / "d"), progress=False
+                )
+            assert result.files_written == 1
+            assert staging_folders(out) == [theirs] and sorted(theirs.rglob("*.dcm")) == staged
+            found = [e for e in logs if e["event"] == "staging_folders_found"]
+            assert [(e["removed"], e["in_use"]) for e in found] == [(0, 1)]
+            assert running.stdin is not None
+            running.stdin.write("go on\n")
+            running.stdin.flush()
+            assert read_line(running) == "done 5"  # the other run published all of its files
+            assert running.wait(timeout=60) == 0
+        finally:
+            running.kill()
+    assert staging_folders(out) == []
+    assert len(published(out)) == 6
