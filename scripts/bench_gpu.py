@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from dicomgen import make_instance  # noqa: E402
-from textimages import Planted, cine_frames, text_image  # noqa: E402
+from textimages import Planted, cine_frames, strings_missed, text_image  # noqa: E402
 
 from deid_node.config import PixelsConfig  # noqa: E402
 from deid_node.deid.pixels import redact_pixels  # noqa: E402
@@ -50,20 +50,6 @@ def _draw(seed: int) -> tuple[np.ndarray, np.ndarray, list[Planted]]:
     return image, blank, planted
 
 
-def _missed(before: np.ndarray, blank: np.ndarray, after: np.ndarray, planted) -> tuple[int, int]:
-    """(identifying strings with under 99% of their ink changed, identifying strings)."""
-    changed = (after != before).any(axis=-1)
-    ink = (before != blank).any(axis=-1)
-    missed = total = 0
-    for p in planted:
-        own = ink & p.mask(ink.shape)
-        if p.clinical or not own.any():
-            continue
-        total += 1
-        missed += int(changed[own].mean() < 0.99)
-    return missed, total
-
-
 def _per_image(config: PixelsConfig, seeds: range) -> dict:
     seconds, missed, total = [], 0, 0
     for seed in seeds:
@@ -72,7 +58,7 @@ def _per_image(config: PixelsConfig, seeds: range) -> dict:
         t = time.perf_counter()
         redact_pixels(ds, Mode.REDACT_ALL_TEXT, config)
         seconds.append(time.perf_counter() - t)
-        m, n = _missed(image, blank, ds.pixel_array, planted)
+        m, n = strings_missed(image, blank, ds.pixel_array, planted)
         missed, total = missed + m, total + n
     return {
         "images": len(seeds),
@@ -141,7 +127,7 @@ def _cine(config: PixelsConfig, kind: str, frames: int) -> dict:
     outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, config)
     cine_s = time.perf_counter() - t
     after = ds.pixel_array.reshape(cine.shape)
-    missed = sum(_missed(cine[i], blank[i], after[i], planted[i])[0] for i in range(frames))
+    missed = sum(strings_missed(cine[i], blank[i], after[i], planted[i])[0] for i in range(frames))
     return {
         "kind": kind,
         "frames": frames,

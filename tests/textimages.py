@@ -279,6 +279,24 @@ def hard_text_image(
 CineKind = str  # "static" | "moving" | "changing"
 
 
+def strings_missed(
+    before: np.ndarray, blank: np.ndarray, after: np.ndarray, planted: list[Planted]
+) -> tuple[int, int]:
+    """(identifying strings of one RGB frame with under 99% of their ink changed by the
+    redaction, identifying strings drawn): `before` the frame as drawn, `blank` the same frame
+    with nothing drawn, `after` the frame as redacted. Clinical strings are not counted."""
+    changed = (after != before).any(axis=-1)
+    ink = (before != blank).any(axis=-1)
+    missed = total = 0
+    for p in planted:
+        own = ink & p.mask(ink.shape)
+        if p.clinical or not own.any():
+            continue
+        total += 1
+        missed += int(changed[own].mean() < 0.99)
+    return missed, total
+
+
 def cine_frames(
     seed: int,
     frames: int,
