@@ -5,16 +5,21 @@ thread or worker process did the work, and keeps them across restarts. Durations
 series rounds' summaries: processing time per round, and the OCR time of each file, measured in
 the worker that read it and counted into buckets there (pipeline.seconds_histogram). Labels are AE titles,
 DIMSE statuses, states, destination names and reason kinds: never a patient value.
+
+The append-only tables (instances, refused, processed) are added up in memory: a scrape reads
+only the rows after the last one it counted, so that its cost does not grow with the node's
+history; a new process reads them all once.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -48,15 +53,57 @@ class NodeView:
     max_decoded_bytes: int = 0
 
 
+@dataclass
+class RunningHistogram:
+    """A Prometheus histogram's running totals: observations at or under each bound, count,
+    sum (added in the order observed, as a sum over the same values in that order gives)."""
+
+    bounds: tuple[float, ...]
+    buckets: list[int] = field(init=False)
+    count: int = 0
+    sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.buckets = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        self.count, self.sum = self.count + 1, self.sum + value
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.buckets[index] += 1
+
+    def add_series(self, text: str | None) -> None:
+        """A round's OCR seconds (pipeline.seconds_histogram, as JSON): its counts added. A
+        bound the round does not name (written with other bounds) counts its nearest lower
+        one; a histogram that does not parse counts nothing."""
+        try:
+            ocr = json.loads(text) if text else None
+            if not isinstance(ocr, dict):
+                return
+            written = sorted((float(b), int(n)) for b, n in ocr["buckets"].items())
+            self.count, self.sum = self.count + int(ocr["count"]), self.sum + float(ocr["sum"])
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return
+        for index, bound in enumerate(self.bounds):
+            self.buckets[index] += max((n for b, n in written if b <= bound), default=0)
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets = [(str(b), n) for b, n in zip(self.bounds, self.buckets, strict=True)]
+        buckets.append(("+Inf", self.count))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
 class DatabaseCollector:
     def __init__(self, view: NodeView) -> None:
         self.view = view
         # Running totals of the append-only tables and the last row id counted in each, so
         # that a scrape reads only the rows added since the last one.
         self._lock = threading.Lock()
-        self._after = {"instances": 0, "refused": 0}
+        self._after = {"instances": 0, "refused": 0, "processed": 0}
         self._received: dict[str, tuple[int, int]] = {}  # calling AE -> (count, bytes)
         self._refused: dict[tuple[str, int], int] = {}  # (calling AE, status) -> count
+        self._durations = RunningHistogram(DURATION_BUCKETS)
+        self._ocr = RunningHistogram(OCR_SECONDS_BUCKETS)
 
     def _appended(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, int], int]]:
         with self._lock:
@@ -72,11 +119,38 @@ class DatabaseCollector:
                 self._after["refused"] = max(self._after["refused"], row["last"])
             return dict(self._received), dict(self._refused)
 
+    def _processed(self) -> tuple[HistogramMetricFamily, HistogramMetricFamily]:
+        """The processing-time and OCR histograms with the rounds processed since the last
+        scrape added, read a chunk at a time (memory stays bounded on a first scrape)."""
+        with self._lock:
+            while True:
+                rows = mq.processed_after(self.view.store, self._after["processed"])
+                for row in rows:
+                    if row["duration_s"] is not None:
+                        self._durations.observe(float(row["duration_s"]))
+                    self._ocr.add_series(row["ocr_seconds"])
+                if rows:
+                    self._after["processed"] = rows[-1]["id"]
+                if len(rows) < mq.PROCESSED_CHUNK:
+                    break
+            return (
+                self._durations.family(
+                    "deid_node_series_processing_seconds",
+                    "Time to process one series round (all its files), from the database",
+                ),
+                self._ocr.family(
+                    "deid_node_ocr_seconds",
+                    "Time of the pixel stage (decode, OCR, blanking) per file OCR read, measured"
+                    " in the worker process and kept in each series round's summary",
+                ),
+            )
+
     def describe(self) -> list[Metric]:
         return []  # collected at scrape time only (no query at registration)
 
     def collect(self) -> Iterator[Metric]:
         received_by_ae, refused_by_ae = self._appended()
+        durations, ocr = self._processed()
         counts = mq.metric_counts(self.view.store)
         received = CounterMetricFamily(
             "deid_node_instances_received",
@@ -133,12 +207,8 @@ class DatabaseCollector:
             sum(r["n"] for r in counts["deliveries"] if r["state"] == "pending"),
         )
         yield from (received, received_bytes, refused, series, quarantined, deliveries, sent, queue)
-        yield _histogram(
-            "deid_node_series_processing_seconds",
-            "Time to process one series round (all its files), from the database",
-            mq.processing_durations(counts["durations"]),
-        )
-        yield _ocr_histogram(mq.ocr_histogram(counts["durations"], OCR_SECONDS_BUCKETS))
+        yield durations
+        yield ocr
         up = GaugeMetricFamily(
             "deid_node_destination_up", "1 when the destination answers", labels=["destination"]
         )
@@ -154,26 +224,6 @@ class DatabaseCollector:
             "1 when the C-STORE SCP listens",
             value=1 if self.view.scp_listening() else 0,
         )
-
-
-def _histogram(name: str, doc: str, values: list[float]) -> HistogramMetricFamily:
-    buckets: list[tuple[str, float]] = []
-    for bound in DURATION_BUCKETS:
-        buckets.append((str(bound), sum(1 for v in values if v <= bound)))
-    buckets.append(("+Inf", len(values)))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=sum(values))
-
-
-def _ocr_histogram(ocr: dict[str, Any]) -> HistogramMetricFamily:
-    buckets = [(str(b), n) for b, n in zip(OCR_SECONDS_BUCKETS, ocr["buckets"], strict=True)]
-    buckets.append(("+Inf", ocr["count"]))
-    return HistogramMetricFamily(
-        "deid_node_ocr_seconds",
-        "Time of the pixel stage (decode, OCR, blanking) per file OCR read, measured in the"
-        " worker process and kept in each series round's summary",
-        buckets=buckets,
-        sum_value=ocr["sum"],
-    )
 
 
 def make_registry(view: NodeView) -> CollectorRegistry:

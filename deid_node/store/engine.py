@@ -26,7 +26,7 @@ from typing import Any
 import sqlite_utils
 
 from deid_node.errors import DeidNodeError
-from deid_node.store.schema import MIGRATIONS, migrate
+from deid_node.store.schema import DATA_MIGRATIONS, MIGRATIONS, migrate
 
 
 class StoreUnavailableError(DeidNodeError):
@@ -209,7 +209,7 @@ class PostgresEngine:
         """Bring the database to the schema of the SQLite migrations (tables, columns, indexes
         missing are created), under an advisory lock: replicas starting together upgrade once.
         Data migrations written for old SQLite files (absolute paths, ...) have nothing to do
-        on a database that started with this version."""
+        on a database that started with this version; those in DATA_MIGRATIONS run here too."""
         with self.transaction() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(7248137311)")
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
@@ -224,6 +224,9 @@ class PostgresEngine:
                 return
             for statement in pg_schema_statements():
                 conn.raw(statement)
+            for number, step in DATA_MIGRATIONS.items():
+                if current < number:
+                    step(conn)
             conn.execute("DELETE FROM schema_version")
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
 

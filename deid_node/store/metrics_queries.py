@@ -49,55 +49,37 @@ def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
     """What /metrics reports from the database besides the appended counts, read at scrape
     time: correct whichever process or thread did the work, and across restarts."""
     q = store.query
+    # Spelled differently by the two engines (engine.to_postgres leaves functions as they are).
+    find, least = ("strpos", "least") if store.engine.dialect == "postgresql" else ("instr", "min")
     return {
         "series": q("SELECT state, COUNT(*) AS n FROM batches GROUP BY state"),
         # The kind of reason (the text before its first colon, as our own messages start with
         # it): bounded label values, never a detail of one file.
         "quarantined": q(
-            "SELECT substr(COALESCE(error, 'unknown'), 1, CASE WHEN instr(error, ':') > 0"
-            " THEN min(instr(error, ':') - 1, 60) ELSE 60 END) AS reason, COUNT(*) AS n"
+            f"SELECT substr(COALESCE(error, 'unknown'), 1, CASE WHEN {find}(error, ':') > 0"
+            f" THEN {least}({find}(error, ':') - 1, 60) ELSE 60 END) AS reason, COUNT(*) AS n"
             " FROM instances WHERE state = 'quarantined' GROUP BY reason"
         ),
         "deliveries": q(
             "SELECT destination, state, COUNT(*) AS n FROM deliveries GROUP BY destination, state"
         ),
         "sent": q("SELECT destination, COUNT(*) AS n FROM sent GROUP BY destination"),
-        "durations": q(
-            "SELECT summary FROM batches WHERE summary IS NOT NULL AND summary LIKE '%duration_s%'"
-        ),
     }
 
 
-def ocr_histogram(rows: list[dict[str, Any]], bounds: tuple[float, ...]) -> dict[str, Any]:
-    """The pixel stage's seconds per file, added up over the series summaries
-    (pipeline.seconds_histogram): {"count", "sum", "buckets": [files at or under each bound]}.
-    A bound a summary does not name (written with other bounds) counts its nearest lower one."""
-    count, total = 0, 0.0
-    buckets = [0] * len(bounds)
-    for row in rows:
-        try:
-            ocr = json.loads(row["summary"]).get("ocr_seconds")
-            if not isinstance(ocr, dict):
-                continue
-            written = sorted((float(b), int(n)) for b, n in ocr["buckets"].items())
-            count, total = count + int(ocr["count"]), total + float(ocr["sum"])
-        except (ValueError, AttributeError, KeyError, TypeError):
-            continue
-        for index, bound in enumerate(bounds):
-            buckets[index] += max((n for b, n in written if b <= bound), default=0)
-    return {"count": count, "sum": total, "buckets": buckets}
+PROCESSED_CHUNK = 10_000
 
 
-def processing_durations(rows: list[dict[str, Any]]) -> list[float]:
-    out = []
-    for row in rows:
-        try:
-            value = json.loads(row["summary"]).get("duration_s")
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(value, int | float):
-            out.append(float(value))
-    return out
+def processed_after(
+    store: StoreBase, after: int, limit: int = PROCESSED_CHUNK
+) -> list[dict[str, Any]]:
+    """Series rounds processed (the append-only `processed` table, one row written with each
+    round's summary) after row id `after`, in id order, at most `limit`: {"id", "duration_s"
+    (None: not a number), "ocr_seconds" (the summary's histogram as JSON, or None)}."""
+    return store.query(
+        "SELECT id, duration_s, ocr_seconds FROM processed WHERE id > ? ORDER BY id LIMIT ?",
+        (after, limit),
+    )
 
 
 def probe_writable(store: StoreBase) -> None:

@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
+from typing import Any
 
 import sqlite_utils
 
@@ -315,6 +316,75 @@ def _migration_11(db: sqlite_utils.Database) -> None:
     )
 
 
+_INSERT_PROCESSED = "INSERT INTO processed (batch_id, duration_s, ocr_seconds) VALUES (?, ?, ?)"
+
+
+def processed_row(summary: dict[str, Any]) -> tuple[float | None, str | None] | None:
+    """What /metrics counts of a series round's summary (its processing time, its files' OCR
+    seconds histogram), as a `processed` row's (duration_s, ocr_seconds JSON); None when the
+    summary has no processing time (a failure, an unrouted instance): nothing to count."""
+    if "duration_s" not in summary:
+        return None
+    duration = summary["duration_s"]
+    ocr = summary.get("ocr_seconds")
+    return (
+        float(duration) if isinstance(duration, int | float) else None,
+        json.dumps(ocr) if isinstance(ocr, dict) else None,
+    )
+
+
+def record_processed(conn: Any, batch_id: int, summary: dict[str, Any]) -> None:
+    """The `processed` row of a round whose summary is written in this transaction (conn: a
+    sqlite3 or engine.PgConnection)."""
+    row = processed_row(summary)
+    if row is not None:
+        conn.execute(_INSERT_PROCESSED, (batch_id, *row))
+
+
+def backfill_processed(conn: Any) -> None:
+    """A `processed` row for every round whose summary was written before the table existed,
+    in the order of the rounds. conn: a sqlite3 or engine.PgConnection."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT id, summary FROM batches WHERE id > ? AND summary LIKE '%duration_s%'"
+            " ORDER BY id LIMIT 10000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        new = []
+        for batch_id, text in rows:
+            try:
+                summary = json.loads(text)
+            except ValueError:
+                continue
+            row = processed_row(summary) if isinstance(summary, dict) else None
+            if row is not None:
+                new.append((batch_id, *row))
+        if new:
+            conn.executemany(_INSERT_PROCESSED, new)
+        last = rows[-1][0]
+
+
+def _migration_12(db: sqlite_utils.Database) -> None:
+    """Series rounds processed, one row each, appended in the transaction that writes the
+    round's summary (issue 17): /metrics adds up only the rows after the last one it counted,
+    instead of parsing every summary ever written at each scrape. Backfilled from the
+    summaries written before."""
+    db["processed"].create(
+        {
+            "id": int,
+            "batch_id": int,
+            "duration_s": float,  # the summary's, None when it is not a number
+            "ocr_seconds": str,  # JSON: the summary's ocr_seconds histogram, when it has one
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    backfill_processed(db.conn)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -327,7 +397,12 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_9,
     _migration_10,
     _migration_11,
+    _migration_12,
 ]
+
+# Data migrations PostgreSQL runs too (its schema is derived from the SQLite migrations, see
+# engine.PostgresEngine.migrate): by the migration's number, on a database older than it.
+DATA_MIGRATIONS: dict[int, Callable[[Any], None]] = {12: backfill_processed}
 
 
 def migrate(conn: sqlite3.Connection, db: sqlite_utils.Database) -> None:

@@ -26,7 +26,7 @@ from deid_node.store.quarantine import QuarantineFiles
 from deid_node.store.receiving import ReceivingQueries
 from deid_node.store.replicas import ClaimLostError, ReplicaQueries
 from deid_node.store.reports import ReportQueries
-from deid_node.store.schema import utcnow
+from deid_node.store.schema import processed_row, record_processed, utcnow
 from deid_node.store.spool import SpoolFiles
 
 # A newer copy of instance i's SOP Instance (a retry, re-send or release), in batch nb.
@@ -286,6 +286,12 @@ class Store(
                 " finished_at=CASE WHEN ? IN ('rejected','failed','forwarded') THEN ? END WHERE id=?",
                 (state, int(passed), now, json.dumps(summary), state, now, batch_id),
             )
+            if processed_row(summary) is not None:
+                # One writer of `processed` at a time (PostgreSQL replicas: until this commit), so
+                # that its rows become visible in the order of their ids: /metrics, reading the
+                # rows after the last id it counted, never passes one still uncommitted.
+                self.engine.lock_key(conn, "processed")
+                record_processed(conn, batch_id, summary)
         return state
 
     def retry_processing(self, series_uid: str, project: str | None = None) -> dict[str, int]:
