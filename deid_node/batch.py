@@ -269,6 +269,7 @@ def run_batch(
                 on_series(reports)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        _HELD_LOCKS.discard(lock)
         os.close(lock)  # drops the flock, after the folder is gone
         bar.close()
     result.duration_s = time.monotonic() - started
@@ -277,6 +278,19 @@ def run_batch(
 
 STAGING_PREFIX = ".deid-node-staging-"
 STAGING_LOCK = "run.lock"
+# The lock descriptors this process holds. A worker forked during a run (a pool renewed after
+# a death) closes its copy: it would otherwise hold the lock after its run died, and the next
+# run could not remove the folder.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in _HELD_LOCKS:
+        os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 
 
 def _make_staging(out_dir: Path) -> tuple[Path, int]:
@@ -289,6 +303,7 @@ def _make_staging(out_dir: Path) -> tuple[Path, int]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
         os.rename(taking, staging / STAGING_LOCK)
+        _HELD_LOCKS.add(fd)
     except BaseException:
         os.close(fd)
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,7 +19,7 @@ from dicomgen import make_series, write_series
 from structlog.testing import capture_logs
 
 from deid_node.api import build_settings, worker_pool
-from deid_node.batch import STAGING_PREFIX, run_batch
+from deid_node.batch import STAGING_LOCK, STAGING_PREFIX, run_batch
 from deid_node.config import DeidConfig, PixelsConfig
 from deid_node.modes import DeidentifyRedactTextMode, SeriesPolicy
 from deid_node.workers import (
@@ -91,6 +91,19 @@ def children() -> set[int]:
     return found
 
 
+def holding(pids: set[int], name: str) -> set[int]:
+    """The processes among `pids` with a file named `name` open."""
+    found = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue  # exited meanwhile
+        if any(Path(link.removesuffix(" (deleted)")).name == name for link in links):
+            found.add(pid)
+    return found
+
+
 def published(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.dcm") if not any(x.startswith(STAGING_PREFIX) for x in p.parts)]
 
@@ -106,7 +119,17 @@ def test_a_worker_death_costs_its_file_only_and_the_rest_keeps_two_workers(
     with worker_pool(2) as pool:
         original = children()  # the pool's two workers, started before the run
         assert len(original) == 2
-        result = run_batch([root], out, settings_for(tmp_path / "d"), executor=pool, progress=False)
+        forked: list[set[int]] = []
+
+        def on_series(_reports):
+            forked.append(children() - original)  # the pools started after the death, alive
+
+        result = run_batch(
+            [root], out, settings_for(tmp_path / "d"), executor=pool, on_series=on_series
+        )
+        # Workers forked during the run do not hold its staging lock: a run killed with its
+        # workers left behind leaves a folder that the next run can remove.
+        assert forked[0] and holding(forked[0], STAGING_LOCK) == set()
         # The pool the caller holds is usable for its next run.
         assert not pool_is_broken(pool)
         assert pool.submit(abs, -3).result(timeout=60) == 3
