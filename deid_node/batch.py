@@ -8,11 +8,11 @@ into a staging folder inside --out (`.deid-node-staging-*`). The parent then jud
 series and publishes (renames into place) only the files that may leave; the staging folder is
 removed at the end. A run holds a lock on its staging folder for its life; a run killed
 half-way leaves its folder behind, unlocked, and the next run into the same --out removes it
-(never a folder whose lock is held: a run going on at the same time). So nothing of a series that fails is ever under its output name, and no
-header is read twice (the parent used to read every header before the workers read each file
-again: a tenth of the CPU, all of it before the first worker started). A file that will not
-leave (its series fails) is de-identified for nothing: the price of judging a series on what
-the workers read.
+(never a folder whose lock is held: a run going on at the same time). So nothing of a series
+that fails is ever under its output name, and no header is read twice (the parent used to
+read every header before the workers read each file again: a tenth of the CPU, all of it
+before the first worker started). A file that will not leave (its series fails) is
+de-identified for nothing: the price of judging a series on what the workers read.
 
 Reports name inputs only by what the caller passed: a file by the path or URL given, a file
 found in a given folder by `<folder as given>#<n>`, n counting from 1 in the folder's files
