@@ -79,13 +79,30 @@ class EasyOcrEngine:
             return [self.recognize(rgb) for rgb in rgbs]
         out: list[list[TextBox]] = []
         for start in range(0, len(rgbs), GPU_BATCH_FRAMES):
-            chunk = np.stack(rgbs[start : start + GPU_BATCH_FRAMES])
+            out.extend(self._read_together(rgbs[start : start + GPU_BATCH_FRAMES]))
+        return out
+
+    def _read_together(self, rgbs: list[np.ndarray]) -> list[list[TextBox]]:
+        """One readtext_batched call. Out of GPU memory (a smaller card, other workers on it, a
+        larger frame), the frames are read in halves, down to one at a time: the file is
+        read more slowly, not failed (a failed file quarantines its whole series). A single
+        frame that does not fit fails as before."""
+        import torch
+
+        chunk = np.stack(rgbs)
+        try:
             with self._lock:
                 results = self._reader.readtext_batched(
                     chunk, batch_size=self._batch, **_THRESHOLDS
                 )
-            out.extend(_read_boxes(result, *chunk.shape[1:3]) for result in results)
-        return out
+        except torch.OutOfMemoryError:
+            if len(rgbs) == 1:
+                raise
+            with self._lock:
+                torch.cuda.empty_cache()
+            half = len(rgbs) // 2
+            return self._read_together(rgbs[:half]) + self._read_together(rgbs[half:])
+        return [_read_boxes(result, *chunk.shape[1:3]) for result in results]
 
 
 def _read_boxes(result: list, height: int, width: int) -> list[TextBox]:
