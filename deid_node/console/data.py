@@ -28,7 +28,7 @@ class ConsoleData:
         now = datetime.now(UTC)
         today = now.replace(hour=0, minute=0, second=0, microsecond=0).isoformat()
         hour_ago = (now - timedelta(hours=1)).isoformat(timespec="milliseconds")
-        counts = mq.metric_counts(self.store)
+        counts = mq.overview_counts(self.store)
         per_minute = mq.received_per_minute(self.store, hour_ago)
         return {
             "received_today": mq.received_since(self.store, today),

@@ -14,12 +14,15 @@ history; a new process reads them all once.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sqlite3
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -53,24 +56,22 @@ class NodeView:
     max_decoded_bytes: int = 0
 
 
-@dataclass
 class RunningHistogram:
     """A Prometheus histogram's running totals: observations at or under each bound, count,
-    sum (added in the order observed, as a sum over the same values in that order gives)."""
+    sum (added in the order observed, as a sum over the same values in that order gives).
+    Cheap per observation: a first scrape adds up every round the node ever processed."""
 
-    bounds: tuple[float, ...]
-    buckets: list[int] = field(init=False)
-    count: int = 0
-    sum: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.buckets = [0] * len(self.bounds)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self._names = tuple(str(b) for b in bounds)
+        self._slots = [0] * (len(bounds) + 1)  # observations over bounds[i - 1], up to bounds[i]
+        self._added = [0] * len(bounds)  # at or under each bound, from histograms added
+        self.count = 0
+        self.sum = 0.0
 
     def observe(self, value: float) -> None:
         self.count, self.sum = self.count + 1, self.sum + value
-        for index, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.buckets[index] += 1
+        self._slots[len(self.bounds) if math.isnan(value) else bisect_left(self.bounds, value)] += 1
 
     def add_series(self, text: str | None) -> None:
         """A round's OCR seconds (pipeline.seconds_histogram, as JSON): its counts added. A
@@ -80,15 +81,22 @@ class RunningHistogram:
             ocr = json.loads(text) if text else None
             if not isinstance(ocr, dict):
                 return
-            written = sorted((float(b), int(n)) for b, n in ocr["buckets"].items())
+            buckets = ocr["buckets"]
+            if tuple(buckets) == self._names:  # written with these bounds: the usual case
+                counts = list(accumulate((int(buckets[b]) for b in self._names), max))
+            else:
+                written = sorted((float(b), int(n)) for b, n in buckets.items())
+                counts = [
+                    max((n for b, n in written if b <= bound), default=0) for bound in self.bounds
+                ]
             self.count, self.sum = self.count + int(ocr["count"]), self.sum + float(ocr["sum"])
         except (ValueError, AttributeError, KeyError, TypeError):
             return
-        for index, bound in enumerate(self.bounds):
-            self.buckets[index] += max((n for b, n in written if b <= bound), default=0)
+        self._added = [a + n for a, n in zip(self._added, counts, strict=True)]
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
-        buckets = [(str(b), n) for b, n in zip(self.bounds, self.buckets, strict=True)]
+        at_or_under = [a + n for a, n in zip(accumulate(self._slots), self._added, strict=False)]
+        buckets = [(b, n) for b, n in zip(self._names, at_or_under, strict=False)]
         buckets.append(("+Inf", self.count))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 

@@ -45,6 +45,16 @@ def appended_counts(store: StoreBase, after: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def overview_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
+    """Series rounds by state, deliveries by destination and state (the console's overview)."""
+    return {
+        "series": store.query("SELECT state, COUNT(*) AS n FROM batches GROUP BY state"),
+        "deliveries": store.query(
+            "SELECT destination, state, COUNT(*) AS n FROM deliveries GROUP BY destination, state"
+        ),
+    }
+
+
 def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
     """What /metrics reports from the database besides the appended counts, read at scrape
     time: correct whichever process or thread did the work, and across restarts."""
@@ -52,16 +62,13 @@ def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
     # Spelled differently by the two engines (engine.to_postgres leaves functions as they are).
     find, least = ("strpos", "least") if store.engine.dialect == "postgresql" else ("instr", "min")
     return {
-        "series": q("SELECT state, COUNT(*) AS n FROM batches GROUP BY state"),
+        **overview_counts(store),
         # The kind of reason (the text before its first colon, as our own messages start with
         # it): bounded label values, never a detail of one file.
         "quarantined": q(
             f"SELECT substr(COALESCE(error, 'unknown'), 1, CASE WHEN {find}(error, ':') > 0"
             f" THEN {least}({find}(error, ':') - 1, 60) ELSE 60 END) AS reason, COUNT(*) AS n"
             " FROM instances WHERE state = 'quarantined' GROUP BY reason"
-        ),
-        "deliveries": q(
-            "SELECT destination, state, COUNT(*) AS n FROM deliveries GROUP BY destination, state"
         ),
         "sent": q("SELECT destination, COUNT(*) AS n FROM sent GROUP BY destination"),
     }
