@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from dicomgen import make_instance, write_series
 from peers import free_port, wait_until
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -225,18 +226,67 @@ def test_restart_drops_rows_whose_file_a_crash_left_missing_or_cut_short(tmp_pat
         store.close()
 
 
-def test_a_marker_whose_row_never_committed_leaves_only_an_orphan(tmp_path):
+def test_a_file_moved_in_whose_row_never_committed_leaves_only_an_orphan(tmp_path):
     (path,) = write_series([make_instance("CT")], tmp_path / "in")
     store = Store(tmp_path / "data")
     received = store.tmp_write(path.read_bytes())
     with pytest.raises(RuntimeError), store.overlapped_receipt(received, "1.2.3", "1.2.3.4") as p:
         assert p is not None
         raise RuntimeError("crash before the row's commit")
+    # The marker commits with the row: none without it.
+    assert store.query("SELECT COUNT(*) AS n FROM receipts_in_flight")[0]["n"] == 0
     store.close()
     store = Store(tmp_path / "data", exclusive=True)
     try:
         recovered = store.recover_after_restart()
         assert recovered["orphan_spool_files_moved"] == 1
+        assert rows(store) == []
+        assert store.query("SELECT COUNT(*) AS n FROM receipts_in_flight")[0]["n"] == 0
+    finally:
+        store.close()
+
+
+def test_the_marker_and_the_row_commit_together(tmp_path):
+    """A row whose commit fails leaves no marker (nor a marker a row: one transaction), and
+    the confirmed receipts' markers go in the next receipt's commit."""
+    first, second = write_series([make_instance("CT"), make_instance("CT")], tmp_path / "in")
+    store = Store(tmp_path / "data")
+    try:
+        confirmed = _overlapped(store, first, confirm=True)
+        markers = "SELECT spool_path FROM receipts_in_flight"
+        assert [r["spool_path"] for r in store.query(markers)] == [store.relative(confirmed)]
+        # A real SQLite failure at the row's insert (as a full disk would raise).
+        with store.transaction() as conn:
+            conn.execute(
+                "CREATE TRIGGER refuse BEFORE INSERT ON instances"
+                " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        with pytest.raises(sqlite3.IntegrityError):
+            _overlapped(store, second, confirm=False)
+        assert len(rows(store)) == 1
+        assert [r["spool_path"] for r in store.query(markers)] == [store.relative(confirmed)]
+        with store.transaction() as conn:
+            conn.execute("DROP TRIGGER refuse")
+        spooled = _overlapped(store, second, confirm=False)
+        assert [r["spool_path"] for r in store.query(markers)] == [store.relative(spooled)]
+    finally:
+        store.close()
+
+
+def test_an_overlapped_receipt_records_one_row(tmp_path):
+    """A marker names one file: fanning the receipt out to hard links (other rows, no marker)
+    inside the block is refused, and nothing is recorded."""
+    (path,) = write_series([make_instance("CT")], tmp_path / "in")
+    ds = dcmread(path, stop_before_pixels=True)
+    store = Store(tmp_path / "data")
+    try:
+        received = store.tmp_write(path.read_bytes())
+        with store.overlapped_receipt(received, ds.SeriesInstanceUID, ds.SOPInstanceUID) as p:
+            assert p is not None
+            with pytest.raises(ValueError, match="one row"):
+                store.record_instance(
+                    _receipt(ds, file_sha256(p)), p, p.stat().st_size, projects=["a", "b"]
+                )
         assert rows(store) == []
         assert store.query("SELECT COUNT(*) AS n FROM receipts_in_flight")[0]["n"] == 0
     finally:

@@ -69,7 +69,8 @@ class ReceivingQueries(ReplicaQueries):
         forwarded twice, unless that copy was quarantined: then it is a new attempt (the cause
         was fixed), processed in the next round. Different bytes under a known SOPInstanceUID
         start a late round. association: the open association that delivered it; its batch is
-        not complete before `association_closed`. Returns the first project's row.
+        not complete before `association_closed`. Returns the first project's row. Inside an
+        `overlapped_receipt` block, the receipt's marker commits in the same transaction.
         """
         now, stamp = time.time(), utcnow()
         targets: list[str | None] = list(dict.fromkeys(projects)) or [None]
@@ -77,6 +78,7 @@ class ReceivingQueries(ReplicaQueries):
         try:
             paths += [self.spool_link(spool_path) for _ in targets[1:]]
             with self.transaction() as conn:
+                self.mark_receipt_in_flight(conn, spool_path, len(targets))
                 outcomes = [
                     self._record_one(conn, receipt, project, path, size, now, stamp)
                     for project, path in zip(targets, paths, strict=True)

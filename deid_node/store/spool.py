@@ -62,6 +62,10 @@ class SpoolFiles(StoreBase):
         super().__init__(data_dir, **options)
         # Markers of overlapped receipts whose file and row are both durable, to delete.
         self._confirmed_receipts: list[str] = []
+        # The overlapped receipt whose block runs (under the store's lock): its row's
+        # transaction writes its marker (`mark_receipt_in_flight`) and deletes these markers.
+        self._receipt_in_flight: tuple[Path, str, str] | None = None
+        self._confirmed_deleting: list[str] = []
 
     def tmp_write(self, data: bytes) -> Path:
         """Put received bytes in a file under tmp/ (adopted into the spool or quarantine next)."""
@@ -82,8 +86,8 @@ class SpoolFiles(StoreBase):
     ) -> Iterator[Path | None]:
         """Move a received file into the spool for a row that may commit while the file's
         fsync runs (`flush_spool_file`): the two disk flushes overlap instead of following
-        each other (issue 17). Run `record_instance` inside the block; wait for the flush
-        after it (outside the store's lock); acknowledge only once both are done.
+        each other (issue 17). Run `record_instance` (one row) inside the block; wait for the
+        flush after it (outside the store's lock); acknowledge only once both are done.
 
         Yields None where the receipt must go the serial way (`spool_adopt`, then the row):
         on PostgreSQL; when the series already has a row of this SOP instance (recording it
@@ -91,10 +95,11 @@ class SpoolFiles(StoreBase):
         across file systems. Holds the store's lock until the block ends, so that no other
         receipt of this SOP instance records in between.
 
-        A crash may leave the row durable and the file not: before the row, a marker is
-        committed (receipts_in_flight, without fsync: the row's power-safe commit comes after
-        it in the WAL and makes it durable too), and start-up checks the file of every marked
-        row (`_drop_unconfirmed_receipts`)."""
+        A crash may leave the row durable and the file not: the row's transaction also
+        commits a marker (receipts_in_flight, `mark_receipt_in_flight`), so that neither is
+        durable without the other, and start-up checks the file of every marked row
+        (`_drop_unconfirmed_receipts`). A crash before that commit leaves the moved file
+        without a row: an orphan, moved aside at start-up."""
         if self.shared:
             yield None
             return
@@ -108,17 +113,6 @@ class SpoolFiles(StoreBase):
                 return
             name = uuid.uuid4().hex
             path = self.data_dir / "spool" / name[:2] / f"{name}.dcm"
-            confirmed, self._confirmed_receipts = self._confirmed_receipts, []
-            with self.transaction(power_safe=False) as conn:
-                conn.executemany(
-                    "DELETE FROM receipts_in_flight WHERE spool_path = ?",
-                    [(p,) for p in confirmed],
-                )
-                conn.execute(
-                    "INSERT INTO receipts_in_flight (spool_path, series_uid, sop_uid)"
-                    " VALUES (?, ?, ?)",
-                    (self.relative(path), series_uid, sop_uid),
-                )
             try:
                 os.replace(received, path)
             except OSError as exc:
@@ -126,7 +120,38 @@ class SpoolFiles(StoreBase):
                     raise
                 yield None
                 return
-            yield path
+            self._receipt_in_flight = (path, series_uid, sop_uid)
+            try:
+                yield path
+            except BaseException:
+                # The row's transaction rolled back (or never ran): the markers it deleted
+                # are still there, to go with the next receipt's.
+                self._confirmed_receipts[:0] = self._confirmed_deleting
+                raise
+            finally:
+                self._receipt_in_flight = None
+                self._confirmed_deleting = []
+
+    def mark_receipt_in_flight(self, conn: Any, spool_path: Path, rows: int) -> None:
+        """In `record_instance`'s transaction: when its file is the one an `overlapped_receipt`
+        block moved (and may not be on disk yet), the marker that start-up checks, in the same
+        commit as the row; the markers of confirmed receipts go. One row only: a marker names
+        one file."""
+        in_flight = self._receipt_in_flight
+        if in_flight is None or in_flight[0] != spool_path:
+            return
+        if rows != 1:
+            raise ValueError("an overlapped receipt records one row")
+        confirmed, self._confirmed_receipts = self._confirmed_receipts, []
+        self._confirmed_deleting = confirmed
+        if confirmed:
+            conn.executemany(
+                "DELETE FROM receipts_in_flight WHERE spool_path = ?", [(p,) for p in confirmed]
+            )
+        conn.execute(
+            "INSERT INTO receipts_in_flight (spool_path, series_uid, sop_uid) VALUES (?, ?, ?)",
+            (self.relative(spool_path), in_flight[1], in_flight[2]),
+        )
 
     def flush_spool_file(self, path: Path) -> SpoolFlush:
         """fsync a file moved by `overlapped_receipt` and its folder, each in another thread.
