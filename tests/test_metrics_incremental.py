@@ -16,6 +16,7 @@ import pytest
 from deid_node.console.metrics import DURATION_BUCKETS, NodeView, make_registry
 from deid_node.pipeline import OCR_SECONDS_BUCKETS
 from deid_node.store import Receipt, Store
+from deid_node.store import metrics_queries as mq
 from deid_node.store.schema import record_processed
 
 OCR_NAME = "deid_node_ocr_seconds"
@@ -140,7 +141,10 @@ def test_histograms_over_several_scrapes_equal_a_full_recomputation(tmp_path, ma
     assert registry.get_sample_value("deid_node_files_quarantined_total", {"reason": "pixels"}) == 1
 
 
-def test_a_restarted_process_exposes_the_same_totals_and_goes_on_counting(tmp_path, make_store):
+def test_a_restarted_process_exposes_the_same_totals_and_goes_on_counting(
+    tmp_path, make_store, monkeypatch
+):
+    monkeypatch.setattr(mq, "PROCESSED_CHUNK", 4)  # a first scrape reads rows in chunks
     store = make_store(tmp_path / "data")
     for index in range(6):
         process(store, f"1.2.{index}", summary(index))

@@ -132,7 +132,9 @@ class DatabaseCollector:
         scrape added, read a chunk at a time (memory stays bounded on a first scrape)."""
         with self._lock:
             while True:
-                rows = mq.processed_after(self.view.store, self._after["processed"])
+                rows = mq.processed_after(
+                    self.view.store, self._after["processed"], mq.PROCESSED_CHUNK
+                )
                 for row in rows:
                     if row["duration_s"] is not None:
                         self._durations.observe(float(row["duration_s"]))
