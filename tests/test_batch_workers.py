@@ -116,13 +116,17 @@ def test_a_worker_death_costs_its_file_only_and_the_rest_keeps_two_workers(
     for n in range(3):
         write_series(make_series(33, "CT", image_type="DERIVED\\SECONDARY"), root / f"s{n}")
     out = tmp_path / "out"
+    # Processes this one forked before (an earlier test's pool winding down, a forkserver)
+    # are not this pool's.
+    before = children()
     with worker_pool(2) as pool:
-        original = children()  # the pool's two workers, started before the run
+        original = children() - before  # the pool's two workers, started before the run
         assert len(original) == 2
         forked: list[set[int]] = []
 
         def on_series(_reports):
-            forked.append(children() - original)  # the pools started after the death, alive
+            # The pools started after the death, alive.
+            forked.append(children() - original - before)
 
         result = run_batch(
             [root], out, settings_for(tmp_path / "d"), executor=pool, on_series=on_series
