@@ -12,8 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
-from deid_node.console.metrics import DURATION_BUCKETS, NodeView, make_registry
+from deid_node.console.metrics import (
+    DURATION_BUCKETS,
+    DatabaseCollector,
+    NodeView,
+    make_registry,
+)
 from deid_node.pipeline import OCR_SECONDS_BUCKETS
 from deid_node.store import Receipt, Store
 from deid_node.store import metrics_queries as mq
@@ -245,4 +251,199 @@ def test_replicas_never_make_a_scrape_pass_a_round_still_being_recorded(tmp_path
     finally:
         release.set()
         for store in (a, b, console):
+            store.close()
+
+
+# -- received and refused counters (instances, refused): settled under a watermark ----------
+
+RECEIVED = "deid_node_instances_received"
+BYTES = "deid_node_received_bytes"
+REFUSED = "deid_node_instances_refused"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def receive(store: Store, series: str, sop: str, ae: str = "CT1", size: int = 1, **kw):
+    """One instance received (its row committed) from `ae`, `size` bytes."""
+    receipt = Receipt(f"{series}.{sop}", CT, series, "1.2", "1.2.840.10008.1.2.1", ae,
+                      "127.0.0.1", f"h{size}")  # fmt: skip
+    return store.record_instance(
+        receipt, store.spool_adopt(store.tmp_write(b"x" * size)), size, **kw
+    )
+
+
+def refuse(store: Store, sop: str, ae: str = "CT1", status: int = 0xA700) -> None:
+    store.record_refused(calling_ae=ae, peer="127.0.0.1", sop_uid=sop, sop_class_uid=CT,
+                         status=status, reason="out of resources")  # fmt: skip
+
+
+def counters(registry) -> dict:
+    """The received, bytes and refused counters of one scrape: (family, labels) -> value."""
+    return {
+        (family.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        if family.name in (RECEIVED, BYTES, REFUSED)
+        for sample in family.samples
+    }
+
+
+def full_count(store: Store) -> dict:
+    """The same counters from a COUNT(*) GROUP BY over every row (what /metrics exposed
+    before it counted incrementally)."""
+    out = {}
+    for row in store.query(
+        "SELECT calling_ae, COUNT(*) AS n, SUM(size) AS b FROM instances GROUP BY calling_ae"
+    ):
+        out[(RECEIVED, (("calling_ae", row["calling_ae"]), ("status", "0x0000")))] = row["n"]
+        out[(BYTES, (("calling_ae", row["calling_ae"]),))] = row["b"]
+    for row in store.query(
+        "SELECT calling_ae, status, COUNT(*) AS n FROM refused GROUP BY calling_ae, status"
+    ):
+        labels = (("calling_ae", row["calling_ae"]), ("status", f"0x{row['status']:04X}"))
+        out[(REFUSED, labels)] = row["n"]
+    return out
+
+
+def test_received_and_refused_over_many_scrapes_equal_a_full_count(
+    tmp_path, make_store, monkeypatch
+):
+    """With a margin of 3 ids the watermark moves at most scrapes, by 0 to 11 rows: every row
+    is added once, whether it is settled in a step or still counted live."""
+    monkeypatch.setattr(mq, "APPENDED_MARGIN", 3)
+    store = make_store(tmp_path / "data")
+    collector = DatabaseCollector(view(store))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    assert counters(registry) == full_count(store) == {}
+    index, aes = 0, ("CT1", "MR2", "US3")
+    for step, count in enumerate((1, 0, 2, 3, 4, 7, 11, 1, 0, 5, 3, 3)):
+        for _ in range(count):
+            receive(store, f"1.2.{index % 4}", str(index), aes[index % 3], size=index % 7 + 1)
+            index += 1
+        for n in range((count + step) % 4):
+            refuse(store, f"9.{step}.{n}", aes[(step + n) % 3], (0xA700, 0xC000)[n % 2])
+        assert counters(registry) == full_count(store), f"after step {step}"
+    heads = mq.appended_heads(store)
+    assert collector._appended["instances"].watermark == heads["instances"] - 3 == 37
+    assert collector._appended["refused"].watermark == heads["refused"] - 3 == 7
+    values = counters(registry)
+    assert (
+        values == full_count(store)
+        and sum(v for (name, _), v in values.items() if name == RECEIVED) == 40
+    )
+    # A new process (a fresh collector) reads it all once and exposes the same.
+    assert counters(make_registry(view(store))) == values
+
+
+def test_a_scrape_reads_the_rows_above_the_watermark_and_settles_the_rest_once(
+    tmp_path, monkeypatch
+):
+    """Every SQLite statement of a scrape, as run: the rows up to the head less the margin
+    are read once (settled), those above it at every scrape, through the id (rowid) range."""
+    monkeypatch.setattr(mq, "APPENDED_MARGIN", 3)
+    store = Store(tmp_path / "data")
+    for index in range(10):
+        receive(store, "1.2.1", str(index))
+    registry = make_registry(view(store))
+    statements: list[str] = []
+    store.engine._conn.set_trace_callback(statements.append)
+    first = counters(registry)
+    reads = [s for s in statements if "FROM instances WHERE id >" in s]
+    assert [s.split(" WHERE ")[1] for s in reads] == [
+        "id > 0 AND id <= 7 GROUP BY calling_ae",
+        "id > 7 GROUP BY calling_ae",
+    ]
+    statements.clear()
+    assert counters(registry) == first  # nothing new: the live rows only, nothing settled
+    reads = [s for s in statements if "FROM instances WHERE id >" in s]
+    assert [s.split(" WHERE ")[1] for s in reads] == ["id > 7 GROUP BY calling_ae"]
+    plan = store.query(
+        "EXPLAIN QUERY PLAN SELECT calling_ae, COUNT(*) AS n FROM instances WHERE id > 7"
+        " GROUP BY calling_ae"
+    )
+    assert any("INTEGER PRIMARY KEY (rowid>?)" in row["detail"] for row in plan), plan
+    store.engine._conn.set_trace_callback(None)
+    store.close()
+
+
+def test_a_counter_never_goes_down_when_a_live_row_changes(tmp_path):
+    """A modality re-sends an instance while its series still receives: its row is replaced
+    (another calling AE, fewer bytes). Recounted live, CT1 would go down: a Prometheus
+    counter that goes down reads as a restart. It stays, then goes on once passed."""
+    store = Store(tmp_path / "data")
+    registry = make_registry(view(store))
+    receive(store, "1.2.1", "1", "CT1", size=100)
+    ct1 = (("calling_ae", "CT1"), ("status", "0x0000"))
+    assert counters(registry) == {(RECEIVED, ct1): 1, (BYTES, (("calling_ae", "CT1"),)): 100}
+    receive(store, "1.2.1", "1", "CT2", size=40)  # same SOP instance, same open batch
+    assert (RECEIVED, ct1) not in full_count(store)  # the row is CT2's now
+    values = counters(registry)
+    assert values[(RECEIVED, ct1)] == 1 and values[(BYTES, (("calling_ae", "CT1"),))] == 100
+    assert values[(BYTES, (("calling_ae", "CT2"),))] == 40
+    receive(store, "1.2.1", "2", "CT1", size=30)
+    receive(store, "1.2.1", "3", "CT1", size=30)
+    values = counters(registry)
+    assert values[(RECEIVED, ct1)] == 2 and values[(BYTES, (("calling_ae", "CT1"),))] == 100
+    receive(store, "1.2.1", "4", "CT1", size=50)
+    values = counters(registry)
+    assert values[(RECEIVED, ct1)] == 3 and values[(BYTES, (("calling_ae", "CT1"),))] == 110
+    store.close()
+
+
+def test_replicas_committing_out_of_id_order_are_all_counted(tmp_path, postgres_url):
+    """Replica b's receipt has its instances row (an id taken) and waits before its commit
+    (here on a lock of the holds table its transaction writes next); replica c's refused row
+    is uncommitted. Replica a commits a receipt and a refusal with higher ids, a scrape
+    runs, then b and c commit: the next scrape counts all four rows."""
+    import psycopg
+
+    a, b, c, console = (
+        Store(tmp_path / "shared", database_url=postgres_url, replica_id=name, exclusive=True)
+        for name in ("a", "b", "c", "console")
+    )
+    blocker = psycopg.connect(postgres_url, autocommit=False)
+    release = threading.Event()
+    try:
+        registry = make_registry(view(console))
+        blocker.execute("LOCK TABLE holds IN SHARE MODE")  # b's INSERT INTO holds waits
+        slow = threading.Thread(target=receive, args=(b, "1.2.2", "1", "CT2", 20),
+                                kwargs={"association": ("b", 1)})  # fmt: skip
+        slow.start()
+        deadline = time.monotonic() + 30
+        while not console.query(
+            "SELECT 1 FROM pg_locks l JOIN pg_class t ON t.oid = l.relation"
+            " WHERE t.relname = 'holds' AND NOT l.granted"
+        ):
+            assert time.monotonic() < deadline and slow.is_alive(), "b never waited"
+            time.sleep(0.05)
+        held = threading.Event()
+
+        def c_refuses() -> None:
+            with c.transaction() as conn:  # as record_refused does, paused before commit
+                conn.execute(
+                    "INSERT INTO refused (received_at, calling_ae, peer, sop_uid, sop_class_uid,"
+                    " status, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    ("2026-11-27T00:00:00", "CT2", "127.0.0.1", "9.1", CT, 0xA700, "x"),
+                )
+                held.set()
+                assert release.wait(30)
+
+        refusing = threading.Thread(target=c_refuses)
+        refusing.start()
+        assert held.wait(30)
+        receive(a, "1.2.1", "1", "CT1", size=10)
+        refuse(a, "9.2", "CT1")
+        first = counters(registry)  # the scrape in between: a's rows only
+        assert sum(v for (name, _), v in first.items() if name == RECEIVED) == 1
+        blocker.rollback()
+        release.set()
+        slow.join(30)
+        refusing.join(30)
+        assert not slow.is_alive() and not refusing.is_alive()
+        values = counters(registry)
+        assert values == full_count(console), "a scrape passed rows still being committed"
+        assert sum(v for (name, _), v in values.items() if name in (RECEIVED, REFUSED)) == 4
+    finally:
+        release.set()
+        blocker.close()
+        for store in (a, b, c, console):
             store.close()

@@ -6,9 +6,12 @@ series rounds' summaries: processing time per round, and the OCR time of each fi
 the worker that read it and counted into buckets there (pipeline.seconds_histogram). Labels are AE titles,
 DIMSE statuses, states, destination names and reason kinds: never a patient value.
 
-The append-only tables (instances, refused, processed) are added up in memory: a scrape reads
-only the rows after the last one it counted, so that its cost does not grow with the node's
-history; a new process reads them all once.
+The append-only tables are added up in memory, so that a scrape's cost does not grow with the
+node's history (a new process reads them all once): `processed` (the histograms) from the row
+after the last one counted (its rows become visible in id order), `instances` and `refused`
+(received and refused counters) settled up to a watermark that trails the highest id by
+metrics_queries.APPENDED_MARGIN, the rows above it counted afresh at each scrape (replicas make
+them visible out of id order).
 """
 
 from __future__ import annotations
@@ -101,31 +104,85 @@ class RunningHistogram:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
 
+Totals = dict[Any, tuple[int, ...]]  # label values -> counter values (count, bytes...)
+
+
+def _sum(*parts: tuple[int, ...]) -> tuple[int, ...]:
+    """Counter values added position by position."""
+    return tuple(map(sum, zip(*parts, strict=True)))
+
+
+class SettledCounts:
+    """The counters of one append-only table (instances or refused), by label, right while
+    replicas make rows visible out of id order: no state per row. The rows at or under the
+    watermark (the highest id seen less metrics_queries.APPENDED_MARGIN) are settled, added
+    here once as the watermark passes them; those above it are counted afresh at each scrape.
+
+    A scrape exposes settled + live, and never less than it exposed before, label by label
+    and value by value: a live row can still change or go (a re-sent instance replaces its
+    row's calling AE and size while its series receives; start-up drops a receipt never
+    acknowledged), and a Prometheus counter that goes down reads as a restart. Such a counter
+    then stays where it was until the rows counted pass it again."""
+
+    def __init__(self) -> None:
+        self.watermark = 0
+        self._settled: Totals = {}
+        self._exposed: Totals = {}
+
+    def settle(self, upto: int, totals: Totals) -> None:
+        """The counts of the rows after the watermark up to `upto`, which becomes it."""
+        for key, values in totals.items():
+            self._settled[key] = _sum(self._settled.get(key, (0,) * len(values)), values)
+        self.watermark = upto
+
+    def expose(self, live: Totals) -> Totals:
+        """What a scrape shows, given the counts of the rows above the watermark."""
+        for key in self._settled.keys() | live.keys():
+            total = _sum(*(counted[key] for counted in (self._settled, live) if key in counted))
+            before = self._exposed.get(key, total)
+            self._exposed[key] = tuple(map(max, before, total))
+        return dict(self._exposed)
+
+
+def _received(rows: list[dict[str, Any]]) -> Totals:
+    return {row["calling_ae"] or "": (row["n"], row["bytes"]) for row in rows}
+
+
+def _refused(rows: list[dict[str, Any]]) -> Totals:
+    return {(row["calling_ae"] or "", row["status"]): (row["n"],) for row in rows}
+
+
 class DatabaseCollector:
     def __init__(self, view: NodeView) -> None:
         self.view = view
-        # Running totals of the append-only tables and the last row id counted in each, so
-        # that a scrape reads only the rows added since the last one.
+        # Running totals of the append-only tables, so that a scrape reads only the rows
+        # added since the last one (processed) or above a watermark (instances, refused).
         self._lock = threading.Lock()
-        self._after = {"instances": 0, "refused": 0, "processed": 0}
-        self._received: dict[str, tuple[int, int]] = {}  # calling AE -> (count, bytes)
-        self._refused: dict[tuple[str, int], int] = {}  # (calling AE, status) -> count
+        self._after = {"processed": 0}
+        self._appended = {"instances": SettledCounts(), "refused": SettledCounts()}
         self._durations = RunningHistogram(DURATION_BUCKETS)
         self._ocr = RunningHistogram(OCR_SECONDS_BUCKETS)
 
-    def _appended(self) -> tuple[dict[str, tuple[int, int]], dict[tuple[str, int], int]]:
+    def _appended_totals(self) -> dict[str, Totals]:
+        """Received (calling AE -> count, bytes) and refused ((calling AE, status) -> count,)
+        counters: the watermarks moved up to the heads less the margin (the rows passed
+        settled), then the rows above them counted."""
+        store, by_table = self.view.store, self._appended
         with self._lock:
-            new = mq.appended_counts(self.view.store, self._after)
-            for row in new["received"]:
-                ae = row["calling_ae"] or ""
-                count, size = self._received.get(ae, (0, 0))
-                self._received[ae] = (count + row["n"], size + row["bytes"])
-                self._after["instances"] = max(self._after["instances"], row["last"])
-            for row in new["refused"]:
-                key = (row["calling_ae"] or "", row["status"])
-                self._refused[key] = self._refused.get(key, 0) + row["n"]
-                self._after["refused"] = max(self._after["refused"], row["last"])
-            return dict(self._received), dict(self._refused)
+            heads = mq.appended_heads(store)
+            after = {table: totals.watermark for table, totals in by_table.items()}
+            upto = {
+                table: max(after[table], heads[table] - mq.APPENDED_MARGIN) for table in by_table
+            }
+            if upto != after:
+                passed = mq.appended_counts(store, after, upto)
+                by_table["instances"].settle(upto["instances"], _received(passed["received"]))
+                by_table["refused"].settle(upto["refused"], _refused(passed["refused"]))
+            live = mq.appended_counts(store, upto)
+            return {
+                "received": by_table["instances"].expose(_received(live["received"])),
+                "refused": by_table["refused"].expose(_refused(live["refused"])),
+            }
 
     def _processed(self) -> tuple[HistogramMetricFamily, HistogramMetricFamily]:
         """The processing-time and OCR histograms with the rounds processed since the last
@@ -159,7 +216,7 @@ class DatabaseCollector:
         return []  # collected at scrape time only (no query at registration)
 
     def collect(self) -> Iterator[Metric]:
-        received_by_ae, refused_by_ae = self._appended()
+        appended = self._appended_totals()
         durations, ocr = self._processed()
         counts = mq.metric_counts(self.view.store)
         received = CounterMetricFamily(
@@ -170,7 +227,7 @@ class DatabaseCollector:
         received_bytes = CounterMetricFamily(
             "deid_node_received_bytes", "Bytes of instances received", labels=["calling_ae"]
         )
-        for ae, (count, size) in sorted(received_by_ae.items()):
+        for ae, (count, size) in sorted(appended["received"].items()):
             received.add_metric([ae, "0x0000"], count)
             received_bytes.add_metric([ae], size)
         refused = CounterMetricFamily(
@@ -178,7 +235,7 @@ class DatabaseCollector:
             "Instances refused by the SCP, by DIMSE status and calling AE",
             labels=["calling_ae", "status"],
         )
-        for (ae, status), count in sorted(refused_by_ae.items()):
+        for (ae, status), (count,) in sorted(appended["refused"].items()):
             refused.add_metric([ae, f"0x{status:04X}"], count)
         series = GaugeMetricFamily("deid_node_series", "Series rounds by state", labels=["state"])
         by_state = {row["state"]: row["n"] for row in counts["series"]}

@@ -26,21 +26,49 @@ _KEPT = (
 )
 
 
-def appended_counts(store: StoreBase, after: dict[str, int]) -> dict[str, Any]:
-    """Counts of the append-only tables (rows are inserted, never deleted, and the counted
-    columns never change) over the rows after the ids in `after`: a scrape reads only what is
-    new since the last one. Every instances row counts: an instance re-processed by `retry` or
-    the console counts as received again."""
+# How far behind the highest id seen a row of `instances` or `refused` is settled: added once
+# into /metrics' running totals and never read again. Replicas sharing PostgreSQL take a row's
+# id at INSERT and make the row visible at COMMIT, so a row can appear after rows with higher
+# ids (its transaction still waiting on a series lock, an fsync, a slow disk): the rows above the
+# watermark are counted afresh at every scrape, and a row is missed only if it commits after
+# this many later ids were taken (10,000 receipts: seconds to minutes at any ingest rate this
+# node reaches). The receipt path is hot, so no lock orders these commits (as one does the
+# rare `processed` rows); a scrape reads at most this many rows more, through the id index.
+APPENDED_MARGIN = 10_000
+
+
+def appended_heads(store: StoreBase) -> dict[str, int]:
+    """The highest id of `instances` and of `refused` visible now (0: no row)."""
+    return store.query(
+        "SELECT (SELECT COALESCE(MAX(id), 0) FROM instances) AS instances,"
+        " (SELECT COALESCE(MAX(id), 0) FROM refused) AS refused"
+    )[0]
+
+
+def appended_counts(
+    store: StoreBase, after: dict[str, int], upto: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Counts of the append-only tables over the rows with after[table] < id <= upto[table]
+    (no upper bound without `upto`): received instances by calling AE (n, bytes), refused ones
+    by status and calling AE (n). Every instances row counts: an instance re-processed by
+    `retry` or the console counts as received again. The console's collector
+    (console/metrics.py) settles the rows up to a watermark once and recounts those above it
+    at each scrape."""
+    bound = " AND id <= ?" if upto is not None else ""
+
+    def between(table: str) -> tuple[int, ...]:
+        return (after.get(table, 0),) + ((upto.get(table, 0),) if upto is not None else ())
+
     return {
         "received": store.query(
-            "SELECT calling_ae, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes, MAX(id) AS last"
-            " FROM instances WHERE id > ? GROUP BY calling_ae",
-            (after.get("instances", 0),),
+            "SELECT calling_ae, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes"
+            f" FROM instances WHERE id > ?{bound} GROUP BY calling_ae",
+            between("instances"),
         ),
         "refused": store.query(
-            "SELECT status, calling_ae, COUNT(*) AS n, MAX(id) AS last FROM refused WHERE id > ?"
+            f"SELECT status, calling_ae, COUNT(*) AS n FROM refused WHERE id > ?{bound}"
             " GROUP BY status, calling_ae",
-            (after.get("refused", 0),),
+            between("refused"),
         ),
     }
 
