@@ -218,8 +218,8 @@ class KillableNode(NodeProcess):
         return self.proc is not None and self.proc.poll() is None
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc), deepest last."""
+def _children_by_parent() -> dict[int, list[int]]:
+    """Each process's children, from /proc (a process that exits meanwhile is left out)."""
     parents: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -230,6 +230,17 @@ def descendants(pid: int) -> list[int]:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
         parents.setdefault(ppid, []).append(int(entry.name))
+    return parents
+
+
+def children(pid: int) -> set[int]:
+    """The processes `pid` started that are alive (from /proc)."""
+    return set(_children_by_parent().get(pid, []))
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), deepest last."""
+    parents = _children_by_parent()
     found, todo = [], [pid]
     while todo:
         for child in parents.get(todo.pop(), []):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from dicomgen import make_series, write_series
+from faultpeers import children
 from structlog.testing import capture_logs
 
 from deid_node.api import build_settings, worker_pool
@@ -76,21 +77,6 @@ def crashing_workers():
         sys.setrecursionlimit(limit)
 
 
-def children() -> set[int]:
-    """The processes this one forked (the fork pool's workers), from /proc."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
-            found.add(int(entry.name))
-    return found
-
-
 def holding(pids: set[int], name: str) -> set[int]:
     """The processes among `pids` with a file named `name` open."""
     found = set()
@@ -118,15 +104,15 @@ def test_a_worker_death_costs_its_file_only_and_the_rest_keeps_two_workers(
     out = tmp_path / "out"
     # Processes this one forked before (an earlier test's pool winding down, a forkserver)
     # are not this pool's.
-    before = children()
+    before = children(os.getpid())
     with worker_pool(2) as pool:
-        original = children() - before  # the pool's two workers, started before the run
+        original = children(os.getpid()) - before  # the pool's two workers, started before the run
         assert len(original) == 2
         forked: list[set[int]] = []
 
         def on_series(_reports):
             # The pools started after the death, alive.
-            forked.append(children() - original - before)
+            forked.append(children(os.getpid()) - original - before)
 
         result = run_batch(
             [root], out, settings_for(tmp_path / "d"), executor=pool, on_series=on_series

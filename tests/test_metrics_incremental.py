@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
-import pytest
 from prometheus_client import CollectorRegistry
 
 from deid_node.console.metrics import (
@@ -27,25 +25,6 @@ from deid_node.store.schema import record_processed
 
 OCR_NAME = "deid_node_ocr_seconds"
 DURATION_NAME = "deid_node_series_processing_seconds"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def make_store(request):
-    """Store(folder, **options) on the back end of the test's parameter; closes what it made."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    made: list[Store] = []
-
-    def make(folder: Path, **options) -> Store:
-        if url:
-            options = {"database_url": url, "replica_id": "r1", **options}
-        made.append(Store(folder, **options))
-        return made[-1]
-
-    make.backend = request.param
-    make.url = url
-    yield make
-    for store in made:
-        store.close()
 
 
 def summary(index: int) -> dict:

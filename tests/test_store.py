@@ -16,24 +16,6 @@ from deid_node.errors import DataDirInUseError
 from deid_node.store import Receipt, Store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def make_store(request):
-    """Store(folder, **options) on the back end of the test's parameter; closes what it made."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
-    made: list[Store] = []
-
-    def make(folder: Path, **options) -> Store:
-        if url:
-            options = {"database_url": url, "replica_id": "r1", **options}
-        made.append(Store(folder, **options))
-        return made[-1]
-
-    make.backend = request.param
-    yield make
-    for store in made:
-        store.close()
-
-
 def receipt(sop: str = "1.2.3.1", series: str = "1.2.3", sha256: str = "h") -> Receipt:
     return Receipt(
         sop,
