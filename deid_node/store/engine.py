@@ -211,24 +211,47 @@ class PostgresEngine:
         Data migrations written for old SQLite files (absolute paths, ...) have nothing to do
         on a database that started with this version; those in DATA_MIGRATIONS run here too."""
         with self.transaction() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(7248137311)")
-            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            current = int(row[0] or 0)
-            if current > len(MIGRATIONS):
-                raise DeidNodeError(
-                    f"store.url: schema version {current}, this deid-node knows"
-                    f" {len(MIGRATIONS)}: a newer version upgraded the database"
-                )
+            current = self._schema_version(conn)
             if current == len(MIGRATIONS):
                 return
             for statement in pg_schema_statements():
                 conn.raw(statement)
-            for number, step in DATA_MIGRATIONS.items():
-                if current < number:
-                    step(conn)
-            conn.execute("DELETE FROM schema_version")
-            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
+            steps = [step for number, step in DATA_MIGRATIONS.items() if current < number]
+            if not steps:
+                self._set_schema_version(conn)
+                return
+        # The schema's statements hold their tables' locks (ALTER TABLE: ACCESS EXCLUSIVE, even
+        # when the column exists) until they commit: the data steps, which read every series'
+        # summary of a long history (seconds), run after, in a transaction of their own that
+        # holds only the migration's lock, so that other replicas' receipts and forwarding are
+        # not held up meanwhile. The version moves only once they are done (a replica starting
+        # meanwhile waits for the migration's lock, then finds it done).
+        with self.transaction() as conn:
+            if self._schema_version(conn) == len(MIGRATIONS):
+                return
+            for step in steps:
+                step(conn)
+            self._set_schema_version(conn)
+
+    @staticmethod
+    def _schema_version(conn: PgConnection) -> int:
+        """The database's schema version, under the migration's advisory lock (held until the
+        transaction ends): replicas starting together upgrade once."""
+        conn.execute("SELECT pg_advisory_xact_lock(7248137311)")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        current = int(row[0] or 0)
+        if current > len(MIGRATIONS):
+            raise DeidNodeError(
+                f"store.url: schema version {current}, this deid-node knows"
+                f" {len(MIGRATIONS)}: a newer version upgraded the database"
+            )
+        return current
+
+    @staticmethod
+    def _set_schema_version(conn: PgConnection) -> None:
+        conn.execute("DELETE FROM schema_version")
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (len(MIGRATIONS),))
 
     def close(self) -> None:
         self.pool.close()
