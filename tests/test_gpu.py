@@ -6,6 +6,7 @@ a machine without one; the batched frame path is also checked on the CPU, batche
 from __future__ import annotations
 
 import shutil
+import weakref
 
 import numpy as np
 import pytest
@@ -154,10 +155,18 @@ def test_easyocr_out_of_gpu_memory_reads_in_halves_not_fails(monkeypatch) -> Non
     batched_read = engine._reader.readtext_batched
     sizes: list[int] = []
     fits = 2
+    failed: list[weakref.ref] = []  # what each failed call held (on a GPU: the batch, activations)
+    held_at_retry: list[int] = []
+
+    class Activations:
+        pass
 
     def short_of_memory(chunk, **kwargs):
         sizes.append(len(chunk))
+        held_at_retry.append(sum(ref() is not None for ref in failed))
         if len(chunk) > fits:
+            activations = Activations()
+            failed.append(weakref.ref(activations))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return batched_read(chunk, **kwargs)
 
@@ -168,6 +177,9 @@ def test_easyocr_out_of_gpu_memory_reads_in_halves_not_fails(monkeypatch) -> Non
     ]
     # Tried whole, then in halves until each part fits: every frame read once in a part that fit.
     assert sizes[0] == 5 and sum(s for s in sizes if s <= fits) == 5 and len(sizes) > 2
+    # The halves are read once the failed call's frames are let go (its traceback no longer
+    # kept alive by an except block): on a GPU, its memory is free for them.
+    assert held_at_retry == [0] * len(sizes)
     fits = 0
     with pytest.raises(torch.OutOfMemoryError):
         engine.recognize_batch(frames[:1], batched=True)

@@ -98,6 +98,11 @@ class EasyOcrEngine:
         except torch.OutOfMemoryError:
             if len(rgbs) == 1:
                 raise
+            results = None
+        if results is None:
+            # Split only after the except block: until it ends, the error's traceback keeps
+            # the failed call's frames, and the batch and activations they hold on the GPU.
+            del chunk
             with self._lock:
                 torch.cuda.empty_cache()
             half = len(rgbs) // 2
