@@ -24,6 +24,7 @@ already seen.
 from __future__ import annotations
 
 import copy
+import errno
 import fcntl
 import functools
 import hashlib
@@ -268,9 +269,10 @@ def run_batch(
             if on_series:
                 on_series(reports)
     finally:
+        # The lock first: on NFS an open file's unlink leaves a hidden .nfs file behind, and
+        # the folder could not be removed. Its files are published or unwanted by now.
+        _release_staging(staging, lock)
         shutil.rmtree(staging, ignore_errors=True)
-        _HELD_LOCKS.discard(lock)
-        os.close(lock)  # drops the flock, after the folder is gone
         bar.close()
     result.duration_s = time.monotonic() - started
     return result
@@ -282,30 +284,55 @@ STAGING_LOCK = "run.lock"
 # a death) closes its copy: it would otherwise hold the lock after its run died, and the next
 # run could not remove the folder.
 _HELD_LOCKS: set[int] = set()
+# The staging folders of this process's runs going on: never another run's stale folder, even
+# where a second lock of the same process would be granted (NFS emulates flock with fcntl
+# locks, which belong to the process: two API runs into one --out in one process).
+_OWN_STAGING: set[Path] = set()
 
 
 def _close_held_locks() -> None:
     for fd in _HELD_LOCKS:
         os.close(fd)
     _HELD_LOCKS.clear()
+    _OWN_STAGING.clear()
+
+
+def _release_staging(staging: Path, lock: int | None) -> None:
+    _OWN_STAGING.discard(staging.resolve())
+    if lock is not None:
+        _HELD_LOCKS.discard(lock)
+        os.close(lock)
 
 
 os.register_at_fork(after_in_child=_close_held_locks)
 
 
-def _make_staging(out_dir: Path) -> tuple[Path, int]:
+def _make_staging(out_dir: Path) -> tuple[Path, int | None]:
     """A new staging folder inside `out_dir` and the descriptor of its lock, held for the run
     (the kernel drops it when the process dies, kill -9 included). The lock file gets its name
-    only once locked: another run never finds it there unlocked while this one lives."""
+    only once locked: another run never finds it there unlocked while this one lives. Where
+    the file system takes no locks (NFS without lockd: ENOLCK), the run goes on without one
+    (None) and its folder keeps no lock file: a later run never removes it, as it cannot tell
+    whether this run lives."""
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    _OWN_STAGING.add(staging.resolve())
     taking = staging / f".{STAGING_LOCK}.taking"
-    fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
-        os.rename(taking, staging / STAGING_LOCK)
+        fd = os.open(taking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+        except OSError as exc:
+            os.close(fd)
+            log.warning("staging_lock_unavailable", errno=errno.errorcode.get(exc.errno, "?"))
+            return staging, None
+        try:
+            os.rename(taking, staging / STAGING_LOCK)
+        except BaseException:
+            os.close(fd)
+            raise
         _HELD_LOCKS.add(fd)
     except BaseException:
-        os.close(fd)
+        _OWN_STAGING.discard(staging.resolve())
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return staging, fd
@@ -320,6 +347,9 @@ def _remove_stale_staging(out_dir: Path) -> None:
     for folder in sorted(out_dir.glob(f"{STAGING_PREFIX}*")):
         if not folder.is_dir() or folder.is_symlink():
             continue
+        if folder.resolve() in _OWN_STAGING:
+            in_use += 1  # a run of this process, going on
+            continue
         try:
             fd = os.open(folder / STAGING_LOCK, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
@@ -327,7 +357,7 @@ def _remove_stale_staging(out_dir: Path) -> None:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:  # held (BlockingIOError), or no locks here (ENOLCK): cannot tell
             in_use += 1
         else:
             shutil.rmtree(folder, ignore_errors=True)
