@@ -64,7 +64,7 @@ from deid_node.pipeline import (
     run_series,
 )
 from deid_node.report import unprocessed_report
-from deid_node.workers import RenewablePool, map_jobs, map_jobs_renewing
+from deid_node.workers import RenewablePool, map_jobs_renewing
 
 log = get_logger("deid_node.batch")
 
@@ -230,7 +230,7 @@ def run_batch(
     out_dir: Path,
     settings: PipelineSettings,
     *,
-    executor: Executor | None = None,
+    executor: RenewablePool | None = None,
     progress: bool | None = None,
     on_series: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> BatchResult:
@@ -389,7 +389,7 @@ def _deidentify_all(
     sources: Sequence[SourceFile],
     staging: Path,
     settings: PipelineSettings,
-    executor: Executor | None,
+    executor: RenewablePool | None,
     bar: Progress,
 ) -> list[_Staged]:
     """Every input through a worker (`_read_and_deidentify`), in order, a few in flight at a
@@ -398,12 +398,8 @@ def _deidentify_all(
     header read again here, and that file is quarantined."""
     jobs = ((source, staging) for source in sources)
     work = functools.partial(_read_and_deidentify, settings=settings)
-    if executor is None or isinstance(executor, RenewablePool):
-        outcomes = map_jobs_renewing(work, jobs, executor, _worker_died)
-    else:  # a pool the caller renews itself
-        outcomes = map_jobs(work, list(jobs), executor, _worker_died)
     staged: list[_Staged] = []
-    for outcome in outcomes:
+    for outcome in map_jobs_renewing(work, jobs, executor, _worker_died):
         staged.append(outcome)
         bar.advance()
     return staged
