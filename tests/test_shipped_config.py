@@ -1,54 +1,53 @@
-"""`make run`: the shipped config starts a node on 11112 that DCMTK can echo and store to,
-and Ctrl-C stops it cleanly."""
+"""`make run`: the shipped config starts a node that DCMTK can echo and store to, with its
+console, and Ctrl-C stops it cleanly. The config is the shipped file with its two ports (11112,
+8080) moved to free ones: another node on this machine (a second checkout's test run) must
+not answer in its place."""
 
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 from dicomgen import make_series, write_series
-from peers import NODELAY_ENV, REPO, echoscu, storescu, wait_for_port
+from peers import NODELAY_ENV, REPO, echoscu, free_port, storescu, wait_for_port
 
 pytestmark = [pytest.mark.network]
 
 
-def port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def shipped_config_on_free_ports(folder: Path) -> tuple[Path, int, int]:
+    """The shipped config, its DICOM and console ports (and nothing else) replaced."""
+    text = (REPO / "config" / "deid-node.toml").read_text()
+    dicom, console = free_port(), free_port()
+    for shipped, free in (("port = 11112\n", dicom), ("port = 8080\n", console)):
+        assert text.count(shipped) == 1, shipped
+        text = text.replace(shipped, f"port = {free}\n")
+    config = folder / "deid-node.toml"
+    config.write_text(text)
+    return config, dicom, console
 
 
 def test_shipped_config_serves_and_stops_on_ctrl_c(tmp_path):
-    if port_in_use(11112):
-        pytest.skip("port 11112 is taken on this machine")
-    if port_in_use(8080):
-        pytest.skip("port 8080 (the shipped console.port) is taken on this machine")
+    config, port, console_port = shipped_config_on_free_ports(tmp_path)
     log = (tmp_path / "node.log").open("w")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deid_node.cli",
-            "serve",
-            "--config",
-            str(REPO / "config" / "deid-node.toml"),
-        ],
+        [sys.executable, "-m", "deid_node.cli", "serve", "--config", str(config)],
         cwd=tmp_path,  # data_dir = "var" resolves here
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**NODELAY_ENV, "PYTHONPATH": str(REPO)},
     )
     try:
-        wait_for_port(11112, 60, proc)
-        assert echoscu(11112).returncode == 0
+        wait_for_port(port, 60, proc)
+        assert echoscu(port).returncode == 0
         paths = write_series(make_series(2, "CT"), tmp_path / "in")
-        assert storescu(11112, paths).returncode == 0
+        assert storescu(port, paths).returncode == 0
         assert len(list((tmp_path / "var" / "spool").rglob("*.dcm"))) == 2
-        # The shipped console: /healthz answers on 127.0.0.1:8080 (no users yet: no login).
-        health = httpx.get("http://127.0.0.1:8080/healthz", timeout=20)
+        # The shipped console: /healthz answers on 127.0.0.1 (no users yet: no login).
+        health = httpx.get(f"http://127.0.0.1:{console_port}/healthz", timeout=20)
         assert health.status_code == 200 and health.json()["ok"] is True
     finally:
         proc.send_signal(signal.SIGINT)
