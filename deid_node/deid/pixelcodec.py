@@ -144,19 +144,28 @@ class DisplayMapper:
             self._low, self._high = float(self._frames.min()), float(self._frames.max())
 
     def image(self, index: int) -> np.ndarray:
-        frame = self._frames[index]
+        """Frame `index` as displayed (a view of the frame itself where it is 8-bit RGB)."""
+        return self._map(self._frames[index])
+
+    def region(self, frames: slice, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        """The displayed values of one rectangle in a run of frames, shape (frames, rows,
+        columns[, 3]): the mapping is per pixel, so this equals each frame's `image` cropped,
+        without mapping the rest of the frames."""
+        return self._map(self._frames[frames, y0:y1, x0:x1])
+
+    def _map(self, stored: np.ndarray) -> np.ndarray:
         if self._pi == "PALETTE COLOR":
-            rgb = apply_color_lut(frame, self._palette_ds)
+            rgb = apply_color_lut(stored, self._palette_ds)
             if rgb.dtype == np.uint8:
                 return np.ascontiguousarray(rgb)
             return np.clip(rgb * (255.0 / self._top), 0, 255).astype(np.uint8)
         if self._pi in ("MONOCHROME1", "MONOCHROME2"):
-            values = frame.astype(np.float32) * self._slope + self._intercept
+            values = stored.astype(np.float32) * self._slope + self._intercept
             image = _stretch(values, self._low, self._high)
             return 255 - image if self._pi == "MONOCHROME1" else image
-        if frame.dtype == np.uint8:
-            return frame
-        return _stretch(frame.astype(np.float32), self._low, self._high)
+        if stored.dtype == np.uint8:
+            return stored
+        return _stretch(stored.astype(np.float32), self._low, self._high)
 
 
 def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -49,11 +49,15 @@ from deid_node.deid.textscan import scan_frames
 from deid_node.errors import PixelError
 from deid_node.modes import DeidentifyRedactTextMode
 from deid_node.ocr import TextBox, get_engine
+from deid_node.ocr.base import merge_overlapping
 
 # A pixel counts as changed when its displayed value moved by more than this (of 255): blanking
 # near-black background (JPEG noise around US text) changes nothing anyone can see.
 _VISIBLE_CHANGE = 24
 _RING = 3
+# Frames that share their boxes are filled together, this many at a time (their boxes' values
+# before and after are held at once).
+_BLANK_RUN_FRAMES = 16
 
 
 @dataclass
@@ -185,65 +189,107 @@ def _blank(
 
     A text box is filled with the colour around it (the median of a ring just outside it), so
     text on a flat bar or on black leaves no black rectangle and changes only its glyphs'
-    pixels; a template region, or a box with nothing around it, with display-black.
+    pixels; a template region, or a box with nothing around it, with display-black. Frames
+    that share their boxes (a cine whose text was found once) are filled together, up to
+    _BLANK_RUN_FRAMES at a time, each with its own ring colours.
     """
     total = 0
     worst = 0.0
     frames = decoded.frames
+    count = frames.shape[0]
     palette = decoded.photometric == "PALETTE COLOR"
     height, width = frames.shape[1:3]
-    for index in range(frames.shape[0]):
-        # Template regions last: display-black wins over a ring fill that overlaps them.
-        regions = [(b, max(margin, ceil(_LINE_END_PAD * b.h)), margin) for b in frame_boxes[index]]
-        regions += [(b, 0, 0) for b in template_boxes]
-        templated = [False] * len(frame_boxes[index]) + [True] * len(template_boxes)
-        rects = []
-        for (box, mx, my), template in zip(regions, templated, strict=True):
-            x0, y0 = max(0, box.x - mx), max(0, box.y - my)
-            x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
-            if x1 > x0 and y1 > y0:
-                rects.append((x0, y0, x1, y1, template))
-        total += len(regions)
-        if not rects:
-            continue
-        # Only the boxes are read and compared, not the whole frame (60-frame cines).
-        image = display.image(index)
-        before = [image[y0:y1, x0:x1].astype(np.int16) for x0, y0, x1, y1, _ in rects]
-        frame = frames[index]
-        # Every ring is read from the original before any box is filled.
-        rings = [
-            None if template else _ring_value(frame, x0, y0, x1, y1, palette)
-            for x0, y0, x1, y1, template in rects
-        ]
-        for (x0, y0, x1, y1, _), ring in zip(rects, rings, strict=True):
-            frame[y0:y1, x0:x1] = fill if ring is None else ring
-        image = display.image(index)
-        changed = np.zeros((height, width), bool)
-        for (x0, y0, x1, y1, _), old in zip(rects, before, strict=True):
-            diff = np.abs(image[y0:y1, x0:x1].astype(np.int16) - old) > _VISIBLE_CHANGE
-            changed[y0:y1, x0:x1] |= diff.any(axis=2) if diff.ndim == 3 else diff
-        worst = max(worst, int(np.count_nonzero(changed)) / (height * width))
+    start = 0
+    while start < count:
+        boxes = frame_boxes[start]
+        stop = start + 1
+        while stop < count and stop - start < _BLANK_RUN_FRAMES and frame_boxes[stop] == boxes:
+            stop += 1
+        rects = _fill_rects(boxes, template_boxes, margin, height, width)
+        total += (len(boxes) + len(template_boxes)) * (stop - start)
+        if rects:
+            run = slice(start, stop)
+            worst = max(worst, _fill_run(frames, display, run, rects, fill, palette))
+        start = stop
     return total, worst
 
 
-def _ring_value(
-    frame: np.ndarray, x0: int, y0: int, x1: int, y1: int, palette: bool
+def _fill_rects(
+    boxes: Sequence[TextBox], templates: Sequence[TextBox], margin: int, height: int, width: int
+) -> list[tuple[int, int, int, int, bool]]:
+    """(x0, y0, x1, y1, is_template) of what _blank fills in one frame: text boxes padded
+    (line ends by LINE_END_PAD of their height), template regions as they are, clipped to the
+    frame, empty ones left out; template regions last, so display-black wins over a ring fill
+    that overlaps them."""
+    out = []
+    for box, mx, my, template in [
+        *((b, max(margin, ceil(_LINE_END_PAD * b.h)), margin, False) for b in boxes),
+        *((b, 0, 0, True) for b in templates),
+    ]:
+        x0, y0 = max(0, box.x - mx), max(0, box.y - my)
+        x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
+        if x1 > x0 and y1 > y0:
+            out.append((int(x0), int(y0), int(x1), int(y1), template))
+    return out
+
+
+def _fill_run(
+    frames: np.ndarray,
+    display: DisplayMapper,
+    run: slice,
+    rects: list[tuple[int, int, int, int, bool]],
+    fill: np.ndarray | int,
+    palette: bool,
+) -> float:
+    """Fill `rects` in each frame of `run`; the largest share of one frame's pixels whose
+    displayed value changed visibly. Only the rectangles are read and compared."""
+    block = frames[run]  # a view: filled in place
+    n, height, width = block.shape[:3]
+    before = [display.region(run, x0, y0, x1, y1).astype(np.int16) for x0, y0, x1, y1, _ in rects]
+    # Every ring is read from the original before any box is filled.
+    rings = [
+        None if template else _ring_values(block, x0, y0, x1, y1, palette)
+        for x0, y0, x1, y1, template in rects
+    ]
+    for (x0, y0, x1, y1, _), ring in zip(rects, rings, strict=True):
+        block[:, y0:y1, x0:x1] = fill if ring is None else ring[:, None, None]
+    # Changed pixels, counted per frame over disjoint groups of overlapping rectangles (a mask
+    # of the whole frame per frame would cost frames x rows x columns).
+    changed = np.zeros(n, np.int64)
+    for gx0, gy0, gx1, gy1 in merge_overlapping([r[:4] for r in rects]):
+        mask = np.zeros((n, gy1 - gy0, gx1 - gx0), bool)
+        for (x0, y0, x1, y1, _), old in zip(rects, before, strict=True):
+            if gx0 <= x0 and gy0 <= y0 and x1 <= gx1 and y1 <= gy1:
+                after = display.region(run, x0, y0, x1, y1).astype(np.int16)
+                diff = np.abs(after - old) > _VISIBLE_CHANGE
+                mask[:, y0 - gy0 : y1 - gy0, x0 - gx0 : x1 - gx0] |= (
+                    diff.any(axis=3) if diff.ndim == 4 else diff
+                )
+        changed += np.count_nonzero(mask.reshape(n, -1), axis=1)
+    return int(changed.max()) / (height * width)
+
+
+def _ring_values(
+    block: np.ndarray, x0: int, y0: int, x1: int, y1: int, palette: bool
 ) -> np.ndarray | None:
-    """The median (palette: the most common index) of a ring _RING px wide around the box;
-    None when the box leaves no ring."""
-    height, width = frame.shape[:2]
+    """Per frame of `block`, the median (palette: the most common index) of a ring _RING px
+    wide around the box; None when the box leaves no ring."""
+    height, width = block.shape[1:3]
     ox0, oy0 = max(0, x0 - _RING), max(0, y0 - _RING)
     ox1, oy1 = min(width, x1 + _RING), min(height, y1 + _RING)
-    outer = frame[oy0:oy1, ox0:ox1]
-    mask = np.ones(outer.shape[:2], bool)
+    mask = np.ones((oy1 - oy0, ox1 - ox0), bool)
     mask[y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0] = False
     if not mask.any():
         return None
-    values = outer[mask]
+    values = block[:, oy0:oy1, ox0:ox1][:, mask]  # (frames, ring pixels[, 3])
     if palette:
-        indices, counts = np.unique(values, return_counts=True)
-        return indices[int(np.argmax(counts))]
-    return np.median(values, axis=0).astype(frame.dtype)
+        return np.array([_most_common(v) for v in values], dtype=block.dtype)
+    return np.median(values, axis=1).astype(block.dtype)
+
+
+def _most_common(values: np.ndarray) -> np.generic:
+    indices, counts = np.unique(values, return_counts=True)
+    return indices[int(np.argmax(counts))]
 
 
 def _matching_templates(ds: Dataset, templates: Sequence[RegionTemplate]) -> list[RegionTemplate]:
@@ -267,15 +313,10 @@ _REVIEW_REGIONS_MAX = 500
 def _frame_regions(
     boxes: Sequence[TextBox], templates: Sequence[TextBox], margin: int, height: int, width: int
 ) -> list[tuple[int, int, int, int]]:
-    """The rectangles (x, y, w, h) _blank fills in one frame: text boxes padded as there,
-    template regions as they are, clipped to the frame."""
-    out = []
-    for box, mx, my in [
-        *((b, max(margin, ceil(_LINE_END_PAD * b.h)), margin) for b in boxes),
-        *((b, 0, 0) for b in templates),
-    ][:_REVIEW_REGIONS_MAX]:
-        x0, y0 = max(0, box.x - mx), max(0, box.y - my)
-        x1, y1 = min(width, box.x + box.w + mx), min(height, box.y + box.h + my)
-        if x1 > x0 and y1 > y0:
-            out.append((int(x0), int(y0), int(x1 - x0), int(y1 - y0)))
-    return out
+    """The rectangles (x, y, w, h) _blank fills in one frame (_fill_rects)."""
+    return [
+        (x0, y0, x1 - x0, y1 - y0)
+        for x0, y0, x1, y1, _ in _fill_rects(boxes, templates, margin, height, width)[
+            :_REVIEW_REGIONS_MAX
+        ]
+    ]
