@@ -1901,9 +1901,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        choices=["ingest", "pipeline"],
+        choices=["ingest", "pipeline", "gpu"],
         help="run this phase alone and print its table (docs/benchmarks.md is written only"
-        " with an explicit --out)",
+        " with an explicit --out); gpu needs no DCMTK (for a GPU machine with the easyocr"
+        " extra only: --only gpu --ocr-engines easyocr --out docs/benchmarks-gpu.md)",
     )
     args = parser.parse_args(argv)
     args.argv = argv
@@ -1935,6 +1936,54 @@ def _print_only(res: Results, machine: dict[str, str], args: argparse.Namespace,
     return 0
 
 
+def run_gpu_only(args: argparse.Namespace) -> int:
+    """--only gpu: the GPU rows alone (no DCMTK, no generated series), their table on stdout
+    and, with an explicit --out, a short markdown page of them."""
+    started = time.monotonic()
+    machine = machine_info()
+    machine["load_start"] = f"{os.getloadavg()[0]:.2f}"
+    res = Results()
+    engines = [e.strip() for e in args.ocr_engines.split(",") if e.strip()]
+    phase_gpu(res, engines, args.cine_frames)
+    machine["load_end"] = f"{os.getloadavg()[0]:.2f}"
+    table = markdown_table(res.rows)
+    print(f"\ncommit {machine['commit']}\n\n{table}\n")
+    print(json.dumps(res.details, indent=2))
+    if "--out" not in args.argv:
+        return 0
+    today = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    notes = "".join(f"- {note}\n" for note in res.notes)
+    details = json.dumps(res.details, indent=2)
+    args.out.write_text(
+        f"""# GPU benchmarks
+
+Written by `scripts/bench.py --only gpu` on a machine with a CUDA GPU (the full run,
+docs/benchmarks.md, adds the same rows where it finds one). Do not edit by hand: rerun it.
+
+- Date: {today}
+- Machine: {machine["cpu"]}, {machine["cores"]} cores, {machine["ram"]} RAM, {machine["os"]}
+- Python {machine["python"]}
+- Code measured: deid-node at commit {machine["commit"]}
+- Load average (1 min) at start / end: {machine["load_start"]} / {machine["load_end"]}
+- Command: `python scripts/bench.py {" ".join(args.argv)}`
+  ({(time.monotonic() - started) / 60:.1f} min)
+
+## Results
+
+{table}
+
+{notes}
+## Raw figures (scripts/bench_gpu.py)
+
+```json
+{details}
+```
+"""
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_bare-scp"]:
         run_bare_scp(int(argv[1]), Path(argv[2]), int(argv[3]), argv[4:5] == ["1"])
@@ -1946,6 +1995,8 @@ def main(argv: list[str]) -> int:
         run_ocr(argv[1], int(argv[2]), argv[3] if len(argv) > 3 else "cpu")
         return 0
     args = parse_args(argv)
+    if args.only == "gpu":
+        return run_gpu_only(args)
     for tool in ("storescu", "storescp"):
         if _tool(tool) is None:
             print(f"bench: {tool} is required (Debian dcmtk)", file=sys.stderr)

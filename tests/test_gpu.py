@@ -5,10 +5,14 @@ a machine without one; the batched frame path is also checked on the CPU, batche
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 import weakref
 
 import numpy as np
+import pydicom
 import pytest
 from dicomgen import make_instance
 from test_cine import H, W, assert_every_string_gone, cine_instance, redacted_frames
@@ -278,3 +282,70 @@ def test_easyocr_on_cuda_blanks_frames_that_differ_as_wholes(torch_gpu) -> None:
     outcome = redact_pixels(ds, Mode.REDACT_ALL_TEXT, EASY_CUDA)
     assert "cine_frames_differ" in outcome.reasons
     assert_every_string_gone(frames, blank, redacted_frames(ds), planted)
+
+
+def _fresh_python(code: str, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.easyocr
+def test_cuda_start_up_check_leaves_this_process_without_cuda() -> None:
+    """device = "cuda" is checked at start-up in a child process: the batch CLI and the API
+    fork their workers after the check, and a worker forked from a process that has set up
+    CUDA cannot use the GPU (every file would fail). Here: the check imports no torch in the
+    process that asked (it used to import torch and call cudaGetDeviceCount there)."""
+    code = (
+        "import json, sys\n"
+        "from deid_node.errors import ConfigError\n"
+        "from deid_node.ocr import check_engine\n"
+        "try:\n"
+        "    check_engine('easyocr', 'cuda'); usable = True\n"
+        "except ConfigError as exc:\n"
+        "    usable = str(exc)\n"
+        "print(json.dumps([usable, 'torch' in sys.modules]))\n"
+    )
+    done = _fresh_python(code)
+    assert done.returncode == 0, done.stderr
+    usable, torch_imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert torch_imported is False
+    assert usable is True or usable.startswith('pixels.device = "cuda": torch sees no CUDA GPU')
+
+
+@pytest.mark.gpu
+@pytest.mark.ocr
+@pytest.mark.easyocr
+def test_batch_cli_workers_redact_on_the_gpu(torch_gpu, tmp_path) -> None:
+    """`deid-node deidentify --workers 2` with device = "cuda": the parent checks the GPU, then
+    forks its workers, and each worker loads EasyOCR on the GPU and blanks the burned-in text."""
+    source = tmp_path / "in"
+    source.mkdir()
+    for seed in range(4):
+        image, _ = burned_in(seed, (10 + 15 * seed, 30 + 15 * seed))
+        make_instance("US", photometric="RGB", pixel_array=image).save_as(
+            source / f"{seed}.dcm", enforce_file_format=True
+        )
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[deid]\nredact_pixels_mode = "REDACT_ALL_TEXT"\n'
+        '[pixels]\nocr_engine = "easyocr"\ndevice = "cuda"\n'
+    )
+    report = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "deid_node.cli", "deidentify", "--workers", "2",
+         "--config", str(config), "--data-dir", str(tmp_path / "data"),
+         "--out", str(tmp_path / "out"), "--report", str(report), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = json.loads(report.read_text())
+    assert len(reports) == 4 and all(r["url_deid"] for r in reports), reports
+    engine = get_engine("easyocr", "cuda")
+    for r in reports:
+        after = pydicom.dcmread(r["url_deid"]).pixel_array
+        assert not any("778812" in normalise(b.text or "") for b in engine.recognize(after))

@@ -10,6 +10,9 @@ image.
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -62,12 +65,13 @@ def get_engine(name: str, device: str = "auto") -> OcrEngine:
 def check_engine(name: str, device: str = "auto", where: str = "pixels") -> None:
     """Raise ConfigError, naming what to install or change, when engine `name` cannot run here:
     its packages are missing (EasyOCR without the extra), or device = "cuda" and it would not
-    run on a GPU. Cheap for device auto/cpu (modules are found, not imported); with "cuda" it
-    imports torch (EasyOCR) or starts one ONNX Runtime session (RapidOCR). `where` names the
+    run on a GPU. Cheap for device auto/cpu (modules are found, not imported); with "cuda" a
+    short-lived child process imports torch (EasyOCR) or starts one ONNX Runtime session
+    (RapidOCR) and says whether the GPU works (_cuda_unavailable_apart). `where` names the
     config section in the message."""
     _check_installed(name, device, where)
     if device == "cuda":
-        reason = cuda_unavailable(name)
+        reason = _cuda_unavailable_apart(name)
         if reason is not None:
             raise ConfigError(f'{where}.device = "cuda": {reason}; or set device = "auto" or "cpu"')
 
@@ -102,6 +106,40 @@ def cuda_unavailable(name: str) -> str | None:
             return "torch sees no CUDA GPU (torch.cuda.is_available() is False) for EasyOCR"
         return None
     return _onnxruntime_cuda_unavailable()
+
+
+# A spawned interpreter importing torch takes a few seconds; a hung driver must not hang start-up.
+_CUDA_CHECK_TIMEOUT_S = 300
+
+
+def _cuda_unavailable_apart(name: str) -> str | None:
+    """cuda_unavailable(name), asked in a child process of its own. Asking here would set up
+    CUDA in this process (torch's cudaGetDeviceCount, an ONNX Runtime CUDA session), and the
+    batch CLI and the API fork their workers after this check: a forked child cannot use CUDA
+    once its parent has (PyTorch: "Cannot re-initialize CUDA in forked subprocess"), so every
+    worker would fail its files on a machine whose GPU works."""
+    code = (
+        "import sys; from deid_node.ocr import cuda_unavailable; "
+        "sys.stdout.write(cuda_unavailable(sys.argv[1]) or '')"
+    )
+    # The child imports this very package, installed or not (a checkout on PYTHONPATH).
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, name],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=_CUDA_CHECK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        return f"the CUDA check did not answer within {_CUDA_CHECK_TIMEOUT_S} s"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return f"the CUDA check failed (exit {done.returncode}: {last})"
+    return done.stdout.strip() or None
 
 
 def resolve_device(name: str, device: str) -> Literal["cpu", "cuda"]:
