@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import weakref
 
 import numpy as np
 import pydicom
@@ -146,52 +145,6 @@ def test_easyocr_batched_detector_reads_what_single_frames_read() -> None:
         [(b.x, b.y, b.w, b.h, b.text) for b in f] for f in single
     ]
     assert all(any("778812" in normalise(b.text or "") for b in f) for f in batched)
-
-
-@pytest.mark.ocr
-@pytest.mark.slow
-@pytest.mark.easyocr
-def test_easyocr_out_of_gpu_memory_reads_in_halves_not_fails(monkeypatch) -> None:
-    """A batch the GPU has no memory for is read in halves, down to one frame at a time: the
-    same boxes, not a failed file. The fault is planted in EasyOCR's reader (it raises torch's
-    out-of-memory error for more than `fits` frames at once), here on whatever device there is.
-    A single frame that does not fit still fails."""
-    import torch
-
-    engine = get_engine("easyocr", "auto")
-    frames = [burned_in(seed, (10 + 20 * seed, 30))[0] for seed in range(2, 7)]
-    single = engine.recognize_batch(frames, batched=False)
-    batched_read = engine._reader.readtext_batched
-    sizes: list[int] = []
-    fits = 2
-    failed: list[weakref.ref] = []  # what each failed call held (on a GPU: the batch, activations)
-    held_at_retry: list[int] = []
-
-    class Activations:
-        pass
-
-    def short_of_memory(chunk, **kwargs):
-        sizes.append(len(chunk))
-        held_at_retry.append(sum(ref() is not None for ref in failed))
-        if len(chunk) > fits:
-            activations = Activations()
-            failed.append(weakref.ref(activations))
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return batched_read(chunk, **kwargs)
-
-    monkeypatch.setattr(engine._reader, "readtext_batched", short_of_memory)
-    batched = engine.recognize_batch(frames, batched=True)
-    assert [[(b.x, b.y, b.w, b.h, b.text) for b in f] for f in batched] == [
-        [(b.x, b.y, b.w, b.h, b.text) for b in f] for f in single
-    ]
-    # Tried whole, then in halves until each part fits: every frame read once in a part that fit.
-    assert sizes[0] == 5 and sum(s for s in sizes if s <= fits) == 5 and len(sizes) > 2
-    # The halves are read once the failed call's frames are let go (its traceback no longer
-    # kept alive by an except block): on a GPU, its memory is free for them.
-    assert held_at_retry == [0] * len(sizes)
-    fits = 0
-    with pytest.raises(torch.OutOfMemoryError):
-        engine.recognize_batch(frames[:1], batched=True)
 
 
 @pytest.mark.gpu
