@@ -177,3 +177,41 @@ def test_out_of_gpu_memory_on_the_batched_recognizer_path_reads_in_halves(
     fits = 0
     with pytest.raises(torch.OutOfMemoryError):
         engine.recognize_batch(frames[:1], batched=True)
+
+
+class _NotCpu(str):
+    """A device name torch reads as "cpu" but EasyOCR's `device == 'cpu'` test does not: its
+    Reader.recognize then takes the branch it takes on CUDA (one get_text call per frame with
+    batches of crops, not one per box), here on the CPU."""
+
+    def __eq__(self, other: object) -> bool:
+        return False if other == "cpu" else str.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+
+def test_the_cuda_branch_groups_frames_by_width_and_reads_what_readtext_batched_reads(
+    frames, monkeypatch
+) -> None:
+    """The grouping CUDA runs (batch_size > 1: each frame's crops padded to that frame's widest,
+    frames of one width in one get_text call), run here on the CPU, against readtext_batched
+    taking its own CUDA branch on the same reader: the same boxes, texts and scores."""
+    from deid_node.ocr.easy import _THRESHOLDS, EasyOcrEngine, _read_boxes
+
+    engine = EasyOcrEngine("cpu", batches=True)
+    engine._batch = 16
+    engine._reader.device = _NotCpu("cpu")
+    assert engine._reader.device != "cpu"
+    calls = spy_get_text(monkeypatch, engine)
+    together = engine.recognize_batch(frames, batched=True)
+    old = engine._reader.readtext_batched(np.stack(frames), batch_size=16, **_THRESHOLDS)
+    assert together == [_read_boxes(r, 240, 320) for r in old]
+    # One call per padding width, not per frame: fewer calls than frames with text, and at
+    # least one call read the crops of several frames.
+    with_text = sum(1 for f in together if f)
+    assert len(calls) < with_text
+    assert sum(n for _, n in calls) == sum(len(f) for f in together)
+    assert any(n > max(len(f) for f in together) for _, n in calls)
