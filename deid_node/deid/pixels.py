@@ -49,15 +49,17 @@ from deid_node.deid.textscan import scan_frames
 from deid_node.errors import PixelError
 from deid_node.modes import DeidentifyRedactTextMode
 from deid_node.ocr import TextBox, get_engine
-from deid_node.ocr.base import merge_overlapping
 
 # A pixel counts as changed when its displayed value moved by more than this (of 255): blanking
 # near-black background (JPEG noise around US text) changes nothing anyone can see.
 _VISIBLE_CHANGE = 24
 _RING = 3
-# Frames that share their boxes are filled together, this many at a time (their boxes' values
-# before and after are held at once).
+# Frames that share their boxes are filled together, at most this many at a time, and at most
+# as many as keep _BLANK_RUN_PIXELS of their boxes' bounding rectangle (its values before and
+# after, and a mask over it, are held for every frame of the run): a run of large boxes on
+# large frames holds about what one frame did (a 4096x4096 frame with a box over it: one frame).
 _BLANK_RUN_FRAMES = 16
+_BLANK_RUN_PIXELS = 1 << 22
 
 
 @dataclass
@@ -202,10 +204,11 @@ def _blank(
     start = 0
     while start < count:
         boxes = frame_boxes[start]
-        stop = start + 1
-        while stop < count and stop - start < _BLANK_RUN_FRAMES and frame_boxes[stop] == boxes:
-            stop += 1
         rects = _fill_rects(boxes, template_boxes, margin, height, width)
+        most = max(1, min(_BLANK_RUN_FRAMES, _BLANK_RUN_PIXELS // max(1, _span(rects))))
+        stop = start + 1
+        while stop < count and stop - start < most and frame_boxes[stop] == boxes:
+            stop += 1
         total += (len(boxes) + len(template_boxes)) * (stop - start)
         if rects:
             run = slice(start, stop)
@@ -253,20 +256,26 @@ def _fill_run(
     ]
     for (x0, y0, x1, y1, _), ring in zip(rects, rings, strict=True):
         block[:, y0:y1, x0:x1] = fill if ring is None else ring[:, None, None]
-    # Changed pixels, counted per frame over disjoint groups of overlapping rectangles (a mask
-    # of the whole frame per frame would cost frames x rows x columns).
-    changed = np.zeros(n, np.int64)
-    for gx0, gy0, gx1, gy1 in merge_overlapping([r[:4] for r in rects]):
-        mask = np.zeros((n, gy1 - gy0, gx1 - gx0), bool)
-        for (x0, y0, x1, y1, _), old in zip(rects, before, strict=True):
-            if gx0 <= x0 and gy0 <= y0 and x1 <= gx1 and y1 <= gy1:
-                after = display.region(run, x0, y0, x1, y1).astype(np.int16)
-                diff = np.abs(after - old) > _VISIBLE_CHANGE
-                mask[:, y0 - gy0 : y1 - gy0, x0 - gx0 : x1 - gx0] |= (
-                    diff.any(axis=3) if diff.ndim == 4 else diff
-                )
-        changed += np.count_nonzero(mask.reshape(n, -1), axis=1)
-    return int(changed.max()) / (height * width)
+    # Changed pixels per frame, over the rectangles' bounding rectangle only (overlapping
+    # rectangles count their shared pixels once).
+    ux0, uy0 = min(r[0] for r in rects), min(r[1] for r in rects)
+    ux1, uy1 = max(r[2] for r in rects), max(r[3] for r in rects)
+    changed = np.zeros((n, uy1 - uy0, ux1 - ux0), bool)
+    for (x0, y0, x1, y1, _), old in zip(rects, before, strict=True):
+        after = display.region(run, x0, y0, x1, y1).astype(np.int16)
+        diff = np.abs(after - old) > _VISIBLE_CHANGE
+        changed[:, y0 - uy0 : y1 - uy0, x0 - ux0 : x1 - ux0] |= (
+            diff.any(axis=3) if diff.ndim == 4 else diff
+        )
+    return int(np.count_nonzero(changed.reshape(n, -1), axis=1).max()) / (height * width)
+
+
+def _span(rects: list[tuple[int, int, int, int, bool]]) -> int:
+    """Pixels in the bounding rectangle of `rects` (0 for none)."""
+    if not rects:
+        return 0
+    x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
+    return (max(r[2] for r in rects) - x0) * (max(r[3] for r in rects) - y0)
 
 
 def _ring_values(
