@@ -104,7 +104,13 @@ class worker_pool:  # noqa: N801 - used as a context manager, reads like one
 
     def __enter__(self) -> Any:
         if self.workers > 1:
-            self.pool = RenewablePool(self.workers, start_method="fork")
+            from deid_node.ocr import fork_safe
+
+            # fork: the workers start from this process's imports. Not once CUDA is set up
+            # here (an earlier inline run that read on the GPU): forked workers could not use
+            # it, and every file would fail; forkserver's workers start clean.
+            method = "fork" if fork_safe() else "forkserver"
+            self.pool = RenewablePool(self.workers, start_method=method)
         return self.pool
 
     def __exit__(self, *exc: object) -> None:

@@ -6,6 +6,7 @@ a machine without one; the batched frame path is also checked on the CPU, batche
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from deid_node.deid.pixels import redact_pixels
 from deid_node.deid.textscan import scan_frames
 from deid_node.errors import ConfigError
 from deid_node.modes import DeidentifyRedactTextMode as Mode
-from deid_node.ocr import cuda_unavailable, get_engine, recognize_frames
+from deid_node.ocr import cuda_unavailable, fork_safe, get_engine, recognize_frames
 
 PHI = "PIDQX778812"
 # Generated frames carry big text on a mostly black frame (as in test_cine).
@@ -164,6 +165,8 @@ def test_easyocr_runs_on_cuda_batched_and_redacts(torch_gpu) -> None:
     for boxes in batched:
         assert any("778812" in normalise(b.text or "") for b in boxes), boxes
     assert_redacts(engine, PixelsConfig(ocr_engine="easyocr", device="cuda"))
+    # CUDA is set up in this process now: the API would not fork workers from it.
+    assert not fork_safe()
 
 
 @pytest.mark.gpu
@@ -302,3 +305,43 @@ def test_batch_cli_workers_redact_on_the_gpu(torch_gpu, tmp_path) -> None:
     for r in reports:
         after = pydicom.dcmread(r["url_deid"]).pixel_array
         assert not any("778812" in normalise(b.text or "") for b in engine.recognize(after))
+
+
+@pytest.mark.parametrize(
+    ("interpreter", "why"),
+    [
+        ("/nonexistent/python3", "the CUDA check could not start a Python interpreter"),
+        ("/bin/true", "the CUDA check failed (exit 0: no output)"),
+        ("/bin/echo", "the CUDA check failed (exit 0: no output)"),
+        ("/bin/false", "the CUDA check failed (exit 1"),
+    ],
+)
+def test_a_cuda_check_without_an_answer_refuses_cuda(monkeypatch, interpreter, why) -> None:
+    """No answer from the child (no interpreter there, one that prints something else or
+    nothing) is a reason to refuse device = "cuda", with a clear config error, never a pass."""
+    if not shutil.which(interpreter) and not interpreter.startswith("/nonexistent"):
+        pytest.skip(f"{interpreter} is not on this machine")
+    monkeypatch.setattr(sys, "executable", interpreter)
+    with pytest.raises(ConfigError, match=r'pixels\.device = "cuda": ' + re.escape(why)):
+        parse_config({"pixels": {"ocr_engine": "rapidocr", "device": "cuda"}})
+
+
+def test_api_workers_start_clean_once_cuda_is_set_up_in_this_process(monkeypatch) -> None:
+    """The Python API forks its workers (fast: they start from this process's imports), except
+    once CUDA is set up here (an earlier inline run read on the GPU): forked workers could not
+    use it, so they start from a forkserver. Both kinds of pool run a job."""
+    import os
+
+    from deid_node import api, ocr
+
+    torch = sys.modules.get("torch")
+    set_up_by_torch = torch is not None and torch.cuda.is_initialized()
+    monkeypatch.setattr(ocr, "_cuda_set_up", False)
+    with api.worker_pool(2) as pool:
+        assert pool.start_method == ("forkserver" if set_up_by_torch else "fork")
+        assert pool.submit(os.getpid).result(timeout=60) != os.getpid()
+    monkeypatch.setattr(ocr, "_cuda_set_up", True)
+    assert not ocr.fork_safe()
+    with api.worker_pool(2) as pool:
+        assert pool.start_method == "forkserver"
+        assert pool.submit(os.getpid).result(timeout=60) != os.getpid()

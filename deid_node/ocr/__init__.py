@@ -10,7 +10,7 @@ image.
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
 import subprocess
 import sys
 import threading
@@ -32,6 +32,7 @@ __all__ = [
     "TextBox",
     "check_engine",
     "cuda_unavailable",
+    "fork_safe",
     "get_engine",
     "recognize_frames",
     "resolve_device",
@@ -97,19 +98,43 @@ def _check_installed(name: str, device: str, where: str = "pixels") -> None:
         )
 
 
+# Set once this process has set CUDA up (a check that found a working GPU, an engine on it):
+# a child forked from it from then on cannot use CUDA (fork_safe).
+_cuda_set_up = False
+
+
 def cuda_unavailable(name: str) -> str | None:
-    """Why engine `name` cannot run on a CUDA GPU in this process, or None when it can."""
+    """Why engine `name` cannot run on a CUDA GPU in this process, or None when it can. Where
+    it can, CUDA is now set up in this process (see fork_safe)."""
+    global _cuda_set_up
     if name == "easyocr":
         import torch  # the easyocr extra
 
         if not torch.cuda.is_available():
             return "torch sees no CUDA GPU (torch.cuda.is_available() is False) for EasyOCR"
+        _cuda_set_up = True
         return None
-    return _onnxruntime_cuda_unavailable()
+    reason = _onnxruntime_cuda_unavailable()
+    _cuda_set_up = _cuda_set_up or reason is None
+    return reason
+
+
+def fork_safe() -> bool:
+    """Whether workers forked from this process can use CUDA: not once CUDA is set up here (an
+    engine built on the GPU by an inline run, a check that found the GPU working; PyTorch:
+    "Cannot re-initialize CUDA in forked subprocess"). The Python API then starts its workers
+    with forkserver instead of fork."""
+    if _cuda_set_up:
+        return False
+    torch = sys.modules.get("torch")  # set up by the caller's own code, not ours
+    return torch is None or not torch.cuda.is_initialized()
 
 
 # A spawned interpreter importing torch takes a few seconds; a hung driver must not hang start-up.
 _CUDA_CHECK_TIMEOUT_S = 300
+
+
+_CHECK_ANSWER = "deid-node-cuda-check:"
 
 
 def _cuda_unavailable_apart(name: str) -> str | None:
@@ -117,29 +142,40 @@ def _cuda_unavailable_apart(name: str) -> str | None:
     CUDA in this process (torch's cudaGetDeviceCount, an ONNX Runtime CUDA session), and the
     batch CLI and the API fork their workers after this check: a forked child cannot use CUDA
     once its parent has (PyTorch: "Cannot re-initialize CUDA in forked subprocess"), so every
-    worker would fail its files on a machine whose GPU works."""
-    code = (
-        "import sys; from deid_node.ocr import cuda_unavailable; "
-        "sys.stdout.write(cuda_unavailable(sys.argv[1]) or '')"
-    )
-    # The child imports this very package, installed or not (a checkout on PYTHONPATH).
+    worker would fail its files on a machine whose GPU works. The child answers on one marked
+    line (what else an import prints is ignored); no answer is a reason, never a pass."""
+    # The child imports this very package, installed or not (a checkout): its folder is put
+    # last on the child's path, never ahead of the standard library.
     root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH")
-    env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+    code = (
+        "import json, sys; sys.path.append(sys.argv[2]); "
+        "from deid_node.ocr import cuda_unavailable; "
+        f"print({_CHECK_ANSWER!r} + json.dumps(cuda_unavailable(sys.argv[1])))"
+    )
     try:
         done = subprocess.run(
-            [sys.executable, "-c", code, name],
+            [sys.executable, "-c", code, name, root],
             capture_output=True,
             text=True,
-            env=env,
             timeout=_CUDA_CHECK_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired:
         return f"the CUDA check did not answer within {_CUDA_CHECK_TIMEOUT_S} s"
-    if done.returncode != 0:
+    except OSError as exc:  # no usable interpreter at sys.executable
+        return f"the CUDA check could not start a Python interpreter ({type(exc).__name__})"
+    answers = [
+        line[len(_CHECK_ANSWER) :]
+        for line in done.stdout.splitlines()
+        if line.startswith(_CHECK_ANSWER)
+    ]
+    if done.returncode != 0 or not answers:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
         return f"the CUDA check failed (exit {done.returncode}: {last})"
-    return done.stdout.strip() or None
+    try:
+        reason = json.loads(answers[-1])
+    except ValueError:
+        return "the CUDA check gave an unreadable answer"
+    return None if reason is None else str(reason)
 
 
 def resolve_device(name: str, device: str) -> Literal["cpu", "cuda"]:
