@@ -8,8 +8,8 @@ DIMSE statuses, states, destination names and reason kinds: never a patient valu
 
 The append-only tables are added up in memory, so that a scrape's cost does not grow with the
 node's history (a new process reads them all once): `processed` (the histograms) from the row
-after the last one counted (its rows become visible in id order), `instances` and `refused`
-(received and refused counters) settled up to a watermark that trails the highest id by
+after the last one counted (its rows become visible in id order), `instances`, `refused` and
+`sent` (received, refused and forwarded counters) settled up to a watermark that trails the highest id by
 metrics_queries.APPENDED_MARGIN, the rows above it counted afresh at each scrape (replicas make
 them visible out of id order).
 """
@@ -113,7 +113,7 @@ def _sum(*parts: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class SettledCounts:
-    """The counters of one append-only table (instances or refused), by label, right while
+    """The counters of one append-only table (instances, refused or sent), by label, right while
     replicas make rows visible out of id order: no state per row. The rows at or under the
     watermark (the highest id seen less metrics_queries.APPENDED_MARGIN) are settled, added
     here once as the watermark passes them; those above it are counted afresh at each scrape.
@@ -152,23 +152,36 @@ def _refused(rows: list[dict[str, Any]]) -> Totals:
     return {(row["calling_ae"] or "", row["status"]): (row["n"],) for row in rows}
 
 
+def _sent(rows: list[dict[str, Any]]) -> Totals:
+    return {row["destination"]: (row["n"],) for row in rows}
+
+
 class DatabaseCollector:
     def __init__(self, view: NodeView) -> None:
         self.view = view
         # Running totals of the append-only tables, so that a scrape reads only the rows
-        # added since the last one (processed) or above a watermark (instances, refused).
+        # added since the last one (processed) or above a watermark (instances, refused, sent).
         self._lock = threading.Lock()
         self._after = {"processed": 0}
-        self._appended = {"instances": SettledCounts(), "refused": SettledCounts()}
+        self._appended = {
+            "instances": SettledCounts(),
+            "refused": SettledCounts(),
+            "sent": SettledCounts(),
+        }
+        self._unordered_sent = False  # the `sent` rows without a place in the order, added
         self._durations = RunningHistogram(DURATION_BUCKETS)
         self._ocr = RunningHistogram(OCR_SECONDS_BUCKETS)
 
     def _appended_totals(self) -> dict[str, Totals]:
-        """Received (calling AE -> count, bytes) and refused ((calling AE, status) -> count,)
-        counters: the watermarks moved up to the heads less the margin (the rows passed
-        settled), then the rows above them counted."""
+        """Received (calling AE -> count, bytes), refused ((calling AE, status) -> count,) and
+        forwarded (destination -> count,) counters: the watermarks moved up to the heads less
+        the margin (the rows passed settled), then the rows above them counted."""
         store, by_table = self.view.store, self._appended
         with self._lock:
+            if not self._unordered_sent:
+                sent = by_table["sent"]
+                sent.settle(sent.watermark, _sent(mq.sent_unordered(store)))
+                self._unordered_sent = True
             heads = mq.appended_heads(store)
             after = {table: totals.watermark for table, totals in by_table.items()}
             upto = {
@@ -178,10 +191,12 @@ class DatabaseCollector:
                 passed = mq.appended_counts(store, after, upto)
                 by_table["instances"].settle(upto["instances"], _received(passed["received"]))
                 by_table["refused"].settle(upto["refused"], _refused(passed["refused"]))
+                by_table["sent"].settle(upto["sent"], _sent(passed["sent"]))
             live = mq.appended_counts(store, upto)
             return {
                 "received": by_table["instances"].expose(_received(live["received"])),
                 "refused": by_table["refused"].expose(_refused(live["refused"])),
+                "sent": by_table["sent"].expose(_sent(live["sent"])),
             }
 
     def _processed(self) -> tuple[HistogramMetricFamily, HistogramMetricFamily]:
@@ -258,8 +273,8 @@ class DatabaseCollector:
             "De-identified instances acknowledged by a destination",
             labels=["destination"],
         )
-        for row in counts["sent"]:
-            sent.add_metric([row["destination"]], row["n"])
+        for destination, (count,) in sorted(appended["sent"].items()):
+            sent.add_metric([destination], count)
         queue = GaugeMetricFamily(
             "deid_node_queue_depth",
             "Work waiting: series rounds not yet processed, deliveries pending",

@@ -26,7 +26,7 @@ from typing import Any
 import sqlite_utils
 
 from deid_node.errors import DeidNodeError
-from deid_node.store.schema import DATA_MIGRATIONS, MIGRATIONS, migrate
+from deid_node.store.schema import DATA_MIGRATIONS, MIGRATIONS, PG_SCHEMA_STEPS, migrate
 
 
 class StoreUnavailableError(DeidNodeError):
@@ -216,6 +216,10 @@ class PostgresEngine:
                 return
             for statement in pg_schema_statements():
                 conn.raw(statement)
+            for number, statements in PG_SCHEMA_STEPS.items():
+                if current < number:
+                    for statement in statements:
+                        conn.raw(statement)
             steps = [step for number, step in DATA_MIGRATIONS.items() if current < number]
             if not steps:
                 self._set_schema_version(conn)

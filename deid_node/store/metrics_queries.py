@@ -26,8 +26,8 @@ _KEPT = (
 )
 
 
-# How far behind the highest id seen a row of `instances` or `refused` is settled: added once
-# into /metrics' running totals and never read again. Replicas sharing PostgreSQL take a row's
+# How far behind the highest id seen a row of `instances` or `refused` (`sent`: sent_order) is
+# settled: added once into /metrics' running totals and never read again. Replicas sharing PostgreSQL take a row's
 # id at INSERT and make the row visible at COMMIT, so a row can appear after rows with higher
 # ids (its transaction still waiting on a series lock, an fsync, a slow disk): the rows above the
 # watermark are counted afresh at every scrape, and a row is missed only if it commits after
@@ -37,24 +37,48 @@ _KEPT = (
 APPENDED_MARGIN = 10_000
 
 
+def sent_order(store: StoreBase) -> str:
+    """The column that numbers `sent` rows in the order they were inserted: SQLite's rowid
+    (nothing deletes a row, so rowids only grow; an upsert keeps its row's), on PostgreSQL
+    `seq`, from a sequence (schema.PG_SCHEMA_STEPS; NULL on rows from before migration 13)."""
+    return "rowid" if store.engine.dialect == "sqlite" else "seq"
+
+
 def appended_heads(store: StoreBase) -> dict[str, int]:
-    """The highest id of `instances` and of `refused` visible now (0: no row)."""
+    """The highest id of `instances` and of `refused`, and the highest sent_order of `sent`,
+    visible now (0: no row)."""
     return store.query(
         "SELECT (SELECT COALESCE(MAX(id), 0) FROM instances) AS instances,"
-        " (SELECT COALESCE(MAX(id), 0) FROM refused) AS refused"
+        " (SELECT COALESCE(MAX(id), 0) FROM refused) AS refused,"
+        f" (SELECT COALESCE(MAX({sent_order(store)}), 0) FROM sent) AS sent"
     )[0]
+
+
+def sent_unordered(store: StoreBase) -> list[dict[str, Any]]:
+    """Acknowledgements by destination (n) among the `sent` rows without a place in the order:
+    on PostgreSQL those written before migration 13 (the rows it found keep seq NULL rather
+    than be rewritten, millions of them, under its lock). Their number never changes (no row
+    gets seq NULL later: the column's default numbers every insert, old replicas' too), so the
+    collector adds them once. None on SQLite."""
+    if store.engine.dialect == "sqlite":
+        return []
+    return store.query(
+        "SELECT destination, COUNT(*) AS n FROM sent WHERE seq IS NULL GROUP BY destination"
+    )
 
 
 def appended_counts(
     store: StoreBase, after: dict[str, int], upto: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """Counts of the append-only tables over the rows with after[table] < id <= upto[table]
-    (no upper bound without `upto`): received instances by calling AE (n, bytes), refused ones
-    by status and calling AE (n). Every instances row counts: an instance re-processed by
+    (no upper bound without `upto`; `sent`: its sent_order): received instances by calling AE
+    (n, bytes), refused ones by status and calling AE (n), acknowledgements by destination
+    (n). Every instances row counts: an instance re-processed by
     `retry` or the console counts as received again. The console's collector
     (console/metrics.py) settles the rows up to a watermark once and recounts those above it
     at each scrape."""
     bound = " AND id <= ?" if upto is not None else ""
+    order = sent_order(store)
 
     def between(table: str) -> tuple[int, ...]:
         return (after.get(table, 0),) + ((upto.get(table, 0),) if upto is not None else ())
@@ -69,6 +93,11 @@ def appended_counts(
             f"SELECT status, calling_ae, COUNT(*) AS n FROM refused WHERE id > ?{bound}"
             " GROUP BY status, calling_ae",
             between("refused"),
+        ),
+        "sent": store.query(
+            f"SELECT destination, COUNT(*) AS n FROM sent WHERE {order} > ?"
+            f"{f' AND {order} <= ?' if upto is not None else ''} GROUP BY destination",
+            between("sent"),
         ),
     }
 
@@ -98,7 +127,6 @@ def metric_counts(store: StoreBase) -> dict[str, list[dict[str, Any]]]:
             f" THEN {least}({find}(error, ':') - 1, 60) ELSE 60 END) AS reason, COUNT(*) AS n"
             " FROM instances WHERE state = 'quarantined' GROUP BY reason"
         ),
-        "sent": q("SELECT destination, COUNT(*) AS n FROM sent GROUP BY destination"),
     }
 
 

@@ -387,6 +387,12 @@ def _migration_12(db: sqlite_utils.Database) -> None:
     db["deliveries"].create_index(["destination", "state"], if_not_exists=True)
 
 
+def _migration_13(db: sqlite_utils.Database) -> None:
+    """`sent` in the order its rows were inserted, so that /metrics counts only the rows past a
+    watermark (issue 17): on SQLite its rowid already is (nothing to do); PostgreSQL gets a
+    column for it, PG_SCHEMA_STEPS[13]."""
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -400,7 +406,24 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_10,
     _migration_11,
     _migration_12,
+    _migration_13,
 ]
+
+# Schema statements only PostgreSQL needs (what SQLite has without them), by the migration's
+# number, on a database older than it, after the statements derived from the migrations.
+# 13: `sent.seq` numbers the rows in insert order from a sequence, as SQLite's rowid does. Added
+# without a default, then given one: existing rows keep NULL (metrics_queries.sent_unordered
+# counts them) instead of a rewrite of the whole table under an exclusive lock; every later
+# INSERT gets a number, also from a replica still on the version before.
+PG_SCHEMA_STEPS: dict[int, list[str]] = {
+    13: [
+        "CREATE SEQUENCE IF NOT EXISTS sent_seq AS BIGINT",
+        "ALTER TABLE sent ADD COLUMN IF NOT EXISTS seq BIGINT",
+        "ALTER TABLE sent ALTER COLUMN seq SET DEFAULT nextval('sent_seq')",
+        "ALTER SEQUENCE sent_seq OWNED BY sent.seq",
+        "CREATE INDEX IF NOT EXISTS idx_sent_seq ON sent (seq)",
+    ]
+}
 
 # Data migrations PostgreSQL runs too (its schema is derived from the SQLite migrations, see
 # engine.PostgresEngine.migrate): by the migration's number, on a database older than it.
