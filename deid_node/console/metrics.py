@@ -9,9 +9,9 @@ DIMSE statuses, states, destination names and reason kinds: never a patient valu
 The append-only tables are added up in memory, so that a scrape's cost does not grow with the
 node's history (a new process reads them all once): `processed` (the histograms) from the row
 after the last one counted (its rows become visible in id order), `instances`, `refused` and
-`sent` (received, refused and forwarded counters) settled up to a watermark that trails the highest id by
-metrics_queries.APPENDED_MARGIN, the rows above it counted afresh at each scrape (replicas make
-them visible out of id order).
+`sent` (received, refused and forwarded counters) settled up to a watermark that trails the
+highest id by metrics_queries.APPENDED_MARGIN, the rows above it counted afresh at each scrape
+(replicas make them visible out of id order).
 """
 
 from __future__ import annotations

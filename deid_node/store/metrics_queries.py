@@ -27,13 +27,14 @@ _KEPT = (
 
 
 # How far behind the highest id seen a row of `instances` or `refused` (`sent`: sent_order) is
-# settled: added once into /metrics' running totals and never read again. Replicas sharing PostgreSQL take a row's
-# id at INSERT and make the row visible at COMMIT, so a row can appear after rows with higher
-# ids (its transaction still waiting on a series lock, an fsync, a slow disk): the rows above the
-# watermark are counted afresh at every scrape, and a row is missed only if it commits after
-# this many later ids were taken (10,000 receipts: seconds to minutes at any ingest rate this
-# node reaches). The receipt path is hot, so no lock orders these commits (as one does the
-# rare `processed` rows); a scrape reads at most this many rows more, through the id index.
+# settled: added once into /metrics' running totals and never read again. Replicas sharing
+# PostgreSQL take a row's id at INSERT and make the row visible at COMMIT, so a row can appear
+# after rows with higher ids (its transaction still waiting on a series lock, an fsync, a slow
+# disk): the rows above the watermark are counted afresh at every scrape, and a row is missed
+# only if it commits after this many later ids were taken (10,000 receipts: seconds to minutes
+# at any ingest rate this node reaches). The receipt path is hot, so no lock orders these
+# commits (as one does the rare `processed` rows); a scrape reads at most this many rows more,
+# through the id index.
 APPENDED_MARGIN = 10_000
 
 
