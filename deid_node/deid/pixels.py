@@ -258,8 +258,7 @@ def _fill_run(
         block[:, y0:y1, x0:x1] = fill if ring is None else ring[:, None, None]
     # Changed pixels per frame, over the rectangles' bounding rectangle only (overlapping
     # rectangles count their shared pixels once).
-    ux0, uy0 = min(r[0] for r in rects), min(r[1] for r in rects)
-    ux1, uy1 = max(r[2] for r in rects), max(r[3] for r in rects)
+    ux0, uy0, ux1, uy1 = _bounds(rects)
     changed = np.zeros((n, uy1 - uy0, ux1 - ux0), bool)
     for (x0, y0, x1, y1, _), old in zip(rects, before, strict=True):
         after = display.region(run, x0, y0, x1, y1).astype(np.int16)
@@ -270,12 +269,22 @@ def _fill_run(
     return int(np.count_nonzero(changed.reshape(n, -1), axis=1).max()) / (height * width)
 
 
+def _bounds(rects: list[tuple[int, int, int, int, bool]]) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the bounding rectangle of `rects` (at least one)."""
+    return (
+        min(r[0] for r in rects),
+        min(r[1] for r in rects),
+        max(r[2] for r in rects),
+        max(r[3] for r in rects),
+    )
+
+
 def _span(rects: list[tuple[int, int, int, int, bool]]) -> int:
     """Pixels in the bounding rectangle of `rects` (0 for none)."""
     if not rects:
         return 0
-    x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
-    return (max(r[2] for r in rects) - x0) * (max(r[3] for r in rects) - y0)
+    x0, y0, x1, y1 = _bounds(rects)
+    return (x1 - x0) * (y1 - y0)
 
 
 def _ring_values(
