@@ -112,13 +112,7 @@ def stow(
     be opened, ForwardError for any transient failure once the rest was offered."""
     headers = _auth_headers(dest)
     transient: list[str] = []
-    sized: list[tuple[Outgoing, int]] = []
-    for item in items:
-        try:
-            sized.append((item, item.path.stat().st_size))
-        except OSError as exc:  # its file is gone or unreadable: the others are still offered
-            transient.append(f"cannot read the file to send ({exc.strerror or type(exc).__name__})")
-    for chunk in _chunks(dest, sized):
+    for chunk in _chunks(dest, items):
         transient += _post(dest, chunk, headers, on_stored, on_refused)
     if transient:
         raise ForwardError(
@@ -127,12 +121,11 @@ def stow(
         )
 
 
-def _chunks(
-    dest: DestinationConfig, items: Sequence[tuple[Outgoing, int]]
-) -> Iterator[list[Outgoing]]:
+def _chunks(dest: DestinationConfig, items: Sequence[Outgoing]) -> Iterator[list[Outgoing]]:
     chunk: list[Outgoing] = []
     size = 0
-    for item, length in items:
+    for item in items:
+        length = item.path.stat().st_size
         if chunk and (
             len(chunk) >= dest.instances_per_request or size + length > MAX_REQUEST_BYTES
         ):

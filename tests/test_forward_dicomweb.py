@@ -451,21 +451,3 @@ def test_node_reports_an_instance_refused_for_good_and_retry_sends_only_it(tmp_p
         finally:
             node.stop()
     assert len(seen) == 5 and len(set(seen)) == 4
-
-
-def test_a_vanished_file_is_retried_and_the_others_are_still_offered(tmp_path):
-    """A de-identified file gone from the spool before the batch is sent (removed by hand, a
-    disk error): a transient failure for it, naming no path, and the rest of the batch is
-    still sent."""
-    items = outgoing(tmp_path, 3)
-    items[1].path.unlink()
-    with StowPeer() as peer:
-        dest = stow_destination(tmp_path, peer, instances_per_request=2)
-        stored = []
-        with pytest.raises(
-            ForwardError, match=r"1 instance\(s\) not stored: cannot read the file to send"
-        ) as caught:
-            send_batch(dest, items, lambda i, u, s: stored.append(i.instance_id), None)
-        assert str(tmp_path) not in str(caught.value)
-        assert sorted(stored) == [0, 2]
-        assert [len(uids) for _, uids in peer.requests] == [2]
