@@ -10,8 +10,6 @@ again one instance per request, so that only the instance at fault is refused fo
 Authentication, permission and throttling answers (401, 403, 404, 405, 407, 408, 429) and 5xx
 are transient: the bytes may be taken once the server or its configuration is fixed. A
 connection that cannot be opened means the destination is down (the node then probes it).
-A body is streamed from the files with its exact Content-Length (memory does not grow with the
-size of an instance); a file that changes size or vanishes under it abandons that request.
 """
 
 from __future__ import annotations
@@ -34,8 +32,6 @@ from deid_node.forward import OnRefused, OnStored, Outgoing, is_permanent
 
 # A request carries at most this many bytes of instances (one larger instance goes alone).
 MAX_REQUEST_BYTES = 64 * 2**20
-# Bytes of a file read at a time into a request body.
-_READ_BYTES = 2**20
 # Answers about the request as a whole that the same bytes sent again would get again.
 _REFUSED_REQUEST = {400, 409, 413, 415, 422}
 _FAILED_SOP_SEQUENCE = "00081198"
@@ -146,24 +142,20 @@ def _post(
 ) -> list[str]:
     """One STOW-RS request; returns the reasons of the instances to retry (transient)."""
     boundary = uuid.uuid4().hex
-    try:
-        parts = _parts(chunk, boundary)
-    except OSError as exc:
-        raise ForwardError(
-            f"{dest.name}: cannot read an instance to send ({exc.strerror or type(exc).__name__})"
-        ) from None
+    body = bytearray()
+    for item in chunk:
+        body += f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += item.path.read_bytes()
+        body += b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
     request_headers = {
         **headers,
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json, application/json",
-        # An explicit length: httpx then sends the iterator as is, never chunked.
-        "Content-Length": str(
-            sum(len(head) + size for head, _, size in parts) + len(_closing(boundary))
-        ),
     }
     try:
         response = _client(dest).post(
-            f"{dest.base_url}/studies", content=_body(parts, boundary), headers=request_headers
+            f"{dest.base_url}/studies", content=bytes(body), headers=request_headers
         )
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         # The reason (refused, timed out, certificate not verified) names no patient value.
@@ -171,9 +163,6 @@ def _post(
         raise DestinationUnreachableError(
             f"{dest.name}: cannot connect to {dest.base_url}: {reason}"
         ) from None
-    except _FileChangedError as exc:
-        # Raised inside the body: the connection is dropped, the server gets a short body.
-        raise ForwardError(f"{dest.name}: STOW-RS request abandoned: {exc}") from None
     except httpx.HTTPError as exc:
         raise ForwardError(f"{dest.name}: STOW-RS request failed ({type(exc).__name__})") from None
     code = response.status_code
@@ -203,47 +192,6 @@ def _post(
     elif unlisted:
         on_refused(unlisted[0], None, f"HTTP {code} to STOW-RS")
     return transient
-
-
-class _FileChangedError(Exception):
-    """An instance's file changed size or vanished between Content-Length and its bytes."""
-
-
-_Part = tuple[bytes, Outgoing, int]  # part header, instance, file size when counted
-
-
-def _parts(chunk: list[Outgoing], boundary: str) -> list[_Part]:
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-    # Every part but the first starts with the CRLF that ends the previous one.
-    return [
-        ((b"\r\n" if n else b"") + head, item, item.path.stat().st_size)
-        for n, item in enumerate(chunk)
-    ]
-
-
-def _closing(boundary: str) -> bytes:
-    return f"\r\n--{boundary}--\r\n".encode()
-
-
-def _body(parts: list[_Part], boundary: str) -> Iterator[bytes]:
-    """The multipart body read from disk in _READ_BYTES pieces (memory does not grow with the
-    instance); exactly the bytes counted in Content-Length, or _FileChangedError."""
-    for head, item, size in parts:
-        yield head
-        sent = 0
-        try:
-            with item.path.open("rb") as file:
-                while piece := file.read(min(_READ_BYTES, size - sent + 1)):
-                    sent += len(piece)
-                    if sent > size:
-                        break
-                    yield piece
-        except OSError as exc:
-            reason = exc.strerror or type(exc).__name__
-            raise _FileChangedError(f"cannot read instance {item.sop_uid}: {reason}") from None
-        if sent != size:
-            raise _FileChangedError(f"instance {item.sop_uid} changed size while being sent")
-    yield _closing(boundary)
 
 
 def _outcomes(response: httpx.Response) -> tuple[dict[str, int | None], dict[str, int]]:
