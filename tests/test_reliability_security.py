@@ -298,12 +298,16 @@ def test_originals_are_deleted_once_forwarded_or_rejected(tmp_path):
         assert storescu(node.port, files).returncode == 0
         rows = wait_until(lambda: settled(node, 2), 30, what="both series settled")
         assert sorted(r["state"] for r in rows) == ["forwarded", "rejected"]
-        # Originals and de-identified copies are deleted one after the other: wait for both.
+        # Originals and de-identified copies are deleted one after the other, and each file's
+        # path is cleared in the database after its deletion: wait for all of it.
         wait_until(
-            lambda: not list((data / "spool").rglob("*.dcm"))
-            and not list((data / "deid").rglob("*.dcm")),
+            lambda: (
+                not list((data / "spool").rglob("*.dcm"))
+                and not list((data / "deid").rglob("*.dcm"))
+                and not node.store.query("SELECT id FROM instances WHERE spool_path IS NOT NULL")
+            ),
             10,
-            what="originals and de-identified copies deleted",
+            what="originals and de-identified copies deleted and forgotten",
         )
         assert not list((data / "tmp").iterdir()), "received files left in tmp/"
         assert not node.store.query("SELECT id FROM instances WHERE spool_path IS NOT NULL")
